@@ -1,0 +1,341 @@
+//! Causal self-attention with rotary position embeddings over a host-memory KV cache.
+//!
+//! One call handles the new tokens of one sequence: it rotates their queries and keys, appends
+//! keys and values to the cache, and attends each query to every cached key at or before its
+//! position (grouped-query attention: query head `h` reads KV head `h / (n_heads / n_kv)`).
+//! Each output row is computed in a fixed order that depends only on its own position, so
+//! results do not change with how a prompt is chunked or batched.
+
+use super::matmul::{isa, Isa};
+use rayon::prelude::*;
+
+/// Which coordinates a rotary embedding rotates together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeLayout {
+    /// Pairs `(2i, 2i+1)`: llama.cpp's "normal" rope, for GGUF Llama weights (whose q/k rows
+    /// the converter permuted).
+    Interleaved,
+    /// Pairs `(i, i + d/2)`: Hugging Face's `rotate_half` (NeoX), for safetensors weights.
+    HalfSplit,
+}
+
+/// `cos` and `sin` of every position's rotation angles, `[positions, head_dim / 2]`.
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    pub layout: RopeLayout,
+    pub half: usize,
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// `inv_freq[i] = 1 / base^(2i/d)`, optionally divided by per-frequency factors (Llama 3's
+    /// `rope_freqs`), computed in f64.
+    pub fn new(
+        layout: RopeLayout,
+        head_dim: usize,
+        base: f64,
+        positions: usize,
+        freq_factors: Option<&[f32]>,
+    ) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| {
+                let f = 1.0 / base.powf(2.0 * i as f64 / head_dim as f64);
+                f / freq_factors.and_then(|ff| ff.get(i)).map_or(1.0, |&x| x as f64)
+            })
+            .collect();
+        for p in 0..positions {
+            for &f in &inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Self {
+            layout,
+            half,
+            cos,
+            sin,
+        }
+    }
+
+    pub fn positions(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+
+    /// Rotates one head vector `x` (`2 * half` long) to position `pos`.
+    pub fn rotate(&self, x: &mut [f32], pos: usize) {
+        let (c, s) = (
+            &self.cos[pos * self.half..(pos + 1) * self.half],
+            &self.sin[pos * self.half..(pos + 1) * self.half],
+        );
+        match self.layout {
+            RopeLayout::Interleaved => {
+                for i in 0..self.half {
+                    let (a, b) = (x[2 * i], x[2 * i + 1]);
+                    x[2 * i] = a * c[i] - b * s[i];
+                    x[2 * i + 1] = a * s[i] + b * c[i];
+                }
+            }
+            RopeLayout::HalfSplit => {
+                for i in 0..self.half {
+                    let (a, b) = (x[i], x[i + self.half]);
+                    x[i] = a * c[i] - b * s[i];
+                    x[i + self.half] = a * s[i] + b * c[i];
+                }
+            }
+        }
+    }
+}
+
+/// Head counts of one attention layer.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl HeadShape {
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+/// One layer's cached keys (rotated) and values, `[len, kv_dim]` each.
+#[derive(Debug, Clone, Default)]
+pub struct HostKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// Attends the `n_new` query rows in `qkv` (`[n_new, q_dim + 2 kv_dim]`, positions
+/// `start..start + n_new`) after appending their keys and values to `cache`. Writes
+/// `[n_new, q_dim]` into `out`.
+pub fn attend(
+    qkv: &[f32],
+    n_new: usize,
+    start: usize,
+    cache: &mut HostKv,
+    shape: HeadShape,
+    rope: &RopeTable,
+    out: &mut [f32],
+) {
+    let (q_dim, kv_dim, hd) = (shape.q_dim(), shape.kv_dim(), shape.head_dim);
+    let width = q_dim + 2 * kv_dim;
+    debug_assert_eq!(qkv.len(), n_new * width);
+    debug_assert_eq!(cache.k.len(), start * kv_dim);
+    let mut q = vec![0f32; n_new * q_dim];
+    for i in 0..n_new {
+        let row = &qkv[i * width..(i + 1) * width];
+        let pos = start + i;
+        let qi = &mut q[i * q_dim..(i + 1) * q_dim];
+        qi.copy_from_slice(&row[..q_dim]);
+        for h in qi.chunks_mut(hd) {
+            rope.rotate(h, pos);
+        }
+        let k0 = cache.k.len();
+        cache.k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
+        for h in cache.k[k0..].chunks_mut(hd) {
+            rope.rotate(h, pos);
+        }
+        cache.v.extend_from_slice(&row[q_dim + kv_dim..]);
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    let group = shape.n_heads / shape.n_kv_heads;
+    let (k, v) = (&cache.k[..], &cache.v[..]);
+    let one = |(i, h): (usize, usize), dst: &mut [f32]| {
+        let pos = start + i;
+        let qh = &q[i * q_dim + h * hd..i * q_dim + (h + 1) * hd];
+        let kvh = (h / group) * hd;
+        let mut scores = Vec::with_capacity(pos + 1);
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..=pos {
+            let s = dot(qh, &k[j * kv_dim + kvh..j * kv_dim + kvh + hd]) * scale;
+            max = max.max(s);
+            scores.push(s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        for s in scores.iter_mut() {
+            *s *= inv;
+        }
+        weighted_sum(&scores, &v[kvh..], kv_dim, dst);
+    };
+    let work = n_new * shape.n_heads * (start + n_new);
+    let out = &mut out[..n_new * q_dim];
+    if work < 2048 {
+        for (idx, dst) in out.chunks_mut(hd).enumerate() {
+            one((idx / shape.n_heads, idx % shape.n_heads), dst);
+        }
+    } else {
+        out.par_chunks_mut(hd)
+            .enumerate()
+            .for_each(|(idx, dst)| one((idx / shape.n_heads, idx % shape.n_heads), dst));
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::Scalar {
+        // SAFETY: `isa()` checked for AVX2 and FMA.
+        return unsafe { x86::dot(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `out = Σ_j p[j] · v[j * stride .. j * stride + out.len()]`.
+fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::Scalar && out.len().is_multiple_of(8) {
+        // SAFETY: `isa()` checked for AVX2 and FMA; every row read lies inside `v` because
+        // the caller's cache holds `p.len()` rows of `stride` floats.
+        return unsafe { x86::weighted_sum(p, v, stride, out) };
+    }
+    out.fill(0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        for (o, x) in out.iter_mut().zip(&v[j * stride..]) {
+            *o += pj * x;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+                acc0,
+            );
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                acc1,
+            );
+            i += 16;
+        }
+        let mut sum = super::super::hsum(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            sum += a[i] * b[i];
+            i += 1;
+        }
+        sum
+    }
+
+    /// Accumulates up to 64 output lanes in registers across all rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+        let hd = out.len();
+        assert!(p.is_empty() || (p.len() - 1) * stride + hd <= v.len());
+        let mut c0 = 0;
+        while c0 < hd {
+            let lanes = ((hd - c0) / 8).min(8);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (j, &pj) in p.iter().enumerate() {
+                let pv = _mm256_set1_ps(pj);
+                let row = v.as_ptr().add(j * stride + c0);
+                for (c, acc) in acc.iter_mut().enumerate().take(lanes) {
+                    *acc = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * c)), *acc);
+                }
+            }
+            for (c, acc) in acc.iter().enumerate().take(lanes) {
+                _mm256_storeu_ps(out.as_mut_ptr().add(c0 + 8 * c), *acc);
+            }
+            c0 += 8 * lanes;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(
+        qkv: &[f32],
+        n: usize,
+        shape: HeadShape,
+        rope: &RopeTable,
+    ) -> Vec<f32> {
+        let (q_dim, kv_dim, hd) = (shape.q_dim(), shape.kv_dim(), shape.head_dim);
+        let width = q_dim + 2 * kv_dim;
+        let rot = |v: &[f32], pos: usize| {
+            let mut v = v.to_vec();
+            rope.rotate(&mut v, pos);
+            v
+        };
+        let mut out = vec![0f32; n * q_dim];
+        for i in 0..n {
+            for h in 0..shape.n_heads {
+                let g = h / (shape.n_heads / shape.n_kv_heads);
+                let q = rot(&qkv[i * width + h * hd..i * width + (h + 1) * hd], i);
+                let s: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        let k0 = j * width + q_dim + g * hd;
+                        let k = rot(&qkv[k0..k0 + hd], j);
+                        q.iter().zip(&k).map(|(a, b)| (*a * *b) as f64).sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for (j, sj) in s.iter().enumerate() {
+                    let v0 = j * width + q_dim + kv_dim + g * hd;
+                    for d in 0..hd {
+                        out[i * q_dim + h * hd + d] += (((sj - m).exp() / z) * qkv[v0 + d] as f64) as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn chunked_attention_matches_naive_and_is_chunking_invariant() {
+        let shape = HeadShape { n_heads: 4, n_kv_heads: 2, head_dim: 8 };
+        let width = shape.q_dim() + 2 * shape.kv_dim();
+        let n = 9;
+        let qkv: Vec<f32> = (0..n * width).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+        for layout in [RopeLayout::Interleaved, RopeLayout::HalfSplit] {
+            let rope = RopeTable::new(layout, 8, 10000.0, 32, None);
+            let expected = naive(&qkv, n, shape, &rope);
+            // All at once.
+            let mut cache = HostKv::default();
+            let mut all = vec![0f32; n * shape.q_dim()];
+            attend(&qkv, n, 0, &mut cache, shape, &rope, &mut all);
+            for (a, b) in all.iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+            // In chunks of 4, 1, 4: bit-identical to all at once.
+            let mut cache = HostKv::default();
+            let mut chunked = vec![0f32; n * shape.q_dim()];
+            let mut start = 0;
+            for len in [4, 1, 4] {
+                let (a, b) = (start * width, (start + len) * width);
+                let (o0, o1) = (start * shape.q_dim(), (start + len) * shape.q_dim());
+                attend(&qkv[a..b], len, start, &mut cache, shape, &rope, &mut chunked[o0..o1]);
+                start += len;
+            }
+            assert_eq!(all, chunked);
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! CPU kernels for the forward pass: quantized matrix products, attention over a host KV cache,
+//! and the weight formats they read. Picked at run time for the instruction set of the machine
+//! (AVX2, AVX-512 VNNI, or portable code), so one binary runs everywhere.
+
+pub mod attention;
+pub mod matmul;
+pub mod quant;
+
+/// Horizontal sum of eight floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}

@@ -1,0 +1,1 @@
+//! Fetching the embedded default model. (Filled in below.)
