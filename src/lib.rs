@@ -1,5 +1,22 @@
 //! tiller: an HTTP inference server for activation steering.
 //!
 //! Dependencies run one way: `api` -> `engine` -> `steering` -> `model` (DESIGN §1).
+//! [`app`] is the seam tests use: the whole HTTP surface over a given state, no port.
 
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
 pub mod model;
+pub mod server;
+pub mod steering;
+pub mod telemetry;
+
+pub use api::AppState;
+
+/// The HTTP application: every route, its error handling and request tracing.
+pub fn app(state: AppState) -> axum::Router {
+    let (router, _spec) = api::router_and_spec(state);
+    telemetry::http_layers(router)
+}

@@ -1,1 +1,167 @@
-fn main() {}
+//! The `tiller` command: serve, generate once, fetch the default model, benchmark.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use tiller::config::Config;
+
+#[derive(Parser)]
+#[command(name = "tiller", version, about = "An HTTP inference server for activation steering")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+/// Settings every command shares; each overrides the same key of the configuration.
+#[derive(Args, Clone, Default)]
+struct Common {
+    /// A TOML file with settings (same keys as config/default.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// A GGUF file or Hugging Face folder (default: the embedded SmolLM2-135M-Instruct).
+    #[arg(long, global = true)]
+    model: Option<String>,
+    /// "cpu", "cuda:N" or "metal".
+    #[arg(long, global = true)]
+    device: Option<String>,
+    /// Kernel threads (0: one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// Weight layout for the CPU kernels: native, q8_0 or f32.
+    #[arg(long, global = true)]
+    weights: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the HTTP API.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Generate one completion and print it.
+    Generate {
+        #[command(flatten)]
+        common: Common,
+        /// Raw prompt text (use --chat to send it as a user message instead).
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u64,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Steering as the JSON list of DESIGN §3.
+        #[arg(long)]
+        steering: Option<String>,
+    },
+    /// Download, unpack and verify the default model into the cache folder.
+    FetchModel {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Measure prefill and decode tokens/s, unsteered and with `add` on every layer.
+    Bench {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 225)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        decode_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+}
+
+fn load_config(common: &Common, extra: &[(String, String)]) -> Result<Config> {
+    let mut overrides: Vec<(String, String)> = Vec::new();
+    let mut put = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            overrides.push((k.to_string(), toml_string(&v)));
+        }
+    };
+    put("model.path", common.model.clone());
+    put("model.device", common.device.clone());
+    put("model.weights", common.weights.clone());
+    if let Some(t) = common.threads {
+        overrides.push(("model.threads".into(), t.to_string()));
+    }
+    overrides.extend_from_slice(extra);
+    Config::load(common.config.as_deref(), std::env::vars(), &overrides)
+}
+
+/// Quotes a string as a TOML value (a JSON string is one), so a path is never read as a number.
+fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Serve { common, host, port } => {
+            let mut extra = Vec::new();
+            if let Some(h) = host {
+                extra.push(("server.host".to_string(), toml_string(&h)));
+            }
+            if let Some(p) = port {
+                extra.push(("server.port".to_string(), p.to_string()));
+            }
+            let cfg = load_config(&common, &extra)?;
+            tiller::telemetry::init(&cfg.log.level, &cfg.log.format);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(tiller::server::serve(cfg))
+        }
+        Cmd::FetchModel { common } => {
+            let cfg = load_config(&common, &[])?;
+            tiller::telemetry::init(&cfg.log.level, &cfg.log.format);
+            let path = tiller::model::fetch::ensure_default_model(&cfg.model.cache_dir, &cfg.model.python)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Cmd::Generate {
+            common,
+            prompt,
+            chat,
+            max_tokens,
+            temperature,
+            seed,
+            steering,
+        } => {
+            let cfg = load_config(&common, &[])?;
+            tiller::telemetry::init("warn", "text");
+            let steering = steering
+                .map(|s| serde_json::from_str(&s).context("--steering must be a JSON list of interventions"))
+                .transpose()?;
+            let req = tiller::api::generate::GenerateRequest {
+                prompt: (!chat).then(|| prompt.clone()),
+                messages: chat.then(|| vec![tiller::model::chat::ChatMessage::new("user", &prompt)]),
+                max_tokens: Some(max_tokens),
+                temperature: Some(temperature),
+                seed,
+                steering,
+                ..Default::default()
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(tiller::cli::generate_once(cfg, req))
+        }
+        Cmd::Bench {
+            common,
+            prompt_tokens,
+            decode_tokens,
+            repeats,
+        } => {
+            let cfg = load_config(&common, &[])?;
+            tiller::telemetry::init("warn", "text");
+            let report = tiller::cli::bench(&cfg, prompt_tokens, decode_tokens, repeats)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Liveness, readiness, and what model is being served.
+
+use super::AppState;
+use crate::error::{ApiError, ErrorBody};
+use axum::extract::State;
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: String,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/health", tag = "health",
+    responses((status = 200, description = "The server is running", body = Health)))]
+pub async fn health() -> Json<Health> {
+    Json(Health { status: "ok".into() })
+}
+
+/// The model is loaded and new requests are accepted (503 while shutting down).
+#[utoipa::path(get, path = "/ready", tag = "health",
+    responses(
+        (status = 200, description = "Ready for requests", body = Health),
+        (status = 503, description = "Shutting down", body = ErrorBody)))]
+pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
+    if state.is_ready() {
+        Ok(Json(Health { status: "ready".into() }))
+    } else {
+        Err(ApiError::unavailable("the server is shutting down"))
+    }
+}
+
+/// The served model and its shape: what layers, neurons and widths a steering spec may name.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct ModelInfo {
+    /// The model id clients use.
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
+    pub model: String,
+    #[schema(example = "llama")]
+    pub architecture: String,
+    /// Number of blocks; steering layers are 0..n_layers-1.
+    #[schema(example = 30)]
+    pub n_layers: usize,
+    /// Width of the residual stream.
+    #[schema(example = 576)]
+    pub d_model: usize,
+    /// MLP neurons per block (width of `mlp_act`).
+    #[schema(example = 1536)]
+    pub n_neurons: usize,
+    #[schema(example = 9)]
+    pub n_heads: usize,
+    #[schema(example = 3)]
+    pub n_kv_heads: usize,
+    #[schema(example = 49152)]
+    pub vocab_size: usize,
+    #[schema(example = 8192)]
+    pub context_length: usize,
+    /// Whether a chat template is available (`messages` can be used).
+    pub chat_template: bool,
+    /// Hook sites a steering spec may name.
+    #[schema(example = json!(["resid_pre", "attn_out", "mlp_act", "mlp_out", "resid_post"]))]
+    pub sites: Vec<String>,
+    /// `cpu_kernels` or `candle`.
+    #[schema(example = "cpu_kernels")]
+    pub backend: String,
+    #[schema(example = "cpu")]
+    pub device: String,
+    /// Storage of the linear weights.
+    #[schema(example = "q4_1")]
+    pub weights: String,
+    /// Instruction set of the CPU kernels.
+    #[schema(example = "avx2+fma")]
+    pub kernels: String,
+    pub threads: usize,
+    /// Server version.
+    #[schema(example = "0.1.0")]
+    pub version: String,
+    pub uptime_secs: u64,
+}
+
+/// The served model.
+#[utoipa::path(get, path = "/info", tag = "health",
+    responses((status = 200, description = "Model and server facts", body = ModelInfo)))]
+pub async fn info(State(state): State<AppState>) -> Json<ModelInfo> {
+    let m = &state.engine.model;
+    let c = m.llama.config();
+    Json(ModelInfo {
+        model: m.id.clone(),
+        architecture: c.architecture.clone(),
+        n_layers: c.n_layers,
+        d_model: c.d_model,
+        n_neurons: c.intermediate_size,
+        n_heads: c.n_heads,
+        n_kv_heads: c.n_kv_heads,
+        vocab_size: c.vocab_size,
+        context_length: c.context_length,
+        chat_template: m.chat_template.is_some(),
+        sites: crate::model::hooks::HookSite::ALL.iter().map(|s| s.to_string()).collect(),
+        backend: serde_json::to_value(m.llama.backend())
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        device: format!("{:?}", m.llama.device().location()).to_lowercase(),
+        weights: m.llama.weight_format_name().to_string(),
+        kernels: crate::model::cpu::matmul::isa().name().to_string(),
+        threads: m.llama.threads(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_secs: state.started.elapsed().as_secs(),
+    })
+}

@@ -1,0 +1,119 @@
+//! The HTTP surface: axum handlers, registered together with their OpenAPI documentation
+//! (`utoipa-axum`), over a shared [`AppState`]. Handlers turn wire types into validated ones
+//! and hand work to the engine; nothing here runs a forward pass.
+
+pub mod generate;
+pub mod health;
+pub mod json;
+
+use crate::config::Config;
+use crate::engine::EngineHandle;
+use crate::error::ApiError;
+use crate::steering::spec::{validate, InterventionSpec, ModelLimits, SteeringPlan};
+use crate::steering::store::VectorStore;
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// Everything handlers share.
+#[derive(Clone)]
+pub struct AppState(Arc<AppInner>);
+
+pub struct AppInner {
+    pub engine: EngineHandle,
+    pub store: Arc<VectorStore>,
+    pub config: Config,
+    pub started: Instant,
+    ready: AtomicBool,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(engine: EngineHandle, store: Arc<VectorStore>, config: Config) -> Self {
+        Self(Arc::new(AppInner {
+            engine,
+            store,
+            config,
+            started: Instant::now(),
+            ready: AtomicBool::new(true),
+        }))
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Marks the server as draining (shutting down): `/ready` answers 503.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed)
+    }
+
+    /// Validates a steering list against the served model and the stored vectors.
+    pub fn steering_plan(&self, specs: Option<&[InterventionSpec]>) -> Result<Option<Arc<SteeringPlan>>, ApiError> {
+        let Some(specs) = specs.filter(|s| !s.is_empty()) else {
+            return Ok(None);
+        };
+        let cfg = self.engine.model.llama.config();
+        let plan = validate(
+            specs,
+            &ModelLimits {
+                n_layers: cfg.n_layers,
+                d_model: cfg.d_model,
+                n_neurons: cfg.intermediate_size,
+                max_interventions: self.config.limits.max_interventions,
+                store: &self.store,
+            },
+        )?;
+        Ok(Some(Arc::new(plan)))
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tiller",
+        description = "An HTTP inference server for activation steering: every request can add, ablate or clamp feature directions and ablate or scale MLP neurons inside the forward pass."
+    ),
+    components(schemas(crate::error::ErrorBody))
+)]
+struct ApiDoc;
+
+/// The routes and their OpenAPI description.
+pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+    let max_body = state.config.server.max_body_bytes;
+    let (router, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(generate::generate))
+        .routes(routes!(health::health))
+        .routes(routes!(health::ready))
+        .routes(routes!(health::info))
+        .split_for_parts();
+    let router = router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state);
+    (router, spec)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found("not_found", format!("no route for {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}

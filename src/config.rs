@@ -1,0 +1,204 @@
+//! Settings. `config/default.toml` (compiled in) is the one source of defaults; a `--config`
+//! file, then `TILLER_<SECTION>_<KEY>` environment variables, then CLI flags override it. The
+//! merged table is checked against these structs, so an unknown key is an error, not a silent
+//! no-op.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The defaults, as shipped.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub model: ModelConfig,
+    pub engine: EngineSettings,
+    pub limits: Limits,
+    pub vectors: VectorsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub max_body_bytes: usize,
+    pub request_timeout_secs: u64,
+    pub sse_keep_alive_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub path: String,
+    pub id: String,
+    pub cache_dir: PathBuf,
+    pub python: String,
+    pub device: String,
+    pub weights: String,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSettings {
+    pub max_batch_size: usize,
+    pub max_batch_tokens: usize,
+    pub prefill_chunk: usize,
+    pub max_queue: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_tokens: usize,
+    pub default_max_tokens: usize,
+    pub max_prompt_tokens: usize,
+    pub max_interventions: usize,
+    pub max_stop_sequences: usize,
+    pub max_logprobs: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VectorsConfig {
+    pub builtin_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The embedded file is part of the binary and covered by a test.
+        toml::from_str(DEFAULT_TOML).unwrap_or_else(|e| panic!("config/default.toml is invalid: {e}"))
+    }
+}
+
+/// Overlays `over` onto `base`, table by table.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Parses an override value: a TOML scalar if it reads as one, else a string.
+fn parse_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+/// Sets `section.key` in a table.
+fn set(table: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
+    let entry = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(t) = entry {
+        t.insert(key.to_string(), value);
+    }
+}
+
+impl Config {
+    /// Builds the configuration: defaults < `file` < environment < `overrides`
+    /// (`("server.port", "9000")`).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(String, String)],
+    ) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(DEFAULT_TOML).context("config/default.toml")?;
+        let sections: Vec<String> = table.keys().cloned().collect();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+            let over: toml::Table = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+            merge(&mut table, over);
+        }
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("TILLER_") else { continue };
+            let rest = rest.to_ascii_lowercase();
+            let Some(section) = sections.iter().find(|s| rest.starts_with(&format!("{s}_"))) else {
+                continue;
+            };
+            let key = &rest[section.len() + 1..];
+            set(&mut table, section, key, parse_value(&value));
+        }
+        for (path, value) in overrides {
+            let Some((section, key)) = path.split_once('.') else {
+                bail!("override `{path}` is not of the form section.key");
+            };
+            set(&mut table, section, key, parse_value(value));
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<()> {
+        let l = &self.limits;
+        if l.default_max_tokens > l.max_tokens {
+            bail!("limits.default_max_tokens ({}) exceeds limits.max_tokens ({})", l.default_max_tokens, l.max_tokens);
+        }
+        if self.engine.max_batch_size == 0 || self.engine.max_batch_tokens == 0 || self.engine.prefill_chunk == 0 {
+            bail!("engine.max_batch_size, max_batch_tokens and prefill_chunk must be at least 1");
+        }
+        if !matches!(self.model.weights.as_str(), "native" | "q8_0" | "f32") {
+            bail!("model.weights must be \"native\", \"q8_0\" or \"f32\", not {:?}", self.model.weights);
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            bail!("log.format must be \"text\" or \"json\"");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_layers_override_in_order() {
+        let d = Config::default();
+        assert_eq!(d.server.port, 8080);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[server]\nport = 9000\nhost = \"0.0.0.0\"\n").unwrap();
+        let env = vec![
+            ("TILLER_SERVER_PORT".to_string(), "9100".to_string()),
+            ("TILLER_LIMITS_MAX_TOKENS".to_string(), "64".to_string()),
+            ("TILLER_LIMITS_DEFAULT_MAX_TOKENS".to_string(), "32".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let c = Config::load(Some(&file), env.clone(), &[("server.port".into(), "9200".into())]).unwrap();
+        assert_eq!(c.server.host, "0.0.0.0");
+        assert_eq!(c.server.port, 9200);
+        assert_eq!(c.limits.max_tokens, 64);
+        let c = Config::load(Some(&file), env, &[]).unwrap();
+        assert_eq!(c.server.port, 9100);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let err = Config::load(None, vec![("TILLER_SERVER_PROT".into(), "1".into())], &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("prot"), "{err:#}");
+        let err = Config::load(None, vec![], &[("model.weights".into(), "q2".into())]).unwrap_err();
+        assert!(format!("{err:#}").contains("model.weights"), "{err:#}");
+    }
+}

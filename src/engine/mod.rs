@@ -1,0 +1,234 @@
+//! The engine: one dedicated OS thread owns the forward passes; everything else talks to it
+//! through a cloneable [`EngineHandle`] over a bounded channel. Each request carries its own
+//! event sender; when the client goes away the receiver drops and the sequence is freed at
+//! the next step. Tokio workers never run a forward pass.
+
+pub mod sampling;
+pub mod scheduler;
+pub mod stop;
+
+use crate::model::Model;
+use crate::steering::spec::SteeringPlan;
+use sampling::SamplingParams;
+use scheduler::{Scheduler, SchedulerConfig, StepReport};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// A validated generation request.
+#[derive(Debug)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Report the top-n log-probabilities of each generated token.
+    pub logprobs: Option<usize>,
+    pub steering: Option<Arc<SteeringPlan>>,
+    pub deadline: Option<Instant>,
+    pub events: mpsc::UnboundedSender<GenerationEvent>,
+}
+
+/// What the engine tells a request's owner.
+#[derive(Debug, Clone)]
+pub enum GenerationEvent {
+    Token(TokenEvent),
+    Done(Finished),
+    Error(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenEvent {
+    /// 0-based index among the generated tokens.
+    pub index: usize,
+    pub id: u32,
+    /// Text released with this token (may be empty while a character or a possible stop
+    /// sequence is incomplete).
+    pub text: String,
+    pub logprob: Option<TokenLogprob>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct TokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log-probability under the model (before temperature).
+    pub logprob: f32,
+    /// The most likely tokens at this step.
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub id: u32,
+    pub logprob: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop sequence.
+    Stop,
+    /// `max_tokens` or the context length reached.
+    Length,
+    /// The request's time limit passed.
+    Timeout,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Timeout => "timeout",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub reason: FinishReason,
+    /// The whole generated text (stop sequence excluded).
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Text released only now (held back while it might have begun a stop sequence).
+    pub tail: String,
+}
+
+/// Work for the engine thread.
+pub enum Command {
+    Generate(GenerationRequest),
+    /// Runs on the engine thread between steps, with the model to itself (extraction,
+    /// inspection).
+    Job(Box<dyn FnOnce(&Model) + Send>),
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the request queue is full")]
+    QueueFull,
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    /// Requests waiting for a place in the batch before new ones are refused.
+    pub max_queue: usize,
+}
+
+/// Receives a report after every step (metrics).
+pub type StepObserver = Arc<dyn Fn(&StepReport, &Scheduler) + Send + Sync>;
+
+/// A cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    pub model: Arc<Model>,
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle").field("model", &self.model.id).finish()
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread.
+    pub fn spawn(model: Arc<Model>, cfg: EngineConfig, observer: Option<StepObserver>) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel(cfg.max_queue.max(1));
+        let m = model.clone();
+        std::thread::Builder::new()
+            .name("tiller-engine".into())
+            .spawn(move || run(m, rx, cfg.scheduler, observer))?;
+        Ok(Self { model, tx })
+    }
+
+    /// Queues a generation; fails at once when the queue is full.
+    pub fn submit(&self, req: GenerationRequest) -> Result<(), SubmitError> {
+        self.tx.try_send(Command::Generate(req)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+        })
+    }
+
+    /// Runs `f` on the engine thread and returns its result.
+    pub async fn run_job<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Model) -> R + Send + 'static,
+    ) -> Result<R, SubmitError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = Command::Job(Box::new(move |m: &Model| {
+            let _ = tx.send(f(m));
+        }));
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+        })?;
+        rx.await.map_err(|_| SubmitError::Stopped)
+    }
+
+    /// Requests waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+fn run(model: Arc<Model>, mut rx: mpsc::Receiver<Command>, cfg: SchedulerConfig, observer: Option<StepObserver>) {
+    let mut sched = Scheduler::new(cfg);
+    let mut open = true;
+    loop {
+        if sched.is_idle() {
+            if !open {
+                break;
+            }
+            match rx.blocking_recv() {
+                Some(cmd) => handle(&model, &mut sched, cmd),
+                None => break,
+            }
+        }
+        while open && sched.has_room() {
+            match rx.try_recv() {
+                Ok(cmd) => handle(&model, &mut sched, cmd),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        if sched.is_idle() {
+            continue;
+        }
+        match std::panic::catch_unwind(AssertUnwindSafe(|| sched.step(&model))) {
+            Ok(Ok(report)) => {
+                if let Some(obs) = &observer {
+                    obs(&report, &sched);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "forward pass failed");
+                sched.fail_all(&format!("internal error in the forward pass: {e:#}"));
+            }
+            Err(_) => {
+                tracing::error!("forward pass panicked");
+                sched.fail_all("internal error: the forward pass panicked");
+            }
+        }
+    }
+    tracing::info!("engine thread stopped");
+}
+
+fn handle(model: &Model, sched: &mut Scheduler, cmd: Command) {
+    match cmd {
+        Command::Generate(req) => sched.admit(model, req),
+        Command::Job(f) => {
+            if std::panic::catch_unwind(AssertUnwindSafe(|| f(model))).is_err() {
+                tracing::error!("engine job panicked");
+            }
+        }
+    }
+}

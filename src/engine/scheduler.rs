@@ -1,0 +1,290 @@
+//! Continuous batching: the state the engine thread keeps between forward passes, as plain
+//! synchronous code. Each step packs the pending tokens of every active sequence (one token for
+//! a sequence that is decoding, a chunk of its prompt for one that is prefilling) into one
+//! forward pass, with every sequence's own steering plan applied to its own rows; sequences
+//! join and leave between steps.
+
+use super::sampling::{log_softmax, top_n, Sampler};
+use super::stop::StopMatcher;
+use super::{FinishReason, Finished, GenerationEvent, GenerationRequest, TokenEvent, TokenLogprob, TopLogprob};
+use crate::model::llama::{KvCache, PackedBatch};
+use crate::model::tokenizer::DetokenizeStream;
+use crate::model::Model;
+use crate::steering::intervention::BatchSteering;
+use std::time::Instant;
+
+/// Batch limits.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Sequences in one forward pass.
+    pub max_batch_size: usize,
+    /// Tokens (rows) in one forward pass.
+    pub max_batch_tokens: usize,
+    /// Most prompt tokens one sequence prefills in one step, so a long prompt does not stall
+    /// the sequences that are decoding.
+    pub prefill_chunk: usize,
+}
+
+struct Sequence {
+    req: GenerationRequest,
+    cache: KvCache,
+    /// Prompt then generated tokens; `cache.len()` of them have been run.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    sampler: Sampler,
+    detok: DetokenizeStream,
+    stop: StopMatcher,
+    text: String,
+    admitted: Instant,
+    first_token: Option<Instant>,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.cache.len()
+    }
+}
+
+/// What one step did, for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct StepReport {
+    pub sequences: usize,
+    pub rows: usize,
+    pub prefill_tokens: usize,
+    pub generated_tokens: usize,
+    pub finished: Vec<Finished>,
+    /// Seconds from admission to the first token, for sequences that got theirs this step.
+    pub first_token_latencies: Vec<f64>,
+    pub interventions: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// The active sequences.
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    active: Vec<Sequence>,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Self {
+            cfg,
+            active: Vec::new(),
+        }
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.active.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.active.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.active.is_empty()
+    }
+
+    pub fn has_room(&self) -> bool {
+        self.active.len() < self.cfg.max_batch_size
+    }
+
+    /// Adds a request; it starts prefilling at the next step.
+    pub fn admit(&mut self, model: &Model, req: GenerationRequest) {
+        if req.events.is_closed() {
+            return;
+        }
+        let prompt_len = req.prompt.len();
+        let ctx = model.llama.config().context_length;
+        if prompt_len == 0 || prompt_len >= ctx {
+            let _ = req.events.send(GenerationEvent::Error(format!(
+                "prompt of {prompt_len} tokens does not fit the context of {ctx}"
+            )));
+            return;
+        }
+        self.active.push(Sequence {
+            cache: model.llama.new_cache(),
+            tokens: req.prompt.clone(),
+            prompt_len,
+            sampler: Sampler::new(req.sampling.clone()),
+            detok: DetokenizeStream::default(),
+            stop: StopMatcher::new(req.stop.clone()),
+            text: String::new(),
+            admitted: Instant::now(),
+            first_token: None,
+            req,
+        });
+    }
+
+    /// Fails every active sequence (after an unrecoverable error in a step).
+    pub fn fail_all(&mut self, message: &str) {
+        for s in self.active.drain(..) {
+            let _ = s.req.events.send(GenerationEvent::Error(message.to_string()));
+        }
+    }
+
+    /// Drops sequences whose client went away or whose deadline passed.
+    fn reap(&mut self, report: &mut StepReport) {
+        let now = Instant::now();
+        self.active.retain_mut(|s| {
+            if s.req.events.is_closed() {
+                return false;
+            }
+            if s.req.deadline.is_some_and(|d| now >= d) {
+                let f = finish(s, FinishReason::Timeout);
+                report.finished.push(f);
+                return false;
+            }
+            true
+        });
+    }
+
+    /// Runs one forward pass over every active sequence and hands out the sampled tokens.
+    pub fn step(&mut self, model: &Model) -> anyhow::Result<StepReport> {
+        let mut report = StepReport::default();
+        self.reap(&mut report);
+        if self.active.is_empty() {
+            return Ok(report);
+        }
+        // Decoding sequences first (one row each), then prompt chunks in admission order.
+        let mut budget = self.cfg.max_batch_tokens.max(1);
+        let mut takes = vec![0usize; self.active.len()];
+        for pass in [true, false] {
+            for (i, s) in self.active.iter().enumerate() {
+                let pending = s.pending();
+                if (pending == 1) != pass || budget == 0 {
+                    continue;
+                }
+                let n = pending.min(self.cfg.prefill_chunk.max(1)).min(budget);
+                takes[i] = n;
+                budget -= n;
+            }
+        }
+        let mut batch = PackedBatch::default();
+        let mut members = Vec::new();
+        for (i, s) in self.active.iter().enumerate() {
+            if takes[i] == 0 {
+                continue;
+            }
+            let start = s.cache.len();
+            let completes = start + takes[i] == s.tokens.len();
+            batch.push(&s.tokens[start..start + takes[i]], start, completes);
+            members.push(i);
+            report.prefill_tokens += (start + takes[i]).min(s.prompt_len) - start.min(s.prompt_len);
+        }
+        report.sequences = members.len();
+        report.rows = batch.tokens.len();
+        let plans: Vec<_> = members
+            .iter()
+            .map(|&i| (self.active[i].req.steering.clone(), self.active[i].prompt_len))
+            .collect();
+        let mut hooks = BatchSteering::new(
+            model.llama.config().n_layers,
+            plans.iter().map(|(p, n)| (p.as_deref(), *n)).collect(),
+        );
+        let logits = {
+            let mut caches: Vec<&mut KvCache> = Vec::with_capacity(members.len());
+            let mut rest: &mut [Sequence] = &mut self.active;
+            let mut offset = 0;
+            for &i in &members {
+                let (_, tail) = rest.split_at_mut(i - offset);
+                let (head, tail) = tail.split_at_mut(1);
+                caches.push(&mut head[0].cache);
+                rest = tail;
+                offset = i + 1;
+            }
+            model.llama.forward(&batch, &mut caches, &mut hooks)?
+        };
+        report.interventions = std::mem::take(&mut hooks.applied);
+        let rows: Vec<Vec<f32>> = match logits {
+            Some(l) => l.to_vec2()?,
+            None => Vec::new(),
+        };
+        let mut rows = rows.into_iter();
+        let mut done = vec![false; self.active.len()];
+        for (k, &i) in members.iter().enumerate() {
+            if !batch.chunks[k].logits {
+                continue;
+            }
+            let Some(logits) = rows.next() else { break };
+            let s = &mut self.active[i];
+            if let Some(reason) = advance(model, s, &logits, &mut report)? {
+                report.finished.push(finish(s, reason));
+                done[i] = true;
+            }
+        }
+        let mut idx = 0;
+        self.active.retain(|_| {
+            let keep = !done[idx];
+            idx += 1;
+            keep
+        });
+        Ok(report)
+    }
+}
+
+/// Samples the next token of `s` and sends it; returns why the sequence ended, if it did.
+fn advance(model: &Model, s: &mut Sequence, logits: &[f32], report: &mut StepReport) -> anyhow::Result<Option<FinishReason>> {
+    let tok = &model.tokenizer;
+    let id = s.sampler.sample(logits);
+    if s.first_token.is_none() {
+        let now = Instant::now();
+        s.first_token = Some(now);
+        report.first_token_latencies.push((now - s.admitted).as_secs_f64());
+    }
+    if tok.is_eos(id) {
+        return Ok(Some(FinishReason::Stop));
+    }
+    s.tokens.push(id);
+    report.generated_tokens += 1;
+    let logprob = s.req.logprobs.map(|n| {
+        let lp = log_softmax(logits);
+        TokenLogprob {
+            token: tok.token_text(id),
+            logprob: lp[id as usize],
+            top: top_n(&lp, n)
+                .into_iter()
+                .map(|(t, l)| TopLogprob {
+                    token: tok.token_text(t),
+                    id: t,
+                    logprob: l,
+                })
+                .collect(),
+        }
+    });
+    let piece = s.detok.push(tok, id)?;
+    let check = s.stop.push(&piece);
+    s.text.push_str(&check.release);
+    let index = s.generated() - 1;
+    let _ = s.req.events.send(GenerationEvent::Token(TokenEvent {
+        index,
+        id,
+        text: check.release,
+        logprob,
+    }));
+    if check.stopped {
+        return Ok(Some(FinishReason::Stop));
+    }
+    if s.generated() >= s.req.max_tokens || s.tokens.len() >= model.llama.config().context_length {
+        return Ok(Some(FinishReason::Length));
+    }
+    Ok(None)
+}
+
+/// Sends the final event of a sequence.
+fn finish(s: &mut Sequence, reason: FinishReason) -> Finished {
+    let tail = s.stop.flush();
+    s.text.push_str(&tail);
+    let f = Finished {
+        reason,
+        text: std::mem::take(&mut s.text),
+        prompt_tokens: s.prompt_len,
+        completion_tokens: s.generated(),
+        tail,
+    };
+    let _ = s.req.events.send(GenerationEvent::Done(f.clone()));
+    f
+}

@@ -1,0 +1,165 @@
+//! Starting a server from a [`Config`]: resolve and load the model (fetching the embedded
+//! default if none is configured), load the built-in vectors, start the engine thread, and
+//! serve HTTP until SIGTERM or ctrl-c, letting in-flight requests finish.
+
+use crate::api::AppState;
+use crate::config::Config;
+use crate::engine::scheduler::SchedulerConfig;
+use crate::engine::{EngineConfig, EngineHandle};
+use crate::model::cpu::quant::WeightFormat;
+use crate::model::llama::{Backend, LoadOptions};
+use crate::model::{fetch, Model};
+use crate::steering::store::{ModelShape, VectorStore};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Parses `cpu`, `cuda:N` or `metal`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "metal" => {
+            if !cfg!(feature = "metal") {
+                bail!("device \"metal\" needs a build with --features metal");
+            }
+            Ok(Device::new_metal(0)?)
+        }
+        s if s.starts_with("cuda") => {
+            if !cfg!(feature = "cuda") {
+                bail!("device \"{s}\" needs a build with --features cuda");
+            }
+            let n: usize = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().with_context(|| format!("bad CUDA ordinal in {s:?}"))?,
+                None if s == "cuda" => 0,
+                None => bail!("device must be \"cpu\", \"cuda:N\" or \"metal\", not {s:?}"),
+            };
+            Ok(Device::new_cuda(n)?)
+        }
+        other => bail!("device must be \"cpu\", \"cuda:N\" or \"metal\", not {other:?}"),
+    }
+}
+
+/// The model file or folder to serve: the configured path, or the default model (fetched and
+/// cached on first use).
+pub fn resolve_model_path(cfg: &Config) -> Result<PathBuf> {
+    if !cfg.model.path.is_empty() {
+        return Ok(PathBuf::from(&cfg.model.path));
+    }
+    fetch::ensure_default_model(&cfg.model.cache_dir, &cfg.model.python)
+}
+
+/// How to load a model under this configuration.
+pub fn load_options(cfg: &Config) -> Result<LoadOptions> {
+    let device = parse_device(&cfg.model.device)?;
+    Ok(LoadOptions {
+        backend: if device.is_cpu() {
+            Backend::CpuKernels
+        } else {
+            Backend::Candle
+        },
+        device,
+        weight_format: WeightFormat::parse(&cfg.model.weights).unwrap_or(WeightFormat::Native),
+        threads: cfg.model.threads,
+    })
+}
+
+/// Loads the configured model.
+pub fn load_model(cfg: &Config) -> Result<Model> {
+    let path = resolve_model_path(cfg)?;
+    let opts = load_options(cfg)?;
+    let started = std::time::Instant::now();
+    let id = (!cfg.model.id.is_empty()).then_some(cfg.model.id.as_str());
+    let model = Model::load(&path, id, &opts).with_context(|| format!("loading {}", path.display()))?;
+    let c = model.llama.config();
+    tracing::info!(
+        model = %model.id,
+        path = %path.display(),
+        layers = c.n_layers,
+        d_model = c.d_model,
+        weights = model.llama.weight_format_name(),
+        weight_mb = model.llama.weight_bytes() / (1 << 20),
+        kernels = crate::model::cpu::matmul::isa().name(),
+        secs = format!("{:.2}", started.elapsed().as_secs_f64()),
+        "model loaded"
+    );
+    Ok(model)
+}
+
+/// The vector store for a model, with the built-in vectors loaded.
+pub fn vector_store(cfg: &Config, model: &Model) -> Arc<VectorStore> {
+    let c = model.llama.config();
+    let store = VectorStore::new(ModelShape {
+        model_id: model.id.clone(),
+        d_model: c.d_model,
+        n_neurons: c.intermediate_size,
+    });
+    for skipped in store.load_builtin_dir(&cfg.vectors.builtin_dir) {
+        tracing::warn!("skipped built-in vector {skipped}");
+    }
+    Arc::new(store)
+}
+
+/// Builds the shared state around a loaded model: vectors and the engine thread.
+pub fn build_state(cfg: Config, model: Model) -> Result<AppState> {
+    let model = Arc::new(model);
+    let store = vector_store(&cfg, &model);
+    let engine = EngineHandle::spawn(
+        model,
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_batch_size: cfg.engine.max_batch_size,
+                max_batch_tokens: cfg.engine.max_batch_tokens,
+                prefill_chunk: cfg.engine.prefill_chunk,
+            },
+            max_queue: cfg.engine.max_queue,
+        },
+        None,
+    )?;
+    Ok(AppState::new(engine, store, cfg))
+}
+
+/// Serves until SIGTERM or ctrl-c.
+pub async fn serve(cfg: Config) -> Result<()> {
+    let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
+    let model = tokio::task::spawn_blocking({
+        let cfg = cfg.clone();
+        move || load_model(&cfg)
+    })
+    .await??;
+    let state = build_state(cfg, model)?;
+    let app = crate::app(state.clone());
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            state.set_ready(false);
+            tracing::info!("shutting down: finishing in-flight requests");
+        })
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,188 @@
+//! Applying steering plans inside the forward pass: [`BatchSteering`] implements the model's
+//! [`Hooks`] for a packed batch in which every sequence may carry its own plan (or none).
+//!
+//! At each hook point the activations `[rows, width]` are rewritten row by row: a row is
+//! touched only by the plan of its own sequence, and only at the positions that plan selects.
+//! The arithmetic of each op is in [`apply_op`], kept free of tensors so it can be checked
+//! exactly.
+
+use super::spec::{HookPoint, NeuronAction, Op, SteeringPlan};
+use crate::model::hooks::{BatchRows, HookSite, Hooks};
+use candle_core::{Result, Tensor};
+
+/// Rewrites one activation row `h` for one intervention at one hook point.
+pub fn apply_op(op: &Op, point: &HookPoint, h: &mut [f32]) {
+    match op {
+        Op::Add => {
+            if let Some(delta) = &point.vector {
+                for (x, d) in h.iter_mut().zip(delta.iter()) {
+                    *x += d;
+                }
+            }
+        }
+        Op::Ablate | Op::Clamp { .. } => {
+            let Some(u) = &point.vector else { return };
+            let proj: f64 = h.iter().zip(u.iter()).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let shift = match op {
+                Op::Clamp { value } => *value as f64 - proj,
+                _ => -proj,
+            };
+            for (x, d) in h.iter_mut().zip(u.iter()) {
+                *x = (*x as f64 + shift * *d as f64) as f32;
+            }
+        }
+        Op::Neuron { index, action } => {
+            if let Some(x) = h.get_mut(*index) {
+                *x = match *action {
+                    NeuronAction::Zero => 0.0,
+                    NeuronAction::Scale(c) => *x * c,
+                    NeuronAction::Set(c) => c,
+                };
+            }
+        }
+    }
+}
+
+/// The plans of one packed batch, as model hooks.
+pub struct BatchSteering<'a> {
+    /// For each sequence of the batch: its plan (if steered) and prompt length.
+    sequences: Vec<(Option<&'a SteeringPlan>, usize)>,
+    /// `active[site * n_layers + layer]`: whether any plan acts there.
+    active: Vec<bool>,
+    n_layers: usize,
+    /// Interventions applied to rows in this batch, by op name (for metrics).
+    pub applied: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl<'a> BatchSteering<'a> {
+    /// `sequences[i]` is the plan and prompt length of the batch's sequence `i`.
+    pub fn new(n_layers: usize, sequences: Vec<(Option<&'a SteeringPlan>, usize)>) -> Self {
+        let mut active = vec![false; HookSite::ALL.len() * n_layers];
+        for (plan, _) in &sequences {
+            for (site, layer) in plan.iter().flat_map(|p| p.hook_points()) {
+                if layer < n_layers {
+                    active[site.index() * n_layers + layer] = true;
+                }
+            }
+        }
+        Self {
+            sequences,
+            active,
+            n_layers,
+            applied: Default::default(),
+        }
+    }
+
+    /// Whether any sequence is steered.
+    pub fn any(&self) -> bool {
+        self.active.iter().any(|&a| a)
+    }
+}
+
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Add => "add",
+        Op::Ablate => "ablate",
+        Op::Clamp { .. } => "clamp",
+        Op::Neuron { action, .. } => match action {
+            NeuronAction::Zero => "neuron_zero",
+            NeuronAction::Scale(_) => "neuron_scale",
+            NeuronAction::Set(_) => "neuron_set",
+        },
+    }
+}
+
+impl Hooks for BatchSteering<'_> {
+    fn is_active(&self, site: HookSite, layer: usize) -> bool {
+        layer < self.n_layers && self.active[site.index() * self.n_layers + layer]
+    }
+
+    fn apply(&mut self, site: HookSite, layer: usize, x: &Tensor, rows: &BatchRows) -> Result<Option<Tensor>> {
+        let (n, width) = x.dims2()?;
+        let mut data: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut touched = false;
+        for (r, h) in data.chunks_mut(width).enumerate().take(n) {
+            let Some(&(Some(plan), prompt_len)) = self.sequences.get(rows.sequence[r]) else {
+                continue;
+            };
+            for (iv, point) in plan.at(site, layer) {
+                if iv.positions.contains(rows.position[r], prompt_len) {
+                    apply_op(&iv.op, point, h);
+                    *self.applied.entry(op_name(&iv.op)).or_default() += 1;
+                    touched = true;
+                }
+            }
+        }
+        if !touched {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::from_vec(data, (n, width), x.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn point(v: Vec<f32>) -> HookPoint {
+        HookPoint {
+            site: HookSite::ResidPost,
+            layer: 0,
+            vector: Some(Arc::from(v)),
+        }
+    }
+
+    fn unit(v: &[f32]) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    }
+
+    #[test]
+    fn add_shifts_by_exactly_the_delta() {
+        let h0 = vec![1.5f32, -2.0, 0.25, 1e-3];
+        let delta = vec![0.1f32, 0.2, -0.3, 4.0];
+        let mut h = h0.clone();
+        apply_op(&Op::Add, &point(delta.clone()), &mut h);
+        for i in 0..4 {
+            assert_eq!(h[i], h0[i] + delta[i]);
+        }
+    }
+
+    #[test]
+    fn ablate_and_clamp_set_the_projection() {
+        let u = unit(&[3.0, -1.0, 2.0, 0.5]);
+        let h0 = vec![10.0f32, 4.0, -7.0, 2.0];
+        let proj = |h: &[f32]| h.iter().zip(&u).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>();
+        let mut h = h0.clone();
+        apply_op(&Op::Ablate, &point(u.clone()), &mut h);
+        assert!(proj(&h).abs() < 1e-5, "{}", proj(&h));
+        // The orthogonal part is untouched.
+        let p0 = proj(&h0);
+        for i in 0..4 {
+            assert!((h[i] as f64 - (h0[i] as f64 - p0 * u[i] as f64)).abs() < 1e-5);
+        }
+        let mut h = h0.clone();
+        apply_op(&Op::Clamp { value: 3.5 }, &point(u.clone()), &mut h);
+        assert!((proj(&h) - 3.5).abs() < 1e-5);
+    }
+
+    #[test]
+    fn neuron_ops_change_only_their_neuron() {
+        let h0 = vec![1.0f32, 2.0, 3.0];
+        let p = HookPoint {
+            site: HookSite::MlpAct,
+            layer: 0,
+            vector: None,
+        };
+        for (action, expect) in [
+            (NeuronAction::Zero, 0.0),
+            (NeuronAction::Scale(3.0), 6.0),
+            (NeuronAction::Set(-1.5), -1.5),
+        ] {
+            let mut h = h0.clone();
+            apply_op(&Op::Neuron { index: 1, action }, &p, &mut h);
+            assert_eq!(h, vec![1.0, expect, 3.0]);
+        }
+    }
+}

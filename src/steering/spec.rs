@@ -1,0 +1,699 @@
+//! What a request may ask: the steering spec on the wire (DESIGN §3), and its validation into a
+//! [`SteeringPlan`] that names every hook point, direction and operation. Errors name the field
+//! that failed (`steering[1].layer`).
+//!
+//! Operations: `add` (activation addition, Turner et al. 2023; CAA, Rimsky et al. 2023),
+//! `ablate` (directional ablation, Arditi et al. 2024: with no layer it projects the direction
+//! out of the embeddings and of every attention and MLP write, so no residual stream ever holds
+//! it), `clamp` (set the projection to a value), and neuron `zero` / `mean` / `scale` / `set`
+//! on `mlp_act`.
+
+use super::store::VectorStore;
+use super::vector::{l2_norm, SteeringVector, VectorKind};
+use crate::model::hooks::HookSite;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Largest coefficient accepted: far beyond any useful steering strength, small enough that
+/// `c·v` stays finite in f32.
+pub const MAX_COEFFICIENT: f64 = 1e6;
+
+/// One intervention as sent by a client.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InterventionSpec {
+    /// Name of a stored vector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "golden_gate")]
+    pub vector: Option<String>,
+    /// An inline direction (`d_model` numbers) instead of `vector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Vec<f64>>,
+    /// A single MLP neuron, for the neuron ops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neuron: Option<NeuronRef>,
+    /// A sparse-autoencoder feature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature: Option<FeatureRef>,
+    /// One block to act on (0-based; the block's output, `resid_post`, unless `site` says
+    /// otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 12)]
+    pub layer: Option<i64>,
+    /// Several blocks: a list of layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = json!([10, 11, 12]))]
+    pub layers: Option<Vec<i64>>,
+    /// Strength (`add`), target projection (`clamp`), factor (`scale`) or value (`set`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 8.0)]
+    pub coefficient: Option<f64>,
+    /// `add` (default), `ablate`, `clamp`; for neurons `zero`, `mean`, `scale`, `set`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "add")]
+    pub op: Option<String>,
+    /// Use the unit vector, so `coefficient` is in residual-stream units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<bool>,
+    /// `"all"` (default), `"prompt"`, `"generated"`, or `{"last": k}`: the last k prompt tokens
+    /// and every generated token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object, example = json!("all"))]
+    pub positions: Option<serde_json::Value>,
+    /// Hook site: `resid_post` (default), `resid_pre`, `attn_out`, `mlp_out`, `mlp_act`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "resid_post")]
+    pub site: Option<String>,
+    /// For the neuron `mean` op: the stored neuron means to use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub means: Option<String>,
+}
+
+/// An MLP neuron: `index` in `mlp_act` of block `layer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NeuronRef {
+    #[schema(example = 10)]
+    pub layer: i64,
+    #[schema(example = 1234)]
+    pub index: i64,
+}
+
+/// A feature of a loaded sparse autoencoder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureRef {
+    #[schema(example = "res12_4k")]
+    pub sae: String,
+    #[schema(example = 3124)]
+    pub index: i64,
+}
+
+/// Which token positions an intervention touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Positions {
+    All,
+    Prompt,
+    Generated,
+    /// The last `k` prompt tokens and every generated token.
+    Last(usize),
+}
+
+impl Positions {
+    pub fn contains(self, position: usize, prompt_len: usize) -> bool {
+        match self {
+            Positions::All => true,
+            Positions::Prompt => position < prompt_len,
+            Positions::Generated => position >= prompt_len,
+            Positions::Last(k) => position + k >= prompt_len,
+        }
+    }
+
+    pub fn to_json(self) -> serde_json::Value {
+        match self {
+            Positions::All => "all".into(),
+            Positions::Prompt => "prompt".into(),
+            Positions::Generated => "generated".into(),
+            Positions::Last(k) => serde_json::json!({ "last": k }),
+        }
+    }
+}
+
+/// What an intervention does at each of its hook points.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// `h += delta` where `delta = c·v` was computed once.
+    Add,
+    /// `h -= (h·û) û`.
+    Ablate,
+    /// `h += (c - h·û) û`.
+    Clamp { value: f32 },
+    /// Acts on one neuron of `mlp_act`.
+    Neuron { index: usize, action: NeuronAction },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NeuronAction {
+    Zero,
+    Scale(f32),
+    /// Also the `mean` op, with the stored mean as the value.
+    Set(f32),
+}
+
+/// One place an intervention acts, with its vector there (`c·v` for `add`, the unit vector
+/// for `ablate` and `clamp`, none for neuron ops).
+#[derive(Debug, Clone)]
+pub struct HookPoint {
+    pub site: HookSite,
+    pub layer: usize,
+    pub vector: Option<Arc<[f32]>>,
+}
+
+/// A validated intervention.
+#[derive(Debug, Clone)]
+pub struct Intervention {
+    pub op: Op,
+    pub positions: Positions,
+    pub points: Vec<HookPoint>,
+    /// The normalized form, echoed to the client.
+    pub applied: AppliedIntervention,
+}
+
+/// The validated form of one intervention, as echoed in responses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AppliedIntervention {
+    /// `add`, `ablate`, `clamp`, `zero`, `mean`, `scale` or `set`.
+    #[schema(example = "add")]
+    pub op: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "golden_gate")]
+    pub vector: Option<String>,
+    /// Version of the stored vector the request used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vector_version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub neuron: Option<NeuronRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = 8.0)]
+    pub coefficient: Option<f64>,
+    /// Blocks acted on.
+    #[schema(example = json!([12]))]
+    pub layers: Vec<usize>,
+    #[schema(example = "resid_post")]
+    pub site: String,
+    #[schema(value_type = Object, example = json!("all"))]
+    pub positions: serde_json::Value,
+    pub normalize: bool,
+    /// Norm of the direction before any normalization.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vector_norm: Option<f32>,
+    /// Whether directional ablation also applies to the token embeddings and every attention
+    /// and MLP write (`ablate` with no layer).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub all_writes: bool,
+}
+
+/// A request's validated interventions, indexed by hook point.
+#[derive(Debug, Clone, Default)]
+pub struct SteeringPlan {
+    pub interventions: Vec<Intervention>,
+    /// `(site, layer)` -> `(intervention, point)` pairs, in request order.
+    index: HashMap<(HookSite, usize), Vec<(usize, usize)>>,
+}
+
+impl SteeringPlan {
+    pub fn new(interventions: Vec<Intervention>) -> Self {
+        let mut index: HashMap<(HookSite, usize), Vec<(usize, usize)>> = HashMap::new();
+        for (i, iv) in interventions.iter().enumerate() {
+            for (p, pt) in iv.points.iter().enumerate() {
+                index.entry((pt.site, pt.layer)).or_default().push((i, p));
+            }
+        }
+        Self {
+            interventions,
+            index,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.interventions.is_empty()
+    }
+
+    /// The interventions acting at one hook point, in request order.
+    pub fn at(&self, site: HookSite, layer: usize) -> impl Iterator<Item = (&Intervention, &HookPoint)> {
+        self.index
+            .get(&(site, layer))
+            .into_iter()
+            .flatten()
+            .map(|&(i, p)| (&self.interventions[i], &self.interventions[i].points[p]))
+    }
+
+    /// Every `(site, layer)` the plan touches.
+    pub fn hook_points(&self) -> impl Iterator<Item = (HookSite, usize)> + '_ {
+        self.index.keys().copied()
+    }
+
+    pub fn applied(&self) -> Vec<AppliedIntervention> {
+        self.interventions.iter().map(|i| i.applied.clone()).collect()
+    }
+}
+
+/// A validation failure, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    /// e.g. `steering[1].layer`.
+    pub field: String,
+    /// Machine-readable code, e.g. `unknown_vector`.
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for SpecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}`: {}", self.field, self.message)
+    }
+}
+
+/// What validation checks a spec against.
+pub struct ModelLimits<'a> {
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub n_neurons: usize,
+    pub max_interventions: usize,
+    pub store: &'a VectorStore,
+}
+
+/// Validates a request's `steering` list.
+pub fn validate(specs: &[InterventionSpec], ctx: &ModelLimits) -> Result<SteeringPlan, SpecError> {
+    if specs.len() > ctx.max_interventions {
+        return Err(SpecError {
+            field: "steering".into(),
+            code: "too_many_interventions",
+            message: format!(
+                "{} interventions given; at most {} are allowed per request",
+                specs.len(),
+                ctx.max_interventions
+            ),
+        });
+    }
+    let interventions = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Validator { ctx, base: format!("steering[{i}]") }.intervention(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(SteeringPlan::new(interventions))
+}
+
+struct Validator<'a> {
+    ctx: &'a ModelLimits<'a>,
+    base: String,
+}
+
+/// A direction source after lookup.
+struct Direction {
+    name: Option<String>,
+    version: Option<u64>,
+    stored: Option<Arc<SteeringVector>>,
+    inline: Option<Arc<[f32]>>,
+}
+
+impl Validator<'_> {
+    fn err(&self, field: &str, code: &'static str, message: impl Into<String>) -> SpecError {
+        SpecError {
+            field: if field.is_empty() {
+                self.base.clone()
+            } else {
+                format!("{}.{field}", self.base)
+            },
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn intervention(&self, s: &InterventionSpec) -> Result<Intervention, SpecError> {
+        let targets = [s.vector.is_some(), s.values.is_some(), s.neuron.is_some(), s.feature.is_some()];
+        match targets.iter().filter(|t| **t).count() {
+            1 => {}
+            0 => return Err(self.err("", "missing_target", "give one of `vector`, `values`, `neuron` or `feature`")),
+            _ => {
+                return Err(self.err(
+                    "",
+                    "conflicting_targets",
+                    "give only one of `vector`, `values`, `neuron` or `feature`",
+                ))
+            }
+        }
+        if s.layer.is_some() && s.layers.is_some() {
+            return Err(self.err("layers", "conflicting_layers", "give `layer` or `layers`, not both"));
+        }
+        let coefficient = match s.coefficient {
+            Some(c) if !c.is_finite() || c.abs() > MAX_COEFFICIENT => {
+                return Err(self.err(
+                    "coefficient",
+                    "invalid_coefficient",
+                    format!("must be a finite number with magnitude at most {MAX_COEFFICIENT:e}"),
+                ))
+            }
+            c => c,
+        };
+        let positions = self.positions(s.positions.as_ref())?;
+        if let Some(f) = &s.feature {
+            return Err(self.err(
+                "feature.sae",
+                "unknown_sae",
+                format!("no sparse autoencoder named `{}` is loaded", f.sae),
+            ));
+        }
+        if let Some(n) = s.neuron {
+            return self.neuron(s, n, coefficient, positions);
+        }
+        self.direction_op(s, coefficient, positions)
+    }
+
+    fn positions(&self, v: Option<&serde_json::Value>) -> Result<Positions, SpecError> {
+        let bad = || {
+            self.err(
+                "positions",
+                "invalid_positions",
+                "must be \"all\", \"prompt\", \"generated\" or {\"last\": k} with k >= 1",
+            )
+        };
+        Ok(match v {
+            None => Positions::All,
+            Some(serde_json::Value::String(s)) => match s.as_str() {
+                "all" => Positions::All,
+                "prompt" => Positions::Prompt,
+                "generated" => Positions::Generated,
+                _ => return Err(bad()),
+            },
+            Some(serde_json::Value::Object(o)) if o.len() == 1 => {
+                match o.get("last").and_then(|k| k.as_u64()) {
+                    Some(k) if k >= 1 => Positions::Last(k as usize),
+                    _ => return Err(bad()),
+                }
+            }
+            _ => return Err(bad()),
+        })
+    }
+
+    fn layer(&self, field: &str, l: i64) -> Result<usize, SpecError> {
+        let n = self.ctx.n_layers;
+        if l < 0 || l as usize >= n {
+            return Err(self.err(
+                field,
+                "invalid_layer",
+                format!("layer {l} is out of range: the model has {n} layers (0-{})", n - 1),
+            ));
+        }
+        Ok(l as usize)
+    }
+
+    /// The explicitly requested layers, if any.
+    fn layers(&self, s: &InterventionSpec) -> Result<Option<Vec<usize>>, SpecError> {
+        if let Some(l) = s.layer {
+            return Ok(Some(vec![self.layer("layer", l)?]));
+        }
+        let Some(ls) = &s.layers else { return Ok(None) };
+        if ls.is_empty() {
+            return Err(self.err("layers", "invalid_layer", "must list at least one layer"));
+        }
+        let mut out = Vec::with_capacity(ls.len());
+        for (i, &l) in ls.iter().enumerate() {
+            let l = self.layer(&format!("layers[{i}]"), l)?;
+            if out.contains(&l) {
+                return Err(self.err(&format!("layers[{i}]"), "invalid_layer", format!("layer {l} is listed twice")));
+            }
+            out.push(l);
+        }
+        Ok(Some(out))
+    }
+
+    fn site(&self, s: &InterventionSpec, default: HookSite) -> Result<HookSite, SpecError> {
+        match &s.site {
+            None => Ok(default),
+            Some(name) => HookSite::parse(name).ok_or_else(|| {
+                self.err(
+                    "site",
+                    "invalid_site",
+                    format!("unknown site `{name}`; use resid_pre, attn_out, mlp_act, mlp_out or resid_post"),
+                )
+            }),
+        }
+    }
+
+    fn neuron(
+        &self,
+        s: &InterventionSpec,
+        n: NeuronRef,
+        coefficient: Option<f64>,
+        positions: Positions,
+    ) -> Result<Intervention, SpecError> {
+        let layer = self.layer("neuron.layer", n.layer)?;
+        if n.index < 0 || n.index as usize >= self.ctx.n_neurons {
+            return Err(self.err(
+                "neuron.index",
+                "invalid_neuron",
+                format!(
+                    "neuron {} is out of range: block MLPs have {} neurons (0-{})",
+                    n.index,
+                    self.ctx.n_neurons,
+                    self.ctx.n_neurons - 1
+                ),
+            ));
+        }
+        let index = n.index as usize;
+        if s.layer.is_some() || s.layers.is_some() {
+            return Err(self.err("layer", "conflicting_layers", "a neuron names its layer in `neuron.layer`"));
+        }
+        if matches!(self.site(s, HookSite::MlpAct)?, site if site != HookSite::MlpAct) {
+            return Err(self.err("site", "invalid_site", "neuron ops act on `mlp_act`"));
+        }
+        let op = s.op.as_deref().unwrap_or("zero");
+        let need = |what: &str| {
+            coefficient.ok_or_else(|| self.err("coefficient", "missing_coefficient", format!("`{op}` needs a coefficient ({what})")))
+        };
+        let (action, coef) = match op {
+            "zero" => (NeuronAction::Zero, None),
+            "scale" => {
+                let c = need("the factor")?;
+                (NeuronAction::Scale(c as f32), Some(c))
+            }
+            "set" => {
+                let c = need("the value")?;
+                (NeuronAction::Set(c as f32), Some(c))
+            }
+            "mean" => (NeuronAction::Set(self.neuron_mean(s, layer, index)?), None),
+            other => {
+                return Err(self.err(
+                    "op",
+                    "invalid_op",
+                    format!("unknown neuron op `{other}`; use zero, mean, scale or set"),
+                ))
+            }
+        };
+        Ok(Intervention {
+            op: Op::Neuron { index, action },
+            positions,
+            points: vec![HookPoint {
+                site: HookSite::MlpAct,
+                layer,
+                vector: None,
+            }],
+            applied: AppliedIntervention {
+                op: op.to_string(),
+                vector: s.means.clone().filter(|_| op == "mean"),
+                vector_version: None,
+                neuron: Some(n),
+                coefficient: coef,
+                layers: vec![layer],
+                site: HookSite::MlpAct.to_string(),
+                positions: positions.to_json(),
+                normalize: false,
+                vector_norm: None,
+                all_writes: false,
+            },
+        })
+    }
+
+    fn neuron_mean(&self, s: &InterventionSpec, layer: usize, index: usize) -> Result<f32, SpecError> {
+        let Some(name) = &s.means else {
+            return Err(self.err(
+                "means",
+                "neuron_means_missing",
+                "the `mean` op needs `means`: the name of stored neuron means (compute them with \
+                 POST /vectors/extract and method `neuron_means`)",
+            ));
+        };
+        let entry = self.ctx.store.get(name).ok_or_else(|| {
+            self.err("means", "unknown_vector", format!("no stored neuron means named `{name}`"))
+        })?;
+        let v = entry.vector;
+        if v.meta.kind != VectorKind::NeuronMeans {
+            return Err(self.err("means", "wrong_vector_kind", format!("`{name}` is a direction, not neuron means")));
+        }
+        let means = v.layers.get(&layer).ok_or_else(|| {
+            self.err(
+                "means",
+                "neuron_means_missing",
+                format!("`{name}` has no means for layer {layer}; extract them for that layer"),
+            )
+        })?;
+        means
+            .get(index)
+            .copied()
+            .ok_or_else(|| self.err("means", "dimension_mismatch", format!("`{name}` layer {layer} is too short")))
+    }
+
+    fn lookup(&self, s: &InterventionSpec) -> Result<Direction, SpecError> {
+        if let Some(values) = &s.values {
+            let d = self.ctx.d_model;
+            let site = self.site(s, HookSite::ResidPost)?;
+            let width = if site == HookSite::MlpAct { self.ctx.n_neurons } else { d };
+            if values.len() != width {
+                return Err(self.err(
+                    "values",
+                    "dimension_mismatch",
+                    format!("{} values given; the `{site}` site has {width} dimensions", values.len()),
+                ));
+            }
+            if let Some(i) = values.iter().position(|x| !x.is_finite() || x.abs() > f32::MAX as f64) {
+                return Err(self.err(&format!("values[{i}]"), "non_finite", "must be a finite number"));
+            }
+            let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+            return Ok(Direction {
+                name: None,
+                version: None,
+                stored: None,
+                inline: Some(v.into()),
+            });
+        }
+        let name = s.vector.as_deref().unwrap_or_default();
+        let entry = self.ctx.store.get(name).ok_or_else(|| {
+            let known = self.ctx.store.names();
+            let hint = if known.is_empty() {
+                "no vectors are stored".to_string()
+            } else {
+                format!("known vectors: {}", known.join(", "))
+            };
+            self.err("vector", "unknown_vector", format!("no vector named `{name}` ({hint})"))
+        })?;
+        if entry.vector.meta.kind != VectorKind::Direction {
+            return Err(self.err("vector", "wrong_vector_kind", format!("`{name}` holds neuron means, not a direction")));
+        }
+        Ok(Direction {
+            name: Some(name.to_string()),
+            version: Some(entry.vector.meta.version),
+            stored: Some(entry.vector),
+            inline: None,
+        })
+    }
+
+    fn direction_op(
+        &self,
+        s: &InterventionSpec,
+        coefficient: Option<f64>,
+        positions: Positions,
+    ) -> Result<Intervention, SpecError> {
+        let op_name = s.op.as_deref().unwrap_or("add");
+        if !matches!(op_name, "add" | "ablate" | "clamp") {
+            let hint = if matches!(op_name, "zero" | "mean" | "scale" | "set") {
+                " (neuron ops need `neuron`)"
+            } else {
+                ""
+            };
+            return Err(self.err(
+                "op",
+                "invalid_op",
+                format!("unknown op `{op_name}` for a direction; use add, ablate or clamp{hint}"),
+            ));
+        }
+        let dir = self.lookup(s)?;
+        let explicit = self.layers(s)?;
+        let site = self.site(s, HookSite::ResidPost)?;
+        if s.site.is_some() && explicit.is_none() {
+            return Err(self.err("site", "missing_layer", "`site` needs `layer` or `layers`"));
+        }
+        if let Some(stored) = &dir.stored {
+            let width = if site == HookSite::MlpAct { self.ctx.n_neurons } else { self.ctx.d_model };
+            if stored.meta.d_model != width {
+                return Err(self.err(
+                    "vector",
+                    "dimension_mismatch",
+                    format!("`{}` has {} dimensions; the `{site}` site has {width}", stored.name, stored.meta.d_model),
+                ));
+            }
+        }
+        let all_writes = op_name == "ablate" && explicit.is_none();
+        // (site, layer) pairs and the layer whose direction each uses.
+        let sites: Vec<(HookSite, usize)> = match (&explicit, &dir.stored) {
+            (Some(ls), _) => ls.iter().map(|&l| (site, l)).collect(),
+            (None, _) if all_writes => std::iter::once((HookSite::ResidPre, 0))
+                .chain((0..self.ctx.n_layers).flat_map(|l| [(HookSite::AttnOut, l), (HookSite::MlpOut, l)]))
+                .collect(),
+            (None, Some(v)) => v.layers.keys().filter(|&&l| l < self.ctx.n_layers).map(|&l| (site, l)).collect(),
+            (None, None) => return Err(self.err("layer", "missing_layer", "inline `values` need `layer` or `layers`")),
+        };
+        if sites.is_empty() {
+            return Err(self.err("vector", "invalid_layer", "the vector holds no layer of this model"));
+        }
+        let normalize = s.normalize.unwrap_or(false);
+        let coef = match op_name {
+            "add" => Some(coefficient.unwrap_or(1.0)),
+            "clamp" => Some(coefficient.ok_or_else(|| {
+                self.err("coefficient", "missing_coefficient", "`clamp` needs a coefficient: the target projection")
+            })?),
+            _ => None,
+        };
+        let mut points = Vec::with_capacity(sites.len());
+        let mut norm = None;
+        for (site, layer) in sites {
+            let raw: Arc<[f32]> = match (&dir.inline, &dir.stored) {
+                (Some(v), _) => v.clone(),
+                (None, Some(stored)) => stored.direction_for(layer).cloned().ok_or_else(|| {
+                    let held: Vec<String> = stored.layers.keys().map(|l| l.to_string()).collect();
+                    let what = if all_writes {
+                        "ablate without `layer` needs a vector with a single direction".to_string()
+                    } else {
+                        format!("`{}` has no direction for layer {layer}", stored.name)
+                    };
+                    self.err("layer", "invalid_layer", format!("{what} (it holds layers {})", held.join(", ")))
+                })?,
+                (None, None) => unreachable!("lookup returns a direction"),
+            };
+            let n = l2_norm(&raw);
+            norm.get_or_insert(n);
+            let vector: Arc<[f32]> = match op_name {
+                "add" => {
+                    let c = coef.unwrap_or(1.0) as f32;
+                    let scale = if normalize { c / n.max(f32::MIN_POSITIVE) } else { c };
+                    if normalize && n == 0.0 {
+                        return Err(self.err("normalize", "zero_vector", "cannot normalize a zero vector"));
+                    }
+                    raw.iter().map(|x| scale * x).collect()
+                }
+                _ => {
+                    if n == 0.0 {
+                        return Err(self.err("vector", "zero_vector", format!("`{op_name}` needs a non-zero direction")));
+                    }
+                    raw.iter().map(|x| x / n).collect()
+                }
+            };
+            if vector.iter().any(|x| !x.is_finite()) {
+                return Err(self.err("coefficient", "non_finite", "coefficient times vector overflows"));
+            }
+            points.push(HookPoint {
+                site,
+                layer,
+                vector: Some(vector),
+            });
+        }
+        let mut layers: Vec<usize> = points.iter().map(|p| p.layer).collect();
+        layers.dedup();
+        let op = match op_name {
+            "add" => Op::Add,
+            "ablate" => Op::Ablate,
+            _ => Op::Clamp {
+                value: coef.unwrap_or(0.0) as f32,
+            },
+        };
+        Ok(Intervention {
+            op,
+            positions,
+            applied: AppliedIntervention {
+                op: op_name.to_string(),
+                vector: dir.name,
+                vector_version: dir.version,
+                neuron: None,
+                coefficient: coef,
+                layers,
+                site: if all_writes { "all_writes".into() } else { site.to_string() },
+                positions: positions.to_json(),
+                normalize,
+                vector_norm: norm,
+                all_writes,
+            },
+            points,
+        })
+    }
+}
