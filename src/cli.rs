@@ -1,6 +1,8 @@
 //! Commands that run without the HTTP server: one generation, and the speed benchmark.
 
-use crate::api::generate::{collect, encode_input, start, validate_settings, GenerateRequest, RawSettings};
+use crate::api::generate::{
+    collect, encode_input, start, validate_settings, GenerateRequest, RawSettings,
+};
 use crate::config::Config;
 use crate::model::hooks::NoHooks;
 use crate::model::llama::PackedBatch;
@@ -35,7 +37,10 @@ pub async fn generate_once(cfg: Config, req: GenerateRequest) -> Result<()> {
         )?;
         let plan = state.steering_plan(req.steering.as_deref())?;
         if let Some(p) = &plan {
-            eprintln!("steering: {}", serde_json::to_string(&p.applied()).unwrap_or_default());
+            eprintln!(
+                "steering: {}",
+                serde_json::to_string(&p.applied()).unwrap_or_default()
+            );
         }
         let rx = start(&state, &settings, plan)?;
         collect(rx, false).await
@@ -70,7 +75,12 @@ pub struct BenchReport {
 /// Prefill of a `prompt_tokens` prompt, then `decode_tokens` single-token steps; unsteered and
 /// steered runs alternate and the best of `repeats` is kept for each, so both see the same
 /// machine conditions.
-pub fn bench(cfg: &Config, prompt_tokens: usize, decode_tokens: usize, repeats: usize) -> Result<BenchReport> {
+pub fn bench(
+    cfg: &Config,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    repeats: usize,
+) -> Result<BenchReport> {
     let model = load_model(cfg)?;
     let c = model.llama.config();
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(prompt_tokens / 5 + 10);
@@ -82,7 +92,9 @@ pub fn bench(cfg: &Config, prompt_tokens: usize, decode_tokens: usize, repeats: 
         n_neurons: c.intermediate_size,
     });
     // A fixed pseudo-random direction of norm ~10 at every layer.
-    let values: Vec<f64> = (0..c.d_model).map(|i| ((i as f64 * 0.7).sin()) * 0.6).collect();
+    let values: Vec<f64> = (0..c.d_model)
+        .map(|i| ((i as f64 * 0.7).sin()) * 0.6)
+        .collect();
     let spec = InterventionSpec {
         values: Some(values),
         layers: Some((0..c.n_layers as i64).collect()),
@@ -144,7 +156,10 @@ fn run_once(
             }
             None => model.llama.forward(&batch, &mut [cache], &mut NoHooks)?,
         };
-        Ok(logits.ok_or_else(|| anyhow!("no logits"))?.squeeze(0)?.to_vec1()?)
+        Ok(logits
+            .ok_or_else(|| anyhow!("no logits"))?
+            .squeeze(0)?
+            .to_vec1()?)
     };
     let t = Instant::now();
     let mut logits = forward(prompt, &mut cache)?;

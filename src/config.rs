@@ -79,7 +79,8 @@ pub struct LogConfig {
 impl Default for Config {
     fn default() -> Self {
         // The embedded file is part of the binary and covered by a test.
-        toml::from_str(DEFAULT_TOML).unwrap_or_else(|e| panic!("config/default.toml is invalid: {e}"))
+        toml::from_str(DEFAULT_TOML)
+            .unwrap_or_else(|e| panic!("config/default.toml is invalid: {e}"))
     }
 }
 
@@ -99,7 +100,9 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 fn parse_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&doc) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }
@@ -125,12 +128,16 @@ impl Config {
         let mut table: toml::Table = toml::from_str(DEFAULT_TOML).context("config/default.toml")?;
         let sections: Vec<String> = table.keys().cloned().collect();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-            let over: toml::Table = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            let over: toml::Table = toml::from_str(&text)
+                .with_context(|| format!("parsing config {}", path.display()))?;
             merge(&mut table, over);
         }
         for (name, value) in env {
-            let Some(rest) = name.strip_prefix("TILLER_") else { continue };
+            let Some(rest) = name.strip_prefix("TILLER_") else {
+                continue;
+            };
             let rest = rest.to_ascii_lowercase();
             let Some(section) = sections.iter().find(|s| rest.starts_with(&format!("{s}_"))) else {
                 continue;
@@ -154,13 +161,23 @@ impl Config {
     fn check(&self) -> Result<()> {
         let l = &self.limits;
         if l.default_max_tokens > l.max_tokens {
-            bail!("limits.default_max_tokens ({}) exceeds limits.max_tokens ({})", l.default_max_tokens, l.max_tokens);
+            bail!(
+                "limits.default_max_tokens ({}) exceeds limits.max_tokens ({})",
+                l.default_max_tokens,
+                l.max_tokens
+            );
         }
-        if self.engine.max_batch_size == 0 || self.engine.max_batch_tokens == 0 || self.engine.prefill_chunk == 0 {
+        if self.engine.max_batch_size == 0
+            || self.engine.max_batch_tokens == 0
+            || self.engine.prefill_chunk == 0
+        {
             bail!("engine.max_batch_size, max_batch_tokens and prefill_chunk must be at least 1");
         }
         if !matches!(self.model.weights.as_str(), "native" | "q8_0" | "f32") {
-            bail!("model.weights must be \"native\", \"q8_0\" or \"f32\", not {:?}", self.model.weights);
+            bail!(
+                "model.weights must be \"native\", \"q8_0\" or \"f32\", not {:?}",
+                self.model.weights
+            );
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!("log.format must be \"text\" or \"json\"");
@@ -183,10 +200,18 @@ mod tests {
         let env = vec![
             ("TILLER_SERVER_PORT".to_string(), "9100".to_string()),
             ("TILLER_LIMITS_MAX_TOKENS".to_string(), "64".to_string()),
-            ("TILLER_LIMITS_DEFAULT_MAX_TOKENS".to_string(), "32".to_string()),
+            (
+                "TILLER_LIMITS_DEFAULT_MAX_TOKENS".to_string(),
+                "32".to_string(),
+            ),
             ("UNRELATED".to_string(), "x".to_string()),
         ];
-        let c = Config::load(Some(&file), env.clone(), &[("server.port".into(), "9200".into())]).unwrap();
+        let c = Config::load(
+            Some(&file),
+            env.clone(),
+            &[("server.port".into(), "9200".into())],
+        )
+        .unwrap();
         assert_eq!(c.server.host, "0.0.0.0");
         assert_eq!(c.server.port, 9200);
         assert_eq!(c.limits.max_tokens, 64);
@@ -196,7 +221,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_errors() {
-        let err = Config::load(None, vec![("TILLER_SERVER_PROT".into(), "1".into())], &[]).unwrap_err();
+        let err =
+            Config::load(None, vec![("TILLER_SERVER_PROT".into(), "1".into())], &[]).unwrap_err();
         assert!(format!("{err:#}").contains("prot"), "{err:#}");
         let err = Config::load(None, vec![], &[("model.weights".into(), "q2".into())]).unwrap_err();
         assert!(format!("{err:#}").contains("model.weights"), "{err:#}");

@@ -26,7 +26,9 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// What went wrong, naming the field where one is at fault.
-    #[schema(example = "`steering[0].layer`: layer 40 is out of range: the model has 30 layers (0-29)")]
+    #[schema(
+        example = "`steering[0].layer`: layer 40 is out of range: the model has 30 layers (0-29)"
+    )]
     pub message: String,
     /// `invalid_request_error`, `authentication_error`, `permission_error`, `not_found_error`,
     /// `conflict_error`, `rate_limit_error`, `overloaded_error` or `server_error`.
@@ -54,7 +56,11 @@ impl ApiError {
 
     /// 422: well-formed but not acceptable; `field` is named in the message.
     pub fn invalid(field: &str, code: &'static str, message: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, format!("`{field}`: {message}"))
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            code,
+            format!("`{field}`: {message}"),
+        )
     }
 
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
@@ -82,7 +88,11 @@ impl ApiError {
     /// 500: logs the detail and tells the client only that it failed.
     pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
         tracing::error!(error = %err, "{context}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", format!("{context} failed; see the server log"))
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            format!("{context} failed; see the server log"),
+        )
     }
 
     pub fn kind(&self) -> &'static str {
@@ -116,7 +126,13 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
     }
 }
 
@@ -126,7 +142,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
         if let Some(secs) = self.retry_after {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
@@ -141,10 +158,12 @@ impl From<SpecError> for ApiError {
 impl From<crate::engine::SubmitError> for ApiError {
     fn from(e: crate::engine::SubmitError) -> Self {
         match e {
-            crate::engine::SubmitError::QueueFull => {
-                ApiError::overloaded("the server is at capacity: the request queue is full; retry shortly")
+            crate::engine::SubmitError::QueueFull => ApiError::overloaded(
+                "the server is at capacity: the request queue is full; retry shortly",
+            ),
+            crate::engine::SubmitError::Stopped => {
+                ApiError::unavailable("the engine is shutting down")
             }
-            crate::engine::SubmitError::Stopped => ApiError::unavailable("the engine is shutting down"),
         }
     }
 }

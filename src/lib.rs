@@ -12,6 +12,8 @@ pub mod model;
 pub mod server;
 pub mod steering;
 pub mod telemetry;
+#[doc(hidden)]
+pub mod testing;
 
 pub use api::AppState;
 

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use tiller::config::Config;
 
 #[derive(Parser)]
-#[command(name = "tiller", version, about = "An HTTP inference server for activation steering")]
+#[command(
+    name = "tiller",
+    version,
+    about = "An HTTP inference server for activation steering"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -115,13 +119,18 @@ fn main() -> Result<()> {
             }
             let cfg = load_config(&common, &extra)?;
             tiller::telemetry::init(&cfg.log.level, &cfg.log.format);
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(tiller::server::serve(cfg))
         }
         Cmd::FetchModel { common } => {
             let cfg = load_config(&common, &[])?;
             tiller::telemetry::init(&cfg.log.level, &cfg.log.format);
-            let path = tiller::model::fetch::ensure_default_model(&cfg.model.cache_dir, &cfg.model.python)?;
+            let path = tiller::model::fetch::ensure_default_model(
+                &cfg.model.cache_dir,
+                &cfg.model.python,
+            )?;
             println!("{}", path.display());
             Ok(())
         }
@@ -137,18 +146,24 @@ fn main() -> Result<()> {
             let cfg = load_config(&common, &[])?;
             tiller::telemetry::init("warn", "text");
             let steering = steering
-                .map(|s| serde_json::from_str(&s).context("--steering must be a JSON list of interventions"))
+                .map(|s| {
+                    serde_json::from_str(&s)
+                        .context("--steering must be a JSON list of interventions")
+                })
                 .transpose()?;
             let req = tiller::api::generate::GenerateRequest {
                 prompt: (!chat).then(|| prompt.clone()),
-                messages: chat.then(|| vec![tiller::model::chat::ChatMessage::new("user", &prompt)]),
+                messages: chat
+                    .then(|| vec![tiller::model::chat::ChatMessage::new("user", &prompt)]),
                 max_tokens: Some(max_tokens),
                 temperature: Some(temperature),
                 seed,
                 steering,
                 ..Default::default()
             };
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(tiller::cli::generate_once(cfg, req))
         }
         Cmd::Bench {

@@ -30,7 +30,9 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                 bail!("device \"{s}\" needs a build with --features cuda");
             }
             let n: usize = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse().with_context(|| format!("bad CUDA ordinal in {s:?}"))?,
+                Some(n) => n
+                    .parse()
+                    .with_context(|| format!("bad CUDA ordinal in {s:?}"))?,
                 None if s == "cuda" => 0,
                 None => bail!("device must be \"cpu\", \"cuda:N\" or \"metal\", not {s:?}"),
             };
@@ -70,7 +72,8 @@ pub fn load_model(cfg: &Config) -> Result<Model> {
     let opts = load_options(cfg)?;
     let started = std::time::Instant::now();
     let id = (!cfg.model.id.is_empty()).then_some(cfg.model.id.as_str());
-    let model = Model::load(&path, id, &opts).with_context(|| format!("loading {}", path.display()))?;
+    let model =
+        Model::load(&path, id, &opts).with_context(|| format!("loading {}", path.display()))?;
     let c = model.llama.config();
     tracing::info!(
         model = %model.id,

@@ -5,7 +5,9 @@
 use axum::http::{HeaderName, Request};
 use axum::Router;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 use tracing_subscriber::EnvFilter;
 
@@ -14,7 +16,9 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Installs the global subscriber (`RUST_LOG` wins over `level`). Safe to call twice.
 pub fn init(level: &str, format: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     let _ = if format == "json" {
         builder.json().try_init()
     } else {

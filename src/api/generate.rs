@@ -178,20 +178,46 @@ pub struct RawSettings<'a> {
 }
 
 /// Tokenizes `prompt` or `messages` (exactly one).
-pub fn encode_input(state: &AppState, prompt: Option<&str>, messages: Option<&[ChatMessage]>) -> Result<Vec<u32>, ApiError> {
+pub fn encode_input(
+    state: &AppState,
+    prompt: Option<&str>,
+    messages: Option<&[ChatMessage]>,
+) -> Result<Vec<u32>, ApiError> {
     let model = &state.engine.model;
     let ids = match (prompt, messages) {
-        (Some(_), Some(_)) => return Err(ApiError::invalid("prompt", "conflicting_input", "give `prompt` or `messages`, not both")),
-        (None, None) => return Err(ApiError::invalid("prompt", "missing_input", "give `prompt` or `messages`")),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "conflicting_input",
+                "give `prompt` or `messages`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "missing_input",
+                "give `prompt` or `messages`",
+            ))
+        }
         (Some(p), None) => {
             if p.is_empty() {
-                return Err(ApiError::invalid("prompt", "empty_prompt", "must not be empty"));
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "empty_prompt",
+                    "must not be empty",
+                ));
             }
-            model.encode_prompt(p).map_err(|e| ApiError::invalid("prompt", "tokenization_failed", e))?
+            model
+                .encode_prompt(p)
+                .map_err(|e| ApiError::invalid("prompt", "tokenization_failed", e))?
         }
         (None, Some(ms)) => {
             if ms.is_empty() {
-                return Err(ApiError::invalid("messages", "empty_messages", "must hold at least one message"));
+                return Err(ApiError::invalid(
+                    "messages",
+                    "empty_messages",
+                    "must hold at least one message",
+                ));
             }
             for (i, m) in ms.iter().enumerate() {
                 if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
@@ -203,19 +229,33 @@ pub fn encode_input(state: &AppState, prompt: Option<&str>, messages: Option<&[C
                 }
             }
             if model.chat_template.is_none() {
-                return Err(ApiError::invalid("messages", "no_chat_template", "this model has no chat template; send `prompt`"));
+                return Err(ApiError::invalid(
+                    "messages",
+                    "no_chat_template",
+                    "this model has no chat template; send `prompt`",
+                ));
             }
-            model.encode_chat(ms).map_err(|e| ApiError::invalid("messages", "chat_template_failed", format!("{e:#}")))?
+            model.encode_chat(ms).map_err(|e| {
+                ApiError::invalid("messages", "chat_template_failed", format!("{e:#}"))
+            })?
         }
     };
     if ids.is_empty() {
-        return Err(ApiError::invalid("prompt", "empty_prompt", "encodes to no tokens"));
+        return Err(ApiError::invalid(
+            "prompt",
+            "empty_prompt",
+            "encodes to no tokens",
+        ));
     }
     Ok(ids)
 }
 
 /// Validates sampling and length settings for an encoded prompt.
-pub fn validate_settings(state: &AppState, prompt: Vec<u32>, raw: &RawSettings) -> Result<GenerationSettings, ApiError> {
+pub fn validate_settings(
+    state: &AppState,
+    prompt: Vec<u32>,
+    raw: &RawSettings,
+) -> Result<GenerationSettings, ApiError> {
     let limits = &state.config.limits;
     let ctx = state.engine.model.llama.config().context_length;
     let max_prompt = limits.max_prompt_tokens.min(ctx - 1);
@@ -223,12 +263,21 @@ pub fn validate_settings(state: &AppState, prompt: Vec<u32>, raw: &RawSettings) 
         return Err(ApiError::invalid(
             "prompt",
             "prompt_too_long",
-            format!("the prompt is {} tokens; at most {max_prompt} are accepted", prompt.len()),
+            format!(
+                "the prompt is {} tokens; at most {max_prompt} are accepted",
+                prompt.len()
+            ),
         ));
     }
     let max_tokens = match raw.max_tokens {
         None => limits.default_max_tokens,
-        Some(0) => return Err(ApiError::invalid("max_tokens", "invalid_max_tokens", "must be at least 1")),
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                "invalid_max_tokens",
+                "must be at least 1",
+            ))
+        }
         Some(n) if n as u128 > limits.max_tokens as u128 => {
             return Err(ApiError::invalid(
                 "max_tokens",
@@ -254,14 +303,28 @@ pub fn validate_settings(state: &AppState, prompt: Vec<u32>, raw: &RawSettings) 
     };
     let temperature = raw.temperature.unwrap_or(0.0);
     if !temperature.is_finite() || !(0.0..=5.0).contains(&temperature) {
-        return Err(ApiError::invalid("temperature", "invalid_temperature", "must be between 0 and 5"));
+        return Err(ApiError::invalid(
+            "temperature",
+            "invalid_temperature",
+            "must be between 0 and 5",
+        ));
     }
     let top_p = raw.top_p.unwrap_or(1.0);
     if !top_p.is_finite() || top_p <= 0.0 || top_p > 1.0 {
-        return Err(ApiError::invalid("top_p", "invalid_top_p", "must be in (0, 1]"));
+        return Err(ApiError::invalid(
+            "top_p",
+            "invalid_top_p",
+            "must be in (0, 1]",
+        ));
     }
     let top_k = match raw.top_k {
-        Some(0) => return Err(ApiError::invalid("top_k", "invalid_top_k", "must be at least 1")),
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                "invalid_top_k",
+                "must be at least 1",
+            ))
+        }
         k => k.map(|k| k.min(u32::MAX as u64) as usize),
     };
     let stop = match raw.stop {
@@ -273,11 +336,19 @@ pub fn validate_settings(state: &AppState, prompt: Vec<u32>, raw: &RawSettings) 
         return Err(ApiError::invalid(
             "stop",
             "too_many_stop_sequences",
-            format!("{} given; at most {}", stop.len(), limits.max_stop_sequences),
+            format!(
+                "{} given; at most {}",
+                stop.len(),
+                limits.max_stop_sequences
+            ),
         ));
     }
     if stop.iter().any(|s| s.is_empty()) {
-        return Err(ApiError::invalid("stop", "invalid_stop", "stop sequences must not be empty"));
+        return Err(ApiError::invalid(
+            "stop",
+            "invalid_stop",
+            "stop sequences must not be empty",
+        ));
     }
     let logprobs = match raw.logprobs {
         None => None,
@@ -326,7 +397,10 @@ pub fn start(
 }
 
 /// Waits for a sequence to finish and gathers its text.
-pub async fn collect(mut rx: mpsc::UnboundedReceiver<GenerationEvent>, with_logprobs: bool) -> Result<Completion, ApiError> {
+pub async fn collect(
+    mut rx: mpsc::UnboundedReceiver<GenerationEvent>,
+    with_logprobs: bool,
+) -> Result<Completion, ApiError> {
     let mut logprobs = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
@@ -349,7 +423,10 @@ pub async fn collect(mut rx: mpsc::UnboundedReceiver<GenerationEvent>, with_logp
             GenerationEvent::Error(e) => return Err(ApiError::internal("generation", e)),
         }
     }
-    Err(ApiError::internal("generation", "the engine dropped the request"))
+    Err(ApiError::internal(
+        "generation",
+        "the engine dropped the request",
+    ))
 }
 
 /// A fresh id for a response.
@@ -366,7 +443,10 @@ pub fn new_id(prefix: &str) -> String {
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Invalid field: unknown vector, layer out of range, dimension mismatch, max_tokens too large, ...", body = ErrorBody),
         (status = 429, description = "Queue full; retry after the Retry-After header", body = ErrorBody)))]
-pub async fn generate(State(state): State<AppState>, ApiJson(req): ApiJson<GenerateRequest>) -> Result<Response, ApiError> {
+pub async fn generate(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<GenerateRequest>,
+) -> Result<Response, ApiError> {
     let prompt = encode_input(&state, req.prompt.as_deref(), req.messages.as_deref())?;
     let settings = validate_settings(
         &state,
@@ -385,7 +465,11 @@ pub async fn generate(State(state): State<AppState>, ApiJson(req): ApiJson<Gener
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let compare = req.compare.unwrap_or(false);
     let steered = start(&state, &settings, plan)?;
-    let baseline = if compare { Some(start(&state, &settings, None)?) } else { None };
+    let baseline = if compare {
+        Some(start(&state, &settings, None)?)
+    } else {
+        None
+    };
     let id = new_id("gen");
     if req.stream.unwrap_or(false) {
         let keep_alive = Duration::from_secs(state.config.server.sse_keep_alive_secs.max(1));
@@ -435,11 +519,15 @@ fn sse_events(
                 sequence: sequence.clone(),
                 steering: applied.clone(),
             }),
-            GenerationEvent::Error(e) => {
-                Ok(Event::default().event("error").data(ApiError::internal("generation", e).to_json()))
-            }
+            GenerationEvent::Error(e) => Ok(Event::default()
+                .event("error")
+                .data(ApiError::internal("generation", e).to_json())),
         };
-        Ok(event.unwrap_or_else(|e| Event::default().event("error").data(ApiError::internal("encoding an event", e).to_json())))
+        Ok(event.unwrap_or_else(|e| {
+            Event::default()
+                .event("error")
+                .data(ApiError::internal("encoding an event", e).to_json())
+        }))
     })
 }
 
@@ -454,8 +542,12 @@ fn stream_response(
         Some(b) => {
             let s = sse_events(steered, Some("steered"), Some(applied));
             let b = sse_events(b, Some("baseline"), None);
-            Sse::new(futures_util::stream::select(s, b)).keep_alive(ka).into_response()
+            Sse::new(futures_util::stream::select(s, b))
+                .keep_alive(ka)
+                .into_response()
         }
-        None => Sse::new(sse_events(steered, None, Some(applied))).keep_alive(ka).into_response(),
+        None => Sse::new(sse_events(steered, None, Some(applied)))
+            .keep_alive(ka)
+            .into_response(),
     }
 }

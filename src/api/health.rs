@@ -17,7 +17,9 @@ pub struct Health {
 #[utoipa::path(get, path = "/health", tag = "health",
     responses((status = 200, description = "The server is running", body = Health)))]
 pub async fn health() -> Json<Health> {
-    Json(Health { status: "ok".into() })
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
 /// The model is loaded and new requests are accepted (503 while shutting down).
@@ -27,7 +29,9 @@ pub async fn health() -> Json<Health> {
         (status = 503, description = "Shutting down", body = ErrorBody)))]
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     if state.is_ready() {
-        Ok(Json(Health { status: "ready".into() }))
+        Ok(Json(Health {
+            status: "ready".into(),
+        }))
     } else {
         Err(ApiError::unavailable("the server is shutting down"))
     }
@@ -98,7 +102,10 @@ pub async fn info(State(state): State<AppState>) -> Json<ModelInfo> {
         vocab_size: c.vocab_size,
         context_length: c.context_length,
         chat_template: m.chat_template.is_some(),
-        sites: crate::model::hooks::HookSite::ALL.iter().map(|s| s.to_string()).collect(),
+        sites: crate::model::hooks::HookSite::ALL
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         backend: serde_json::to_value(m.llama.backend())
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))

@@ -32,7 +32,9 @@ pub fn body_error(e: axum::extract::rejection::BytesRejection) -> ApiError {
 /// Parses JSON, naming the path of a field of the wrong shape.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(ApiError::malformed("the request body is empty; send a JSON object"));
+        return Err(ApiError::malformed(
+            "the request body is empty; send a JSON object",
+        ));
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
@@ -44,7 +46,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 ApiError::malformed(format!("the request body is not valid JSON: {inner}"))
             }
             Category::Data => {
-                let field = if path == "." { "body".to_string() } else { path };
+                let field = if path == "." {
+                    "body".to_string()
+                } else {
+                    path
+                };
                 ApiError::invalid(&field, "invalid_field", strip_position(&inner.to_string()))
             }
         }

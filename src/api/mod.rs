@@ -60,7 +60,10 @@ impl AppState {
     }
 
     /// Validates a steering list against the served model and the stored vectors.
-    pub fn steering_plan(&self, specs: Option<&[InterventionSpec]>) -> Result<Option<Arc<SteeringPlan>>, ApiError> {
+    pub fn steering_plan(
+        &self,
+        specs: Option<&[InterventionSpec]>,
+    ) -> Result<Option<Arc<SteeringPlan>>, ApiError> {
         let Some(specs) = specs.filter(|s| !s.is_empty()) else {
             return Ok(None);
         };

@@ -12,6 +12,7 @@ use crate::steering::spec::SteeringPlan;
 use sampling::SamplingParams;
 use scheduler::{Scheduler, SchedulerConfig, StepReport};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -126,36 +127,58 @@ pub struct EngineConfig {
 /// Receives a report after every step (metrics).
 pub type StepObserver = Arc<dyn Fn(&StepReport, &Scheduler) + Send + Sync>;
 
+/// Live counters the engine thread keeps up to date.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Sequences in the running batch.
+    pub active: AtomicUsize,
+    /// Forward passes run.
+    pub steps: AtomicU64,
+    /// Tokens generated since start.
+    pub generated_tokens: AtomicU64,
+}
+
 /// A cloneable handle to the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
     pub model: Arc<Model>,
+    pub stats: Arc<EngineStats>,
     tx: mpsc::Sender<Command>,
 }
 
 impl std::fmt::Debug for EngineHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EngineHandle").field("model", &self.model.id).finish()
+        f.debug_struct("EngineHandle")
+            .field("model", &self.model.id)
+            .finish()
     }
 }
 
 impl EngineHandle {
     /// Starts the engine thread.
-    pub fn spawn(model: Arc<Model>, cfg: EngineConfig, observer: Option<StepObserver>) -> std::io::Result<Self> {
+    pub fn spawn(
+        model: Arc<Model>,
+        cfg: EngineConfig,
+        observer: Option<StepObserver>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(cfg.max_queue.max(1));
         let m = model.clone();
+        let stats = Arc::new(EngineStats::default());
+        let st = stats.clone();
         std::thread::Builder::new()
             .name("tiller-engine".into())
-            .spawn(move || run(m, rx, cfg.scheduler, observer))?;
-        Ok(Self { model, tx })
+            .spawn(move || run(m, rx, cfg.scheduler, observer, st))?;
+        Ok(Self { model, stats, tx })
     }
 
     /// Queues a generation; fails at once when the queue is full.
     pub fn submit(&self, req: GenerationRequest) -> Result<(), SubmitError> {
-        self.tx.try_send(Command::Generate(req)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
-        })
+        self.tx
+            .try_send(Command::Generate(req))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+            })
     }
 
     /// Runs `f` on the engine thread and returns its result.
@@ -180,10 +203,17 @@ impl EngineHandle {
     }
 }
 
-fn run(model: Arc<Model>, mut rx: mpsc::Receiver<Command>, cfg: SchedulerConfig, observer: Option<StepObserver>) {
+fn run(
+    model: Arc<Model>,
+    mut rx: mpsc::Receiver<Command>,
+    cfg: SchedulerConfig,
+    observer: Option<StepObserver>,
+    stats: Arc<EngineStats>,
+) {
     let mut sched = Scheduler::new(cfg);
     let mut open = true;
     loop {
+        stats.active.store(sched.len(), Ordering::Relaxed);
         if sched.is_idle() {
             if !open {
                 break;
@@ -205,6 +235,10 @@ fn run(model: Arc<Model>, mut rx: mpsc::Receiver<Command>, cfg: SchedulerConfig,
         }
         match std::panic::catch_unwind(AssertUnwindSafe(|| sched.step(&model))) {
             Ok(Ok(report)) => {
+                stats.steps.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .generated_tokens
+                    .fetch_add(report.generated_tokens as u64, Ordering::Relaxed);
                 if let Some(obs) = &observer {
                     obs(&report, &sched);
                 }

@@ -45,14 +45,21 @@ impl Sampler {
         // Candidates sorted by logit, cut to top-k.
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         let k = self.params.top_k.unwrap_or(idx.len()).clamp(1, idx.len());
-        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        let by_logit = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
         if k < idx.len() {
             idx.select_nth_unstable_by(k - 1, by_logit);
             idx.truncate(k);
         }
         idx.sort_unstable_by(by_logit);
         let max = logits[idx[0] as usize] as f64;
-        let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / t).exp()).collect();
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| ((logits[i as usize] as f64 - max) / t).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if self.params.top_p < 1.0 {
@@ -94,7 +101,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// `log softmax(logits)`, in f64 for accuracy then rounded.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lse = logits
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     logits.iter().map(|&x| (x as f64 - lse) as f32).collect()
 }
 
@@ -105,7 +117,11 @@ pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
         return Vec::new();
     }
     let mut idx: Vec<u32> = (0..values.len() as u32).collect();
-    let cmp = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+    let cmp = |a: &u32, b: &u32| {
+        values[*b as usize]
+            .total_cmp(&values[*a as usize])
+            .then(a.cmp(b))
+    };
     idx.select_nth_unstable_by(n - 1, cmp);
     idx.truncate(n);
     idx.sort_unstable_by(cmp);

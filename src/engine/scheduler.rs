@@ -6,7 +6,10 @@
 
 use super::sampling::{log_softmax, top_n, Sampler};
 use super::stop::StopMatcher;
-use super::{FinishReason, Finished, GenerationEvent, GenerationRequest, TokenEvent, TokenLogprob, TopLogprob};
+use super::{
+    FinishReason, Finished, GenerationEvent, GenerationRequest, TokenEvent, TokenLogprob,
+    TopLogprob,
+};
 use crate::model::llama::{KvCache, PackedBatch};
 use crate::model::tokenizer::DetokenizeStream;
 use crate::model::Model;
@@ -122,7 +125,10 @@ impl Scheduler {
     /// Fails every active sequence (after an unrecoverable error in a step).
     pub fn fail_all(&mut self, message: &str) {
         for s in self.active.drain(..) {
-            let _ = s.req.events.send(GenerationEvent::Error(message.to_string()));
+            let _ = s
+                .req
+                .events
+                .send(GenerationEvent::Error(message.to_string()));
         }
     }
 
@@ -179,7 +185,12 @@ impl Scheduler {
         report.rows = batch.tokens.len();
         let plans: Vec<_> = members
             .iter()
-            .map(|&i| (self.active[i].req.steering.clone(), self.active[i].prompt_len))
+            .map(|&i| {
+                (
+                    self.active[i].req.steering.clone(),
+                    self.active[i].prompt_len,
+                )
+            })
             .collect();
         let mut hooks = BatchSteering::new(
             model.llama.config().n_layers,
@@ -227,13 +238,20 @@ impl Scheduler {
 }
 
 /// Samples the next token of `s` and sends it; returns why the sequence ended, if it did.
-fn advance(model: &Model, s: &mut Sequence, logits: &[f32], report: &mut StepReport) -> anyhow::Result<Option<FinishReason>> {
+fn advance(
+    model: &Model,
+    s: &mut Sequence,
+    logits: &[f32],
+    report: &mut StepReport,
+) -> anyhow::Result<Option<FinishReason>> {
     let tok = &model.tokenizer;
     let id = s.sampler.sample(logits);
     if s.first_token.is_none() {
         let now = Instant::now();
         s.first_token = Some(now);
-        report.first_token_latencies.push((now - s.admitted).as_secs_f64());
+        report
+            .first_token_latencies
+            .push((now - s.admitted).as_secs_f64());
     }
     if tok.is_eos(id) {
         return Ok(Some(FinishReason::Stop));

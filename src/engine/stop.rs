@@ -37,10 +37,18 @@ impl StopMatcher {
         }
         self.pending.push_str(text);
         // The earliest full match ends generation.
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let release = self.pending[..at].to_string();
             self.pending.clear();
-            return StopCheck { release, stopped: true };
+            return StopCheck {
+                release,
+                stopped: true,
+            };
         }
         // Hold back the longest tail that could still grow into a stop sequence.
         let hold = self
@@ -70,7 +78,11 @@ fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
     let max = text.len().min(stop.len().saturating_sub(1));
     (1..=max)
         .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n)
+                && stop.is_char_boundary(n)
+                && text.ends_with(&stop[..n])
+        })
         .unwrap_or(0)
 }
 
@@ -94,8 +106,14 @@ mod tests {
 
     #[test]
     fn stops_across_pieces_and_trims() {
-        assert_eq!(run(&["\n\n"], &["Hello", "\n", "\nWorld"]), ("Hello".into(), true));
-        assert_eq!(run(&["END"], &["abc E", "N", "D tail"]), ("abc ".into(), true));
+        assert_eq!(
+            run(&["\n\n"], &["Hello", "\n", "\nWorld"]),
+            ("Hello".into(), true)
+        );
+        assert_eq!(
+            run(&["END"], &["abc E", "N", "D tail"]),
+            ("abc ".into(), true)
+        );
     }
 
     #[test]

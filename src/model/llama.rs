@@ -77,7 +77,9 @@ impl LlamaConfig {
         let head_dim = usize_of("attention.key_length").unwrap_or(d_model / n_heads);
         if let Ok(rope_dims) = usize_of("rope.dimension_count") {
             if rope_dims != head_dim {
-                bail!("partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported");
+                bail!(
+                    "partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported"
+                );
             }
         }
         Ok(Self {
@@ -121,24 +123,36 @@ impl LlamaConfig {
         let d_model = usize_of("hidden_size")?;
         let n_heads = usize_of("num_attention_heads")?;
         let head_dim = usize_of("head_dim").unwrap_or(d_model / n_heads);
-        let rope_theta = cfg.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10_000.0);
+        let rope_theta = cfg
+            .get("rope_theta")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(10_000.0);
         let rope_freq_factors = cfg
             .get("rope_scaling")
             .filter(|s| {
-                s.get("rope_type").or_else(|| s.get("type")).and_then(|t| t.as_str()) == Some("llama3")
+                s.get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(|t| t.as_str())
+                    == Some("llama3")
             })
             .map(|s| llama3_freq_factors(s, head_dim, rope_theta))
             .transpose()?;
         Ok(Self {
             qkv_bias: arch == "qwen2"
-                || cfg.get("attention_bias").and_then(|v| v.as_bool()).unwrap_or(false),
+                || cfg
+                    .get("attention_bias")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false),
             architecture: arch,
             n_layers: usize_of("num_hidden_layers")?,
             intermediate_size: usize_of("intermediate_size")?,
             n_kv_heads: usize_of("num_key_value_heads").unwrap_or(n_heads),
             vocab_size: usize_of("vocab_size")?,
             context_length: usize_of("max_position_embeddings").unwrap_or(4096),
-            rms_eps: cfg.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5),
+            rms_eps: cfg
+                .get("rms_norm_eps")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-5),
             rope_layout: RopeLayout::HalfSplit,
             tied_embeddings: cfg
                 .get("tie_word_embeddings")
@@ -161,8 +175,15 @@ impl LlamaConfig {
     }
 
     fn check(&self) -> anyhow::Result<()> {
-        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            bail!("{} query heads cannot share {} KV heads", self.n_heads, self.n_kv_heads);
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
+            bail!(
+                "{} query heads cannot share {} KV heads",
+                self.n_heads,
+                self.n_kv_heads
+            );
         }
         if !self.head_dim.is_multiple_of(2) {
             bail!("head dimension {} is odd", self.head_dim);
@@ -172,9 +193,21 @@ impl LlamaConfig {
 }
 
 /// Llama 3.1's frequency-dependent RoPE scaling, as divisors of the base frequencies.
-fn llama3_freq_factors(s: &serde_json::Value, head_dim: usize, theta: f64) -> anyhow::Result<Vec<f32>> {
-    let num = |k: &str| s.get(k).and_then(|v| v.as_f64()).with_context(|| format!("rope_scaling has no `{k}`"));
-    let (factor, low, high) = (num("factor")?, num("low_freq_factor")?, num("high_freq_factor")?);
+fn llama3_freq_factors(
+    s: &serde_json::Value,
+    head_dim: usize,
+    theta: f64,
+) -> anyhow::Result<Vec<f32>> {
+    let num = |k: &str| {
+        s.get(k)
+            .and_then(|v| v.as_f64())
+            .with_context(|| format!("rope_scaling has no `{k}`"))
+    };
+    let (factor, low, high) = (
+        num("factor")?,
+        num("low_freq_factor")?,
+        num("high_freq_factor")?,
+    );
     let original = num("original_max_position_embeddings")?;
     let (low_wavelen, high_wavelen) = (original / low, original / high);
     Ok((0..head_dim / 2)
@@ -300,7 +333,10 @@ impl Loader<'_> {
     fn linear(&mut self, parts: &[W], biases: Option<&[W]>, l: usize) -> anyhow::Result<Linear> {
         let bias = match biases {
             Some(bs) => {
-                let vs = bs.iter().map(|&b| self.dense(b, l)).collect::<anyhow::Result<Vec<_>>>()?;
+                let vs = bs
+                    .iter()
+                    .map(|&b| self.dense(b, l))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
                 Some(Tensor::cat(&vs, 0)?)
             }
             None => None,
@@ -321,10 +357,16 @@ impl Loader<'_> {
                 } else {
                     WeightMatrix::concat_rows(&ms)?
                 };
-                Ok(Linear::Kernel { w: Arc::new(w), bias })
+                Ok(Linear::Kernel {
+                    w: Arc::new(w),
+                    bias,
+                })
             }
             Backend::Candle => {
-                let ts = parts.iter().map(|&p| self.dense(p, l)).collect::<anyhow::Result<Vec<_>>>()?;
+                let ts = parts
+                    .iter()
+                    .map(|&p| self.dense(p, l))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
                 let w = Tensor::cat(&ts, 0)?;
                 Ok(Linear::Dense {
                     wt: w.t()?.contiguous()?,
@@ -337,7 +379,10 @@ impl Loader<'_> {
 
 /// `y = x Wᵀ (+ b)` for a weight held in one of the backends' forms.
 enum Linear {
-    Kernel { w: Arc<WeightMatrix>, bias: Option<Tensor> },
+    Kernel {
+        w: Arc<WeightMatrix>,
+        bias: Option<Tensor>,
+    },
     /// The transposed weight `[in, out]`, so the product is a plain matmul.
     Dense { wt: Tensor, bias: Option<Tensor> },
 }
@@ -361,7 +406,12 @@ impl candle_core::CustomOp1 for KernelMatmul<'_> {
         let w = self.0;
         let mut dims = l.dims().to_vec();
         if dims.last() != Some(&w.cols) {
-            candle_core::bail!("tiller-matmul: input {:?} against weight [{}, {}]", dims, w.rows, w.cols)
+            candle_core::bail!(
+                "tiller-matmul: input {:?} against weight [{}, {}]",
+                dims,
+                w.rows,
+                w.cols
+            )
         }
         let m = x.len() / w.cols;
         let mut out = vec![0f32; m * w.rows];
@@ -376,7 +426,9 @@ impl candle_core::CustomOp1 for KernelMatmul<'_> {
 impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (y, bias) = match self {
-            Linear::Kernel { w, bias } => (x.contiguous()?.apply_op1_no_bwd(&KernelMatmul(w))?, bias),
+            Linear::Kernel { w, bias } => {
+                (x.contiguous()?.apply_op1_no_bwd(&KernelMatmul(w))?, bias)
+            }
             Linear::Dense { wt, bias } => (x.matmul(wt)?, bias),
         };
         match bias {
@@ -517,17 +569,23 @@ pub struct Llama {
 impl Llama {
     pub fn load(ckpt: &mut Checkpoint, opts: &LoadOptions) -> anyhow::Result<Self> {
         if opts.backend == Backend::CpuKernels && !opts.device.is_cpu() {
-            bail!("the CPU kernels backend runs on the CPU only; use the candle backend on {:?}", opts.device);
+            bail!(
+                "the CPU kernels backend runs on the CPU only; use the candle backend on {:?}",
+                opts.device
+            );
         }
         let fmt = ckpt.format();
         let mut cfg = match fmt {
             CheckpointFormat::Gguf => {
                 LlamaConfig::from_gguf(ckpt.gguf_metadata().context("GGUF metadata")?)?
             }
-            CheckpointFormat::HfFolder => LlamaConfig::from_hf(ckpt.hf_config().context("config.json")?)?,
+            CheckpointFormat::HfFolder => {
+                LlamaConfig::from_hf(ckpt.hf_config().context("config.json")?)?
+            }
         };
         cfg.check()?;
         cfg.tied_embeddings = !ckpt.has_tensor(&W::LmHead.name(fmt, 0));
+        cfg.qkv_bias = ckpt.has_tensor(&W::QBias.name(fmt, 0));
         if fmt == CheckpointFormat::Gguf && ckpt.has_tensor(&W::RopeFreqs.name(fmt, 0)) {
             let t = ckpt.tensor(&W::RopeFreqs.name(fmt, 0), &Device::Cpu)?;
             cfg.rope_freq_factors = Some(t.dequantize(&Device::Cpu)?.to_vec1()?);
@@ -536,7 +594,10 @@ impl Llama {
         let embed_q = ld.ckpt.tensor(&W::Embed.name(fmt, 0), &Device::Cpu)?;
         let (vocab, d) = embed_q.shape().dims2()?;
         if d != cfg.d_model {
-            bail!("token embeddings are {d} wide, the config says {}", cfg.d_model);
+            bail!(
+                "token embeddings are {d} wide, the config says {}",
+                cfg.d_model
+            );
         }
         cfg.vocab_size = vocab;
         let (embed, tied_head) = match opts.backend {
@@ -688,7 +749,8 @@ impl Llama {
         caches: &mut [&mut KvCache],
         hooks: &mut dyn Hooks,
     ) -> anyhow::Result<Option<Tensor>> {
-        self.pool.install(|| self.forward_in_pool(batch, caches, hooks))
+        self.pool
+            .install(|| self.forward_in_pool(batch, caches, hooks))
     }
 
     /// Threads the CPU kernels use.
@@ -703,18 +765,37 @@ impl Llama {
         hooks: &mut dyn Hooks,
     ) -> anyhow::Result<Option<Tensor>> {
         if caches.len() != batch.chunks.len() {
-            bail!("{} caches for {} sequences", caches.len(), batch.chunks.len());
+            bail!(
+                "{} caches for {} sequences",
+                caches.len(),
+                batch.chunks.len()
+            );
         }
         for (c, cache) in batch.chunks.iter().zip(caches.iter()) {
             if cache.len != c.start_pos {
-                bail!("chunk starts at {} but its cache holds {}", c.start_pos, cache.len);
+                bail!(
+                    "chunk starts at {} but its cache holds {}",
+                    c.start_pos,
+                    cache.len
+                );
             }
             if c.start_pos + c.len > self.cfg.context_length {
-                bail!("sequence of {} tokens exceeds the context length {}", c.start_pos + c.len, self.cfg.context_length);
+                bail!(
+                    "sequence of {} tokens exceeds the context length {}",
+                    c.start_pos + c.len,
+                    self.cfg.context_length
+                );
             }
         }
-        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            bail!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab_size);
+        if let Some(&bad) = batch
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.cfg.vocab_size)
+        {
+            bail!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            );
         }
         let rows = batch.rows();
         let eps = self.cfg.rms_eps as f32;
@@ -817,7 +898,10 @@ impl Llama {
                     .contiguous()?
                     .unsqueeze(0)
             };
-            let (cos, sin) = (cos.narrow(0, c.start_pos, c.len)?, sin.narrow(0, c.start_pos, c.len)?);
+            let (cos, sin) = (
+                cos.narrow(0, c.start_pos, c.len)?,
+                sin.narrow(0, c.start_pos, c.len)?,
+            );
             let rope = |t: Tensor| match self.cfg.rope_layout {
                 RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i(&t, &cos, &sin),
                 RopeLayout::HalfSplit => candle_nn::rotary_emb::rope(&t, &cos, &sin),
@@ -843,7 +927,13 @@ impl Llama {
             let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
             let mask: Vec<f32> = (0..c.len)
                 .flat_map(|i| {
-                    (0..total).map(move |j| if j > c.start_pos + i { f32::NEG_INFINITY } else { 0.0 })
+                    (0..total).map(move |j| {
+                        if j > c.start_pos + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
                 })
                 .collect();
             let mask = Tensor::from_vec(mask, (c.len, total), &self.device)?;

@@ -57,10 +57,9 @@ impl Model {
     /// Token ids of a chat conversation rendered with the model's template, ending where the
     /// assistant's reply begins.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let template = self
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("this model has no chat template; send `prompt` instead"))?;
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("this model has no chat template; send `prompt` instead")
+        })?;
         let text = template.render(messages, true)?;
         self.tokenizer.encode(&text, true)
     }

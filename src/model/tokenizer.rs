@@ -54,7 +54,11 @@ fn meta<'a>(ct: &'a gguf_file::Content, key: &str) -> Option<&'a gguf_file::Valu
 }
 
 fn meta_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
-    meta(ct, key).and_then(|v| v.to_u32().ok().or_else(|| v.to_i32().ok().map(|x| x as u32)))
+    meta(ct, key).and_then(|v| {
+        v.to_u32()
+            .ok()
+            .or_else(|| v.to_i32().ok().map(|x| x as u32))
+    })
 }
 
 fn meta_strings(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
@@ -130,19 +134,25 @@ impl TextTokenizer {
 
     /// Loads `tokenizer.json` (and `tokenizer_config.json`, if present, for BOS/EOS) from a
     /// Hugging Face model folder.
-    pub fn from_hf_folder(dir: &Path, tokenizer_config: Option<&serde_json::Value>) -> Result<Self> {
+    pub fn from_hf_folder(
+        dir: &Path,
+        tokenizer_config: Option<&serde_json::Value>,
+    ) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let mut inner = Tokenizer::from_file(&path)
-            .map_err(|e| anyhow!("reading {}: {e}", path.display()))?;
+        let mut inner =
+            Tokenizer::from_file(&path).map_err(|e| anyhow!("reading {}: {e}", path.display()))?;
         inner.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
         let token_text = |key: &str| -> Option<String> {
             let v = tokenizer_config?.get(key)?;
-            v.as_str()
-                .map(str::to_string)
-                .or_else(|| v.get("content").and_then(|c| c.as_str()).map(str::to_string))
+            v.as_str().map(str::to_string).or_else(|| {
+                v.get("content")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string)
+            })
         };
         let special = |key: &str| {
-            token_text(key).and_then(|text| inner.token_to_id(&text).map(|id| SpecialToken { id, text }))
+            token_text(key)
+                .and_then(|text| inner.token_to_id(&text).map(|id| SpecialToken { id, text }))
         };
         let bos = special("bos_token");
         let eos = special("eos_token");
@@ -151,7 +161,13 @@ impl TextTokenizer {
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
         let mut eos_ids: Vec<u32> = eos.iter().map(|t| t.id).collect();
-        for marker in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"] {
+        for marker in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end|>",
+            "<end_of_turn>",
+            "</s>",
+        ] {
             if let Some(id) = inner.token_to_id(marker) {
                 eos_ids.push(id);
             }
@@ -201,6 +217,13 @@ impl TextTokenizer {
         }
     }
 
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn save_json(&self, path: &Path) -> Result<()> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| anyhow!("writing {}: {e}", path.display()))
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
@@ -242,7 +265,14 @@ fn smollm_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<Tokeni
     let specials: Vec<AddedToken> = types
         .iter()
         .enumerate()
-        .filter(|(_, t)| matches!(t.to_i32().ok().or_else(|| t.to_u32().ok().map(|x| x as i32)), Some(3 | 4)))
+        .filter(|(_, t)| {
+            matches!(
+                t.to_i32()
+                    .ok()
+                    .or_else(|| t.to_u32().ok().map(|x| x as i32)),
+                Some(3 | 4)
+            )
+        })
         .filter_map(|(i, _)| tokens.get(i))
         .map(|t| AddedToken::from(t.clone(), true).normalized(false))
         .collect();

@@ -22,7 +22,11 @@ pub fn apply_op(op: &Op, point: &HookPoint, h: &mut [f32]) {
         }
         Op::Ablate | Op::Clamp { .. } => {
             let Some(u) = &point.vector else { return };
-            let proj: f64 = h.iter().zip(u.iter()).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let proj: f64 = h
+                .iter()
+                .zip(u.iter())
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
             let shift = match op {
                 Op::Clamp { value } => *value as f64 - proj,
                 _ => -proj,
@@ -97,7 +101,13 @@ impl Hooks for BatchSteering<'_> {
         layer < self.n_layers && self.active[site.index() * self.n_layers + layer]
     }
 
-    fn apply(&mut self, site: HookSite, layer: usize, x: &Tensor, rows: &BatchRows) -> Result<Option<Tensor>> {
+    fn apply(
+        &mut self,
+        site: HookSite,
+        layer: usize,
+        x: &Tensor,
+        rows: &BatchRows,
+    ) -> Result<Option<Tensor>> {
         let (n, width) = x.dims2()?;
         let mut data: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut touched = false;
@@ -153,7 +163,12 @@ mod tests {
     fn ablate_and_clamp_set_the_projection() {
         let u = unit(&[3.0, -1.0, 2.0, 0.5]);
         let h0 = vec![10.0f32, 4.0, -7.0, 2.0];
-        let proj = |h: &[f32]| h.iter().zip(&u).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>();
+        let proj = |h: &[f32]| {
+            h.iter()
+                .zip(&u)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum::<f64>()
+        };
         let mut h = h0.clone();
         apply_op(&Op::Ablate, &point(u.clone()), &mut h);
         assert!(proj(&h).abs() < 1e-5, "{}", proj(&h));

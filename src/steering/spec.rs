@@ -221,7 +221,11 @@ impl SteeringPlan {
     }
 
     /// The interventions acting at one hook point, in request order.
-    pub fn at(&self, site: HookSite, layer: usize) -> impl Iterator<Item = (&Intervention, &HookPoint)> {
+    pub fn at(
+        &self,
+        site: HookSite,
+        layer: usize,
+    ) -> impl Iterator<Item = (&Intervention, &HookPoint)> {
         self.index
             .get(&(site, layer))
             .into_iter()
@@ -235,7 +239,10 @@ impl SteeringPlan {
     }
 
     pub fn applied(&self) -> Vec<AppliedIntervention> {
-        self.interventions.iter().map(|i| i.applied.clone()).collect()
+        self.interventions
+            .iter()
+            .map(|i| i.applied.clone())
+            .collect()
     }
 }
 
@@ -280,7 +287,13 @@ pub fn validate(specs: &[InterventionSpec], ctx: &ModelLimits) -> Result<Steerin
     let interventions = specs
         .iter()
         .enumerate()
-        .map(|(i, s)| Validator { ctx, base: format!("steering[{i}]") }.intervention(s))
+        .map(|(i, s)| {
+            Validator {
+                ctx,
+                base: format!("steering[{i}]"),
+            }
+            .intervention(s)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(SteeringPlan::new(interventions))
 }
@@ -312,10 +325,21 @@ impl Validator<'_> {
     }
 
     fn intervention(&self, s: &InterventionSpec) -> Result<Intervention, SpecError> {
-        let targets = [s.vector.is_some(), s.values.is_some(), s.neuron.is_some(), s.feature.is_some()];
+        let targets = [
+            s.vector.is_some(),
+            s.values.is_some(),
+            s.neuron.is_some(),
+            s.feature.is_some(),
+        ];
         match targets.iter().filter(|t| **t).count() {
             1 => {}
-            0 => return Err(self.err("", "missing_target", "give one of `vector`, `values`, `neuron` or `feature`")),
+            0 => {
+                return Err(self.err(
+                    "",
+                    "missing_target",
+                    "give one of `vector`, `values`, `neuron` or `feature`",
+                ))
+            }
             _ => {
                 return Err(self.err(
                     "",
@@ -325,7 +349,11 @@ impl Validator<'_> {
             }
         }
         if s.layer.is_some() && s.layers.is_some() {
-            return Err(self.err("layers", "conflicting_layers", "give `layer` or `layers`, not both"));
+            return Err(self.err(
+                "layers",
+                "conflicting_layers",
+                "give `layer` or `layers`, not both",
+            ));
         }
         let coefficient = match s.coefficient {
             Some(c) if !c.is_finite() || c.abs() > MAX_COEFFICIENT => {
@@ -383,7 +411,10 @@ impl Validator<'_> {
             return Err(self.err(
                 field,
                 "invalid_layer",
-                format!("layer {l} is out of range: the model has {n} layers (0-{})", n - 1),
+                format!(
+                    "layer {l} is out of range: the model has {n} layers (0-{})",
+                    n - 1
+                ),
             ));
         }
         Ok(l as usize)
@@ -402,7 +433,11 @@ impl Validator<'_> {
         for (i, &l) in ls.iter().enumerate() {
             let l = self.layer(&format!("layers[{i}]"), l)?;
             if out.contains(&l) {
-                return Err(self.err(&format!("layers[{i}]"), "invalid_layer", format!("layer {l} is listed twice")));
+                return Err(self.err(
+                    &format!("layers[{i}]"),
+                    "invalid_layer",
+                    format!("layer {l} is listed twice"),
+                ));
             }
             out.push(l);
         }
@@ -444,14 +479,24 @@ impl Validator<'_> {
         }
         let index = n.index as usize;
         if s.layer.is_some() || s.layers.is_some() {
-            return Err(self.err("layer", "conflicting_layers", "a neuron names its layer in `neuron.layer`"));
+            return Err(self.err(
+                "layer",
+                "conflicting_layers",
+                "a neuron names its layer in `neuron.layer`",
+            ));
         }
         if matches!(self.site(s, HookSite::MlpAct)?, site if site != HookSite::MlpAct) {
             return Err(self.err("site", "invalid_site", "neuron ops act on `mlp_act`"));
         }
         let op = s.op.as_deref().unwrap_or("zero");
         let need = |what: &str| {
-            coefficient.ok_or_else(|| self.err("coefficient", "missing_coefficient", format!("`{op}` needs a coefficient ({what})")))
+            coefficient.ok_or_else(|| {
+                self.err(
+                    "coefficient",
+                    "missing_coefficient",
+                    format!("`{op}` needs a coefficient ({what})"),
+                )
+            })
         };
         let (action, coef) = match op {
             "zero" => (NeuronAction::Zero, None),
@@ -496,7 +541,12 @@ impl Validator<'_> {
         })
     }
 
-    fn neuron_mean(&self, s: &InterventionSpec, layer: usize, index: usize) -> Result<f32, SpecError> {
+    fn neuron_mean(
+        &self,
+        s: &InterventionSpec,
+        layer: usize,
+        index: usize,
+    ) -> Result<f32, SpecError> {
         let Some(name) = &s.means else {
             return Err(self.err(
                 "means",
@@ -506,11 +556,19 @@ impl Validator<'_> {
             ));
         };
         let entry = self.ctx.store.get(name).ok_or_else(|| {
-            self.err("means", "unknown_vector", format!("no stored neuron means named `{name}`"))
+            self.err(
+                "means",
+                "unknown_vector",
+                format!("no stored neuron means named `{name}`"),
+            )
         })?;
         let v = entry.vector;
         if v.meta.kind != VectorKind::NeuronMeans {
-            return Err(self.err("means", "wrong_vector_kind", format!("`{name}` is a direction, not neuron means")));
+            return Err(self.err(
+                "means",
+                "wrong_vector_kind",
+                format!("`{name}` is a direction, not neuron means"),
+            ));
         }
         let means = v.layers.get(&layer).ok_or_else(|| {
             self.err(
@@ -519,26 +577,43 @@ impl Validator<'_> {
                 format!("`{name}` has no means for layer {layer}; extract them for that layer"),
             )
         })?;
-        means
-            .get(index)
-            .copied()
-            .ok_or_else(|| self.err("means", "dimension_mismatch", format!("`{name}` layer {layer} is too short")))
+        means.get(index).copied().ok_or_else(|| {
+            self.err(
+                "means",
+                "dimension_mismatch",
+                format!("`{name}` layer {layer} is too short"),
+            )
+        })
     }
 
     fn lookup(&self, s: &InterventionSpec) -> Result<Direction, SpecError> {
         if let Some(values) = &s.values {
             let d = self.ctx.d_model;
             let site = self.site(s, HookSite::ResidPost)?;
-            let width = if site == HookSite::MlpAct { self.ctx.n_neurons } else { d };
+            let width = if site == HookSite::MlpAct {
+                self.ctx.n_neurons
+            } else {
+                d
+            };
             if values.len() != width {
                 return Err(self.err(
                     "values",
                     "dimension_mismatch",
-                    format!("{} values given; the `{site}` site has {width} dimensions", values.len()),
+                    format!(
+                        "{} values given; the `{site}` site has {width} dimensions",
+                        values.len()
+                    ),
                 ));
             }
-            if let Some(i) = values.iter().position(|x| !x.is_finite() || x.abs() > f32::MAX as f64) {
-                return Err(self.err(&format!("values[{i}]"), "non_finite", "must be a finite number"));
+            if let Some(i) = values
+                .iter()
+                .position(|x| !x.is_finite() || x.abs() > f32::MAX as f64)
+            {
+                return Err(self.err(
+                    &format!("values[{i}]"),
+                    "non_finite",
+                    "must be a finite number",
+                ));
             }
             let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
             return Ok(Direction {
@@ -556,10 +631,18 @@ impl Validator<'_> {
             } else {
                 format!("known vectors: {}", known.join(", "))
             };
-            self.err("vector", "unknown_vector", format!("no vector named `{name}` ({hint})"))
+            self.err(
+                "vector",
+                "unknown_vector",
+                format!("no vector named `{name}` ({hint})"),
+            )
         })?;
         if entry.vector.meta.kind != VectorKind::Direction {
-            return Err(self.err("vector", "wrong_vector_kind", format!("`{name}` holds neuron means, not a direction")));
+            return Err(self.err(
+                "vector",
+                "wrong_vector_kind",
+                format!("`{name}` holds neuron means, not a direction"),
+            ));
         }
         Ok(Direction {
             name: Some(name.to_string()),
@@ -595,12 +678,19 @@ impl Validator<'_> {
             return Err(self.err("site", "missing_layer", "`site` needs `layer` or `layers`"));
         }
         if let Some(stored) = &dir.stored {
-            let width = if site == HookSite::MlpAct { self.ctx.n_neurons } else { self.ctx.d_model };
+            let width = if site == HookSite::MlpAct {
+                self.ctx.n_neurons
+            } else {
+                self.ctx.d_model
+            };
             if stored.meta.d_model != width {
                 return Err(self.err(
                     "vector",
                     "dimension_mismatch",
-                    format!("`{}` has {} dimensions; the `{site}` site has {width}", stored.name, stored.meta.d_model),
+                    format!(
+                        "`{}` has {} dimensions; the `{site}` site has {width}",
+                        stored.name, stored.meta.d_model
+                    ),
                 ));
             }
         }
@@ -609,19 +699,41 @@ impl Validator<'_> {
         let sites: Vec<(HookSite, usize)> = match (&explicit, &dir.stored) {
             (Some(ls), _) => ls.iter().map(|&l| (site, l)).collect(),
             (None, _) if all_writes => std::iter::once((HookSite::ResidPre, 0))
-                .chain((0..self.ctx.n_layers).flat_map(|l| [(HookSite::AttnOut, l), (HookSite::MlpOut, l)]))
+                .chain(
+                    (0..self.ctx.n_layers)
+                        .flat_map(|l| [(HookSite::AttnOut, l), (HookSite::MlpOut, l)]),
+                )
                 .collect(),
-            (None, Some(v)) => v.layers.keys().filter(|&&l| l < self.ctx.n_layers).map(|&l| (site, l)).collect(),
-            (None, None) => return Err(self.err("layer", "missing_layer", "inline `values` need `layer` or `layers`")),
+            (None, Some(v)) => v
+                .layers
+                .keys()
+                .filter(|&&l| l < self.ctx.n_layers)
+                .map(|&l| (site, l))
+                .collect(),
+            (None, None) => {
+                return Err(self.err(
+                    "layer",
+                    "missing_layer",
+                    "inline `values` need `layer` or `layers`",
+                ))
+            }
         };
         if sites.is_empty() {
-            return Err(self.err("vector", "invalid_layer", "the vector holds no layer of this model"));
+            return Err(self.err(
+                "vector",
+                "invalid_layer",
+                "the vector holds no layer of this model",
+            ));
         }
         let normalize = s.normalize.unwrap_or(false);
         let coef = match op_name {
             "add" => Some(coefficient.unwrap_or(1.0)),
             "clamp" => Some(coefficient.ok_or_else(|| {
-                self.err("coefficient", "missing_coefficient", "`clamp` needs a coefficient: the target projection")
+                self.err(
+                    "coefficient",
+                    "missing_coefficient",
+                    "`clamp` needs a coefficient: the target projection",
+                )
             })?),
             _ => None,
         };
@@ -637,7 +749,11 @@ impl Validator<'_> {
                     } else {
                         format!("`{}` has no direction for layer {layer}", stored.name)
                     };
-                    self.err("layer", "invalid_layer", format!("{what} (it holds layers {})", held.join(", ")))
+                    self.err(
+                        "layer",
+                        "invalid_layer",
+                        format!("{what} (it holds layers {})", held.join(", ")),
+                    )
                 })?,
                 (None, None) => unreachable!("lookup returns a direction"),
             };
@@ -646,21 +762,37 @@ impl Validator<'_> {
             let vector: Arc<[f32]> = match op_name {
                 "add" => {
                     let c = coef.unwrap_or(1.0) as f32;
-                    let scale = if normalize { c / n.max(f32::MIN_POSITIVE) } else { c };
+                    let scale = if normalize {
+                        c / n.max(f32::MIN_POSITIVE)
+                    } else {
+                        c
+                    };
                     if normalize && n == 0.0 {
-                        return Err(self.err("normalize", "zero_vector", "cannot normalize a zero vector"));
+                        return Err(self.err(
+                            "normalize",
+                            "zero_vector",
+                            "cannot normalize a zero vector",
+                        ));
                     }
                     raw.iter().map(|x| scale * x).collect()
                 }
                 _ => {
                     if n == 0.0 {
-                        return Err(self.err("vector", "zero_vector", format!("`{op_name}` needs a non-zero direction")));
+                        return Err(self.err(
+                            "vector",
+                            "zero_vector",
+                            format!("`{op_name}` needs a non-zero direction"),
+                        ));
                     }
                     raw.iter().map(|x| x / n).collect()
                 }
             };
             if vector.iter().any(|x| !x.is_finite()) {
-                return Err(self.err("coefficient", "non_finite", "coefficient times vector overflows"));
+                return Err(self.err(
+                    "coefficient",
+                    "non_finite",
+                    "coefficient times vector overflows",
+                ));
             }
             points.push(HookPoint {
                 site,
@@ -687,7 +819,11 @@ impl Validator<'_> {
                 neuron: None,
                 coefficient: coef,
                 layers,
-                site: if all_writes { "all_writes".into() } else { site.to_string() },
+                site: if all_writes {
+                    "all_writes".into()
+                } else {
+                    site.to_string()
+                },
                 positions: positions.to_json(),
                 normalize,
                 vector_norm: norm,

@@ -67,7 +67,11 @@ impl SteeringVector {
         }
         for (l, v) in &self.layers {
             if v.len() != self.meta.d_model {
-                bail!("layer {l} has {} values, expected {}", v.len(), self.meta.d_model);
+                bail!(
+                    "layer {l} has {} values, expected {}",
+                    v.len(),
+                    self.meta.d_model
+                );
             }
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
                 bail!("layer {l} value {i} is not a finite number");
@@ -102,11 +106,21 @@ impl SteeringVector {
         let bytes: Vec<(String, Vec<u8>)> = self
             .layers
             .iter()
-            .map(|(l, v)| (format!("layer.{l}"), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+            .map(|(l, v)| {
+                (
+                    format!("layer.{l}"),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
+            })
             .collect();
         let views = bytes
             .iter()
-            .map(|(name, b)| Ok((name.clone(), TensorView::new(Dtype::F32, vec![b.len() / 4], b)?)))
+            .map(|(name, b)| {
+                Ok((
+                    name.clone(),
+                    TensorView::new(Dtype::F32, vec![b.len() / 4], b)?,
+                ))
+            })
             .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
         let meta = &self.meta;
         let header: HashMap<String, String> = [
@@ -129,8 +143,10 @@ impl SteeringVector {
     /// Decodes safetensors bytes with tensors `layer.L` (f32, f16 or bf16, 1-D). Header fields
     /// that are missing are filled from `defaults`.
     pub fn from_safetensors(bytes: &[u8], defaults: &VectorDefaults) -> Result<Self> {
-        let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("not a safetensors file: {e}"))?;
-        let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("not a safetensors file: {e}"))?;
+        let (_, metadata) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow!("not a safetensors file: {e}"))?;
+        let st =
+            SafeTensors::deserialize(bytes).map_err(|e| anyhow!("not a safetensors file: {e}"))?;
         let header = metadata.metadata().clone().unwrap_or_default();
         let mut layers = BTreeMap::new();
         for (name, view) in st.tensors() {
@@ -139,9 +155,17 @@ impl SteeringVector {
                 .and_then(|l| l.parse().ok())
                 .with_context(|| format!("tensor `{name}` is not named `layer.<N>`"))?;
             if view.shape().len() != 1 {
-                bail!("tensor `{name}` has shape {:?}; expected one dimension", view.shape());
+                bail!(
+                    "tensor `{name}` has shape {:?}; expected one dimension",
+                    view.shape()
+                );
             }
-            layers.insert(layer, decode_floats(view.dtype(), view.data()).with_context(|| format!("tensor `{name}`"))?.into());
+            layers.insert(
+                layer,
+                decode_floats(view.dtype(), view.data())
+                    .with_context(|| format!("tensor `{name}`"))?
+                    .into(),
+            );
         }
         let width = layers.values().next().map_or(0, |v: &Arc<[f32]>| v.len());
         let get = |k: &str| header.get(k).cloned();
@@ -151,7 +175,11 @@ impl SteeringVector {
             Some(other) => bail!("unknown vector kind `{other}`"),
         };
         let v = Self {
-            name: defaults.name.clone().or_else(|| get("name")).unwrap_or_default(),
+            name: defaults
+                .name
+                .clone()
+                .or_else(|| get("name"))
+                .unwrap_or_default(),
             meta: VectorMeta {
                 model: get("model").unwrap_or_else(|| defaults.model.clone()),
                 d_model: get("d_model").and_then(|s| s.parse().ok()).unwrap_or(width),
@@ -181,7 +209,10 @@ pub struct VectorDefaults {
 /// Decodes little-endian f32, f16 or bf16 values.
 pub fn decode_floats(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
-        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
         Dtype::F16 => data
             .chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -195,7 +226,10 @@ pub fn decode_floats(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
 }
 
 pub fn l2_norm(v: &[f32]) -> f32 {
-    v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt() as f32
+    v.iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt() as f32
 }
 
 /// Now as RFC 3339 UTC, to the second.
@@ -246,9 +280,12 @@ mod tests {
                 created: "2026-01-01T00:00:00Z".into(),
                 version: 4,
             },
-            layers: [(2, Arc::from(vec![1.0, -2.5, 3.25])), (7, Arc::from(vec![0.0, 1e-8, -7.0]))]
-                .into_iter()
-                .collect(),
+            layers: [
+                (2, Arc::from(vec![1.0, -2.5, 3.25])),
+                (7, Arc::from(vec![0.0, 1e-8, -7.0])),
+            ]
+            .into_iter()
+            .collect(),
         };
         let bytes = v.to_safetensors().unwrap();
         let back = SteeringVector::from_safetensors(&bytes, &VectorDefaults::default()).unwrap();

@@ -45,7 +45,9 @@ impl RopeTable {
         let inv_freq: Vec<f64> = (0..half)
             .map(|i| {
                 let f = 1.0 / base.powf(2.0 * i as f64 / head_dim as f64);
-                f / freq_factors.and_then(|ff| ff.get(i)).map_or(1.0, |&x| x as f64)
+                f / freq_factors
+                    .and_then(|ff| ff.get(i))
+                    .map_or(1.0, |&x| x as f64)
             })
             .collect();
         for p in 0..positions {
@@ -270,12 +272,7 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn naive(
-        qkv: &[f32],
-        n: usize,
-        shape: HeadShape,
-        rope: &RopeTable,
-    ) -> Vec<f32> {
+    fn naive(qkv: &[f32], n: usize, shape: HeadShape, rope: &RopeTable) -> Vec<f32> {
         let (q_dim, kv_dim, hd) = (shape.q_dim(), shape.kv_dim(), shape.head_dim);
         let width = q_dim + 2 * kv_dim;
         let rot = |v: &[f32], pos: usize| {
@@ -301,7 +298,8 @@ mod tests {
                 for (j, sj) in s.iter().enumerate() {
                     let v0 = j * width + q_dim + kv_dim + g * hd;
                     for d in 0..hd {
-                        out[i * q_dim + h * hd + d] += (((sj - m).exp() / z) * qkv[v0 + d] as f64) as f32;
+                        out[i * q_dim + h * hd + d] +=
+                            (((sj - m).exp() / z) * qkv[v0 + d] as f64) as f32;
                     }
                 }
             }
@@ -311,10 +309,16 @@ mod tests {
 
     #[test]
     fn chunked_attention_matches_naive_and_is_chunking_invariant() {
-        let shape = HeadShape { n_heads: 4, n_kv_heads: 2, head_dim: 8 };
+        let shape = HeadShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+        };
         let width = shape.q_dim() + 2 * shape.kv_dim();
         let n = 9;
-        let qkv: Vec<f32> = (0..n * width).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+        let qkv: Vec<f32> = (0..n * width)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
         for layout in [RopeLayout::Interleaved, RopeLayout::HalfSplit] {
             let rope = RopeTable::new(layout, 8, 10000.0, 32, None);
             let expected = naive(&qkv, n, shape, &rope);
@@ -332,7 +336,15 @@ mod tests {
             for len in [4, 1, 4] {
                 let (a, b) = (start * width, (start + len) * width);
                 let (o0, o1) = (start * shape.q_dim(), (start + len) * shape.q_dim());
-                attend(&qkv[a..b], len, start, &mut cache, shape, &rope, &mut chunked[o0..o1]);
+                attend(
+                    &qkv[a..b],
+                    len,
+                    start,
+                    &mut cache,
+                    shape,
+                    &rope,
+                    &mut chunked[o0..o1],
+                );
                 start += len;
             }
             assert_eq!(all, chunked);

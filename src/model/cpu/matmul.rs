@@ -11,6 +11,9 @@
 //! order whatever the number of rows in `x` and however the work is split between threads, so
 //! a sequence gets bit-identical results alone or packed in a batch with others.
 
+// Index loops over the rows of a group read more clearly than zipped iterators here.
+#![allow(clippy::needless_range_loop)]
+
 use super::quant::{BlockQ4_1, BlockQ8_0, WeightData, WeightMatrix, QK};
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -251,7 +254,11 @@ mod x86 {
     /// two independent chains, then their sum.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn block_dot(w: &[__m256; 4], x: *const f32) -> __m256 {
-        let t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), _mm256_mul_ps(w[0], _mm256_loadu_ps(x)));
+        let t = _mm256_fmadd_ps(
+            w[1],
+            _mm256_loadu_ps(x.add(8)),
+            _mm256_mul_ps(w[0], _mm256_loadu_ps(x)),
+        );
         let u = _mm256_fmadd_ps(
             w[3],
             _mm256_loadu_ps(x.add(24)),
@@ -278,7 +285,9 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn expand_q8(qs: *const i8) -> [__m256; 4] {
         let part = |o: usize| {
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.add(o) as *const __m128i)))
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                qs.add(o) as *const __m128i
+            )))
         };
         [part(0), part(8), part(16), part(24)]
     }
@@ -362,7 +371,8 @@ mod tests {
     }
 
     fn weights(rows: usize, cols: usize, dtype: GgmlDType) -> WeightMatrix {
-        let t = Tensor::from_vec(pseudo_random(rows * cols, 7), (rows, cols), &Device::Cpu).unwrap();
+        let t =
+            Tensor::from_vec(pseudo_random(rows * cols, 7), (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, dtype).unwrap();
         WeightMatrix::from_qtensor(&q, super::super::quant::WeightFormat::Native).unwrap()
     }
@@ -382,11 +392,19 @@ mod tests {
                 let xr = &x[i * cols..(i + 1) * cols];
                 let mut alone = vec![0f32; rows];
                 matmul(xr, 1, &w, &mut alone);
-                assert_eq!(&batched[i * rows..(i + 1) * rows], &alone[..], "{dtype:?} row {i}");
+                assert_eq!(
+                    &batched[i * rows..(i + 1) * rows],
+                    &alone[..],
+                    "{dtype:?} row {i}"
+                );
                 for (r, &got) in alone.iter().enumerate() {
                     w.dequantize_row(r, &mut wr);
                     let exact: f64 = wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
-                    let scale: f64 = wr.iter().zip(xr).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                    let scale: f64 = wr
+                        .iter()
+                        .zip(xr)
+                        .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                        .sum();
                     assert!(
                         (got as f64 - exact).abs() <= 1e-5 * scale + 1e-6,
                         "{dtype:?} {i},{r}: {got} vs {exact}"

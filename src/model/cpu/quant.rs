@@ -74,7 +74,10 @@ pub struct WeightMatrix {
 fn blocks_from_bytes<T: Copy>(bytes: &[u8]) -> Result<Vec<T>> {
     let size = std::mem::size_of::<T>();
     if !bytes.len().is_multiple_of(size) {
-        bail!("{} bytes is not a whole number of {size}-byte blocks", bytes.len())
+        bail!(
+            "{} bytes is not a whole number of {size}-byte blocks",
+            bytes.len()
+        )
     }
     let n = bytes.len() / size;
     let mut out = Vec::<T>::with_capacity(n);
@@ -159,7 +162,11 @@ impl WeightMatrix {
             WeightData::F32(v) => (v.len(), self.cols),
         };
         if len != self.rows * per_row {
-            bail!("weight matrix [{}, {}] holds {len} elements or blocks", self.rows, self.cols)
+            bail!(
+                "weight matrix [{}, {}] holds {len} elements or blocks",
+                self.rows,
+                self.cols
+            )
         }
         Ok(())
     }
@@ -223,7 +230,9 @@ mod tests {
 
     #[test]
     fn from_qtensor_keeps_q4_1_bytes_and_dequantizes_like_candle() -> Result<()> {
-        let dense: Vec<f32> = (0..4 * 64).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+        let dense: Vec<f32> = (0..4 * 64)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+            .collect();
         let t = Tensor::from_vec(dense, (4, 64), &Device::Cpu)?;
         let q = QTensor::quantize(&t, GgmlDType::Q4_1)?;
         let w = WeightMatrix::from_qtensor(&q, WeightFormat::Native)?;

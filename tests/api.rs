@@ -1,0 +1,449 @@
+//! The HTTP surface on a tiny random model, through `app().oneshot` (no port): every endpoint
+//! of the foundation and every error path answers with the one error envelope.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::*;
+use serde_json::json;
+
+fn chat(content: &str) -> serde_json::Value {
+    json!([{"role": "user", "content": content}])
+}
+
+#[tokio::test]
+async fn health_ready_and_info() {
+    let s = tiny_state(test_config(None));
+    assert_eq!(get(&s, "/health").await.json()["status"], "ok");
+    assert_eq!(get(&s, "/ready").await.json()["status"], "ready");
+    let info = get(&s, "/info").await;
+    assert_eq!(info.status, StatusCode::OK);
+    let i = info.json();
+    assert_eq!(i["model"], "tiny");
+    assert_eq!(i["n_layers"], 3);
+    assert_eq!(i["d_model"], 64);
+    assert_eq!(i["n_neurons"], 96);
+    assert_eq!(i["vocab_size"], 265);
+    assert_eq!(i["context_length"], 256);
+    assert_eq!(i["chat_template"], true);
+    assert!(info.headers.contains_key("x-request-id"));
+    s.set_ready(false);
+    let r = get(&s, "/ready").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.error_code(), "unavailable");
+}
+
+#[tokio::test]
+async fn generate_prompt_and_chat() {
+    let s = tiny_state(test_config(None));
+    let r = post_json(
+        &s,
+        "/generate",
+        json!({"prompt": "the theater", "max_tokens": 5}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let b = r.json();
+    let expected = s.engine.model.encode_prompt("the theater").unwrap().len();
+    assert_eq!(b["usage"]["prompt_tokens"], expected);
+    let n = b["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n <= 5);
+    assert!(b["finish_reason"] == "length" || b["finish_reason"] == "stop");
+    assert_eq!(b["steering"], json!([]));
+    assert!(b["id"].as_str().unwrap().starts_with("gen-"));
+    // A chat is rendered with the template (its default system prompt adds many tokens).
+    let r = post_json(
+        &s,
+        "/generate",
+        json!({"messages": chat("hi"), "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(r.json()["usage"]["prompt_tokens"].as_u64().unwrap() > 60);
+}
+
+#[tokio::test]
+async fn same_seed_same_text_and_steering_is_deterministic() {
+    let s = tiny_state(test_config(None));
+    let values: Vec<f64> = (0..64).map(|i| ((i as f64) * 0.3).cos() * 2.0).collect();
+    let body = |seed: u64, steer: bool| {
+        let mut b =
+            json!({"prompt": "in a theater", "max_tokens": 12, "temperature": 1.0, "seed": seed});
+        if steer {
+            b["steering"] = json!([{"values": values, "layer": 1, "coefficient": 3.0}]);
+        }
+        b
+    };
+    let text = |r: Reply| r.json()["text"].as_str().unwrap().to_string();
+    let a = text(post_json(&s, "/generate", body(7, false)).await);
+    assert_eq!(a, text(post_json(&s, "/generate", body(7, false)).await));
+    let st = text(post_json(&s, "/generate", body(7, true)).await);
+    assert_eq!(st, text(post_json(&s, "/generate", body(7, true)).await));
+    assert_ne!(a, st, "steering should change the sampled text");
+    let r = post_json(&s, "/generate", body(7, true)).await.json();
+    assert_eq!(r["seed"], 7);
+    assert_eq!(r["steering"][0]["op"], "add");
+    assert_eq!(r["steering"][0]["layers"], json!([1]));
+}
+
+#[tokio::test]
+async fn compare_returns_both_completions() {
+    let s = tiny_state(test_config(None));
+    let values: Vec<f64> = (0..64).map(|i| ((i as f64) * 0.9).sin() * 3.0).collect();
+    let r = post_json(
+        &s,
+        "/generate",
+        json!({"prompt": "the", "max_tokens": 10, "compare": true, "temperature": 1.0, "seed": 11,
+               "steering": [{"values": values, "layers": [0, 1, 2], "coefficient": 4.0}]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let b = r.json();
+    let plain = post_json(
+        &s,
+        "/generate",
+        json!({"prompt": "the", "max_tokens": 10, "temperature": 1.0, "seed": 11}),
+    )
+    .await
+    .json();
+    assert_eq!(b["seed"], 11);
+    assert_eq!(
+        b["baseline"]["text"], plain["text"],
+        "baseline is the unsteered completion"
+    );
+    assert_ne!(b["text"], b["baseline"]["text"]);
+}
+
+#[tokio::test]
+async fn streaming_sends_tokens_then_done_and_matches_the_plain_text() {
+    let s = tiny_state(test_config(None));
+    let req = json!({"prompt": "the theater", "max_tokens": 8, "temperature": 0.8, "seed": 3, "logprobs": 2});
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let r = post_json(&s, "/generate", streamed).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events = sse_events(&r.text());
+    let (last, rest) = events.split_last().unwrap();
+    assert_eq!(last.0, "done");
+    assert!(rest.iter().all(|(e, _)| e == "token"));
+    let mut text = String::new();
+    for (i, (_, d)) in rest.iter().enumerate() {
+        let t: serde_json::Value = serde_json::from_str(d).unwrap();
+        assert_eq!(t["index"], i);
+        assert_eq!(t["logprob"]["top"].as_array().unwrap().len(), 2);
+        text.push_str(t["text"].as_str().unwrap());
+    }
+    let done: serde_json::Value = serde_json::from_str(&last.1).unwrap();
+    text.push_str(done["text"].as_str().unwrap());
+    assert_eq!(done["usage"]["completion_tokens"], rest.len());
+    let plain = post_json(&s, "/generate", req).await.json();
+    assert_eq!(plain["text"], text);
+    assert_eq!(plain["logprobs"].as_array().unwrap().len(), rest.len());
+}
+
+#[tokio::test]
+async fn stop_sequences_end_and_trim_the_text() {
+    let s = tiny_state(test_config(None));
+    let full = post_json(&s, "/generate", json!({"prompt": "the", "max_tokens": 30}))
+        .await
+        .json();
+    let text = full["text"].as_str().unwrap().to_string();
+    // Stop at some character that occurs after the first few.
+    let Some(stop) = text
+        .chars()
+        .skip(3)
+        .find(|c| !c.is_whitespace())
+        .map(|c| c.to_string())
+    else {
+        return;
+    };
+    let cut = text.find(&stop).unwrap();
+    let r = post_json(
+        &s,
+        "/generate",
+        json!({"prompt": "the", "max_tokens": 30, "stop": [stop]}),
+    )
+    .await
+    .json();
+    assert_eq!(r["finish_reason"], "stop");
+    assert_eq!(r["text"].as_str().unwrap(), &text[..cut]);
+}
+
+#[tokio::test]
+async fn malformed_and_mistyped_bodies() {
+    let s = tiny_state(test_config(None));
+    let r = post(&s, "/generate", "{\"prompt\": ").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    assert_eq!(r.error_code(), "malformed_request");
+    let r = post(&s, "/generate", "").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = post_json(
+        &s,
+        "/generate",
+        json!({"prompt": "x", "max_tokens": "many"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`max_tokens`"),
+        "{}",
+        r.text()
+    );
+    let r = post_json(&s, "/generate", json!({"promt": "x"})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text().contains("promt"), "{}", r.text());
+    let r = post_json(
+        &s,
+        "/generate",
+        json!({"prompt": "x", "steering": [{"vector": "v", "layer": "twelve"}]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text().contains("steering[0].layer"), "{}", r.text());
+    // A number too large for a float is refused, not turned into infinity.
+    let r = post(
+        &s,
+        "/generate",
+        "{\"prompt\": \"x\", \"temperature\": 1e999}",
+    )
+    .await;
+    assert!(r.status == StatusCode::BAD_REQUEST || r.status == StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text().contains("out of range"), "{}", r.text());
+}
+
+#[tokio::test]
+async fn input_and_limit_errors_name_the_field() {
+    let s = tiny_state(test_config(None));
+    let cases = [
+        (
+            json!({"prompt": "x", "messages": chat("y")}),
+            "conflicting_input",
+            "`prompt`",
+        ),
+        (json!({"max_tokens": 3}), "missing_input", "`prompt`"),
+        (json!({"prompt": ""}), "empty_prompt", "`prompt`"),
+        (json!({"messages": []}), "empty_messages", "`messages`"),
+        (
+            json!({"messages": [{"role": "robot", "content": "x"}]}),
+            "invalid_role",
+            "`messages[0].role`",
+        ),
+        (
+            json!({"prompt": "x", "max_tokens": 1_000_000_000_000u64}),
+            "max_tokens_too_large",
+            "`max_tokens`",
+        ),
+        (
+            json!({"prompt": "x", "max_tokens": 0}),
+            "invalid_max_tokens",
+            "`max_tokens`",
+        ),
+        (
+            json!({"prompt": "x", "temperature": -1}),
+            "invalid_temperature",
+            "`temperature`",
+        ),
+        (
+            json!({"prompt": "x", "top_p": 0}),
+            "invalid_top_p",
+            "`top_p`",
+        ),
+        (
+            json!({"prompt": "x", "top_k": 0}),
+            "invalid_top_k",
+            "`top_k`",
+        ),
+        (
+            json!({"prompt": "x", "stop": [""]}),
+            "invalid_stop",
+            "`stop`",
+        ),
+        (
+            json!({"prompt": "x", "logprobs": 100}),
+            "invalid_logprobs",
+            "`logprobs`",
+        ),
+        (
+            json!({"prompt": "a".repeat(300)}),
+            "prompt_too_long",
+            "`prompt`",
+        ),
+        (
+            json!({"prompt": "a".repeat(100), "max_tokens": 200}),
+            "context_length_exceeded",
+            "`max_tokens`",
+        ),
+    ];
+    for (body, code, field) in cases {
+        let r = post_json(&s, "/generate", body.clone()).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}: {}",
+            r.text()
+        );
+        assert_eq!(r.error_code(), code, "{body}: {}", r.text());
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(field),
+            "{body}: {}",
+            r.text()
+        );
+    }
+}
+
+#[tokio::test]
+async fn steering_errors_name_the_field() {
+    let s = tiny_state(test_config(None));
+    let v64: Vec<f64> = vec![0.5; 64];
+    let many: Vec<serde_json::Value> = (0..17)
+        .map(|_| json!({"values": v64, "layer": 0}))
+        .collect();
+    let cases = [
+        (
+            json!([{"vector": "nope", "layer": 1}]),
+            "unknown_vector",
+            "steering[0].vector",
+        ),
+        (
+            json!([{"values": v64, "layer": 3}]),
+            "invalid_layer",
+            "steering[0].layer",
+        ),
+        (
+            json!([{"values": v64, "layer": -1}]),
+            "invalid_layer",
+            "steering[0].layer",
+        ),
+        (
+            json!([{"values": v64, "layers": [0, 7]}]),
+            "invalid_layer",
+            "steering[0].layers[1]",
+        ),
+        (
+            json!([{"values": [1.0, 2.0], "layer": 1}]),
+            "dimension_mismatch",
+            "steering[0].values",
+        ),
+        (
+            json!([{"values": v64}]),
+            "missing_layer",
+            "steering[0].layer",
+        ),
+        (
+            json!([{"values": v64, "layer": 1, "op": "explode"}]),
+            "invalid_op",
+            "steering[0].op",
+        ),
+        (
+            json!([{"values": v64, "layer": 1, "op": "zero"}]),
+            "invalid_op",
+            "steering[0].op",
+        ),
+        (
+            json!([{"values": v64, "layer": 1, "op": "clamp"}]),
+            "missing_coefficient",
+            "steering[0].coefficient",
+        ),
+        (
+            json!([{"values": v64, "layer": 1, "positions": "middle"}]),
+            "invalid_positions",
+            "steering[0].positions",
+        ),
+        (
+            json!([{"values": v64, "layer": 1, "site": "nowhere"}]),
+            "invalid_site",
+            "steering[0].site",
+        ),
+        (
+            json!([{"values": v64, "layer": 1, "coefficient": 1e300}]),
+            "invalid_coefficient",
+            "steering[0].coefficient",
+        ),
+        (
+            json!([{"neuron": {"layer": 1, "index": 96}, "op": "zero"}]),
+            "invalid_neuron",
+            "steering[0].neuron.index",
+        ),
+        (
+            json!([{"neuron": {"layer": 5, "index": 1}}]),
+            "invalid_layer",
+            "steering[0].neuron.layer",
+        ),
+        (
+            json!([{"neuron": {"layer": 1, "index": 1}, "op": "scale"}]),
+            "missing_coefficient",
+            "steering[0].coefficient",
+        ),
+        (
+            json!([{"neuron": {"layer": 1, "index": 1}, "op": "mean"}]),
+            "neuron_means_missing",
+            "steering[0].means",
+        ),
+        (
+            json!([{"feature": {"sae": "none", "index": 1}}]),
+            "unknown_sae",
+            "steering[0].feature.sae",
+        ),
+        (json!([{"layer": 1}]), "missing_target", "steering[0]"),
+        (
+            json!([{"values": v64, "vector": "x", "layer": 1}]),
+            "conflicting_targets",
+            "steering[0]",
+        ),
+        (
+            json!([{"values": v64, "layer": 1, "layers": [1]}]),
+            "conflicting_layers",
+            "steering[0].layers",
+        ),
+        (json!(many), "too_many_interventions", "steering"),
+    ];
+    for (steering, code, field) in cases {
+        let r = post_json(
+            &s,
+            "/generate",
+            json!({"prompt": "x", "steering": steering}),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{steering}: {}",
+            r.text()
+        );
+        assert_eq!(r.error_code(), code, "{steering}: {}", r.text());
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.starts_with(&format!("`{field}`")), "{steering}: {msg}");
+    }
+}
+
+#[tokio::test]
+async fn body_limit_unknown_routes_and_methods() {
+    let mut cfg = test_config(None);
+    cfg.server.max_body_bytes = 1024;
+    let s = tiny_state(cfg);
+    let r = post_json(&s, "/generate", json!({"prompt": "x".repeat(5000)})).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.error_code(), "payload_too_large");
+    let r = get(&s, "/nope").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.json()["error"]["type"], "not_found_error");
+    let r = call(
+        &s,
+        Request::delete("/generate").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.error_code(), "method_not_allowed");
+}

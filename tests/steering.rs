@@ -1,0 +1,337 @@
+//! Steering maths inside a real forward pass (tiny model): each op changes exactly what it
+//! should at exactly the hooked points, and nothing else.
+
+mod common;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::Tensor;
+use std::collections::BTreeMap;
+use tiller::model::hooks::{BatchRows, HookSite, Hooks, NoHooks};
+use tiller::model::llama::{Backend, PackedBatch};
+use tiller::model::Model;
+use tiller::steering::intervention::BatchSteering;
+use tiller::steering::spec::{validate, InterventionSpec, ModelLimits, SteeringPlan};
+use tiller::steering::store::{ModelShape, VectorStore};
+use tiller::steering::vector::{SteeringVector, VectorKind, VectorMeta};
+use tiller::testing::{pseudo_random, TinySpec};
+
+/// Rows of an activation before and after the hooks.
+type BeforeAfter = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
+/// Wraps the steering hooks and records each hooked activation before and after them.
+struct Recorder<'a> {
+    inner: BatchSteering<'a>,
+    /// Also record these points even when no plan acts there.
+    watch: Vec<(HookSite, usize)>,
+    seen: BTreeMap<(HookSite, usize), BeforeAfter>,
+}
+
+impl Hooks for Recorder<'_> {
+    fn is_active(&self, site: HookSite, layer: usize) -> bool {
+        self.inner.is_active(site, layer) || self.watch.contains(&(site, layer))
+    }
+
+    fn apply(
+        &mut self,
+        site: HookSite,
+        layer: usize,
+        x: &Tensor,
+        rows: &BatchRows,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let before: Vec<Vec<f32>> = x.to_vec2()?;
+        let out = if self.inner.is_active(site, layer) {
+            self.inner.apply(site, layer, x, rows)?
+        } else {
+            None
+        };
+        let after = match &out {
+            Some(t) => t.to_vec2()?,
+            None => before.clone(),
+        };
+        self.seen.insert((site, layer), (before, after));
+        Ok(out)
+    }
+}
+
+fn model() -> Model {
+    common::tiny_model(&TinySpec::default(), GgmlDType::Q8_0, Backend::CpuKernels)
+}
+
+fn store_with(model: &Model, layers: &[(usize, Vec<f32>)]) -> VectorStore {
+    let c = model.llama.config();
+    let store = VectorStore::new(ModelShape {
+        model_id: "tiny".into(),
+        d_model: c.d_model,
+        n_neurons: c.intermediate_size,
+    });
+    store.insert(
+        SteeringVector {
+            name: "dir".into(),
+            meta: VectorMeta {
+                model: "tiny".into(),
+                d_model: c.d_model,
+                kind: VectorKind::Direction,
+                method: "manual".into(),
+                description: String::new(),
+                created: String::new(),
+                version: 1,
+            },
+            layers: layers.iter().map(|(l, v)| (*l, v.clone().into())).collect(),
+        },
+        tiller::steering::store::VectorOrigin::Stored,
+    );
+    store
+}
+
+fn plan(model: &Model, store: &VectorStore, specs: serde_json::Value) -> SteeringPlan {
+    let specs: Vec<InterventionSpec> = serde_json::from_value(specs).unwrap();
+    let c = model.llama.config();
+    validate(
+        &specs,
+        &ModelLimits {
+            n_layers: c.n_layers,
+            d_model: c.d_model,
+            n_neurons: c.intermediate_size,
+            max_interventions: 16,
+            store,
+        },
+    )
+    .unwrap()
+}
+
+const PROMPT: &[u32] = &[1, 50, 60, 70, 80, 90, 2];
+
+/// Runs the prompt with `plan` (prompt length `prompt_len` for position rules) and returns the
+/// logits and the recorded activations.
+fn run(
+    model: &Model,
+    plan: Option<&SteeringPlan>,
+    watch: Vec<(HookSite, usize)>,
+    prompt_len: usize,
+) -> (Vec<f32>, Recorder<'static>) {
+    let plan: Option<&'static SteeringPlan> = plan.map(|p| &*Box::leak(Box::new(p.clone())));
+    let mut rec = Recorder {
+        inner: BatchSteering::new(model.llama.config().n_layers, vec![(plan, prompt_len)]),
+        watch,
+        seen: BTreeMap::new(),
+    };
+    let mut cache = model.llama.new_cache();
+    let mut b = PackedBatch::default();
+    b.push(PROMPT, 0, true);
+    let l = model
+        .llama
+        .forward(&b, &mut [&mut cache], &mut rec)
+        .unwrap()
+        .unwrap();
+    (l.squeeze(0).unwrap().to_vec1().unwrap(), rec)
+}
+
+fn plain_logits(model: &Model) -> Vec<f32> {
+    let mut cache = model.llama.new_cache();
+    let mut b = PackedBatch::default();
+    b.push(PROMPT, 0, true);
+    model
+        .llama
+        .forward(&b, &mut [&mut cache], &mut NoHooks)
+        .unwrap()
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+}
+
+fn unit(v: &[f32]) -> Vec<f32> {
+    let n = dot(v, v).sqrt() as f32;
+    v.iter().map(|x| x / n).collect()
+}
+
+#[test]
+fn coefficient_zero_leaves_logits_bit_identical() {
+    let m = model();
+    let v = pseudo_random(64, 3, 1.0);
+    let store = store_with(&m, &[(1, v)]);
+    let p = plan(
+        &m,
+        &store,
+        serde_json::json!([{"vector": "dir", "layers": [0, 1, 2], "coefficient": 0.0}]),
+    );
+    let (steered, _) = run(&m, Some(&p), vec![], PROMPT.len());
+    assert_eq!(steered, plain_logits(&m));
+    // While a non-zero coefficient does change them.
+    let p = plan(
+        &m,
+        &store,
+        serde_json::json!([{"vector": "dir", "layer": 1, "coefficient": 4.0}]),
+    );
+    assert_ne!(run(&m, Some(&p), vec![], PROMPT.len()).0, plain_logits(&m));
+}
+
+#[test]
+fn add_changes_the_hooked_residual_by_exactly_c_times_v() {
+    let m = model();
+    let v = pseudo_random(64, 4, 1.0);
+    let store = store_with(&m, &[(1, v.clone())]);
+    let c = 2.5f32;
+    let p = plan(
+        &m,
+        &store,
+        serde_json::json!([{"vector": "dir", "layer": 1, "coefficient": c}]),
+    );
+    let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+    let (before, after) = &rec.seen[&(HookSite::ResidPost, 1)];
+    for (b, a) in before.iter().zip(after) {
+        for j in 0..64 {
+            assert_eq!(a[j], b[j] + c * v[j]);
+        }
+    }
+    // With normalize, the shift is c times the unit vector.
+    let p = plan(
+        &m,
+        &store,
+        serde_json::json!([{"vector": "dir", "layer": 1, "coefficient": c, "normalize": true}]),
+    );
+    let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+    let (before, after) = &rec.seen[&(HookSite::ResidPost, 1)];
+    let n = dot(&v, &v).sqrt() as f32;
+    for (b, a) in before.iter().zip(after) {
+        let shift: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+        assert!((dot(&shift, &shift).sqrt() - c as f64).abs() < 1e-4);
+        assert!((shift[0] - c / n * v[0]).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn ablate_leaves_no_component_at_any_hooked_point() {
+    let m = model();
+    let v = pseudo_random(64, 5, 1.0);
+    let u = unit(&v);
+    let store = store_with(&m, &[(0, v.clone())]);
+    // At chosen layers of resid_post.
+    let p = plan(
+        &m,
+        &store,
+        serde_json::json!([{"vector": "dir", "op": "ablate", "layers": [0, 2]}]),
+    );
+    let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+    for l in [0, 2] {
+        let (before, after) = &rec.seen[&(HookSite::ResidPost, l)];
+        assert!(
+            before.iter().any(|h| dot(h, &u).abs() > 0.1),
+            "the test needs a component to remove"
+        );
+        for h in after {
+            assert!(
+                dot(h, &u).abs() < 1e-4 * dot(h, h).sqrt().max(1.0),
+                "layer {l}: {}",
+                dot(h, &u)
+            );
+        }
+    }
+    // With no layer: the embeddings and every attention and MLP write, so every residual
+    // stream is orthogonal to the direction.
+    let n = m.llama.config().n_layers;
+    let watch: Vec<_> = (0..n).map(|l| (HookSite::ResidPost, l)).collect();
+    let p = plan(
+        &m,
+        &store,
+        serde_json::json!([{"vector": "dir", "op": "ablate"}]),
+    );
+    let (_, rec) = run(&m, Some(&p), watch, PROMPT.len());
+    assert!(rec.seen.contains_key(&(HookSite::ResidPre, 0)));
+    for l in 0..n {
+        for site in [HookSite::AttnOut, HookSite::MlpOut] {
+            for h in &rec.seen[&(site, l)].1 {
+                assert!(dot(h, &u).abs() < 1e-4 * dot(h, h).sqrt().max(1.0));
+            }
+        }
+        for h in &rec.seen[&(HookSite::ResidPost, l)].1 {
+            assert!(
+                dot(h, &u).abs() < 1e-3 * dot(h, h).sqrt().max(1.0),
+                "resid_post {l}: {}",
+                dot(h, &u)
+            );
+        }
+    }
+}
+
+#[test]
+fn clamp_sets_the_projection() {
+    let m = model();
+    let v = pseudo_random(64, 6, 1.0);
+    let u = unit(&v);
+    let store = store_with(&m, &[(1, v)]);
+    let p = plan(
+        &m,
+        &store,
+        serde_json::json!([{"vector": "dir", "op": "clamp", "layer": 1, "coefficient": 7.5}]),
+    );
+    let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+    let (before, after) = &rec.seen[&(HookSite::ResidPost, 1)];
+    for (b, a) in before.iter().zip(after) {
+        assert!((dot(a, &u) - 7.5).abs() < 1e-4);
+        // Only the component along u moved.
+        let shift: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+        let along = dot(&shift, &u);
+        assert!((dot(&shift, &shift) - along * along).abs() < 1e-6 * (1.0 + along * along));
+    }
+}
+
+#[test]
+fn neuron_ops_change_exactly_that_neuron() {
+    let m = model();
+    let store = store_with(&m, &[(0, pseudo_random(64, 7, 1.0))]);
+    for (op, coef, expect) in [
+        ("zero", None, Some(0.0f32)),
+        ("set", Some(3.25), Some(3.25)),
+        ("scale", Some(-2.0), None),
+    ] {
+        let mut spec = serde_json::json!({"neuron": {"layer": 1, "index": 17}, "op": op});
+        if let Some(c) = coef {
+            spec["coefficient"] = c.into();
+        }
+        let p = plan(&m, &store, serde_json::json!([spec]));
+        let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+        let (before, after) = &rec.seen[&(HookSite::MlpAct, 1)];
+        for (b, a) in before.iter().zip(after) {
+            for j in 0..b.len() {
+                if j == 17 {
+                    let want = expect.unwrap_or(b[j] * -2.0);
+                    assert_eq!(a[j], want, "{op}");
+                } else {
+                    assert_eq!(a[j], b[j], "{op} touched neuron {j}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn positions_select_rows() {
+    let m = model();
+    let v = pseudo_random(64, 8, 1.0);
+    let store = store_with(&m, &[(1, v)]);
+    // Pretend the first 4 tokens are the prompt and the rest were generated.
+    for (positions, touched) in [
+        (serde_json::json!("prompt"), vec![0, 1, 2, 3]),
+        (serde_json::json!("generated"), vec![4, 5, 6]),
+        (serde_json::json!({"last": 2}), vec![2, 3, 4, 5, 6]),
+        (serde_json::json!("all"), vec![0, 1, 2, 3, 4, 5, 6]),
+    ] {
+        let p = plan(
+            &m,
+            &store,
+            serde_json::json!([{"vector": "dir", "layer": 1, "coefficient": 1.0, "positions": positions}]),
+        );
+        let (_, rec) = run(&m, Some(&p), vec![], 4);
+        let (before, after) = &rec.seen[&(HookSite::ResidPost, 1)];
+        let got: Vec<usize> = (0..before.len())
+            .filter(|&r| before[r] != after[r])
+            .collect();
+        assert_eq!(got, touched, "{positions}");
+    }
+}
