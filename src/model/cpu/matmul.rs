@@ -82,7 +82,7 @@ impl Quantized16 {
             d: vec![0.0; m * nb],
             s: vec![0.0; m * nb],
         };
-        let row = |(((q, d), s), x): (((&mut [i16], &mut [f32]), &mut [f32]), &[f32])| {
+        let row = |(((q, d), s), x): RowParts| {
             for (b, x) in x.chunks_exact(QK).enumerate() {
                 let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
                 let scale = amax / 32767.0;
@@ -112,6 +112,9 @@ impl Quantized16 {
         out
     }
 }
+
+/// One activation row's 16-bit values, scales and sums, and its f32 input.
+type RowParts<'a> = (((&'a mut [i16], &'a mut [f32]), &'a mut [f32]), &'a [f32]);
 
 /// The activation rows of one group.
 struct Group<'a> {
