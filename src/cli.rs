@@ -42,7 +42,7 @@ pub async fn generate_once(cfg: Config, req: GenerateRequest) -> Result<()> {
                 serde_json::to_string(&p.applied()).unwrap_or_default()
             );
         }
-        let rx = start(&state, &settings, plan)?;
+        let rx = start(&state, &settings, plan, "cli")?;
         collect(rx, false).await
     };
     let completion = run.await.map_err(|e| anyhow!("{}", e.message))?;
@@ -72,9 +72,10 @@ pub struct BenchReport {
     pub steering: String,
 }
 
-/// Prefill of a `prompt_tokens` prompt, then `decode_tokens` single-token steps; unsteered and
-/// steered runs alternate and the best of `repeats` is kept for each, so both see the same
-/// machine conditions.
+/// Prefill of a `prompt_tokens` prompt, then `decode_tokens` single-token steps. Unsteered and
+/// steered work is interleaved (prefills alternate; decode steps alternate token by token, in
+/// alternating order) so both see the same machine conditions; prefill keeps the best of
+/// `repeats`, decode the total time of every step.
 pub fn bench(
     cfg: &Config,
     prompt_tokens: usize,
@@ -112,14 +113,34 @@ pub fn bench(
         },
     )
     .map_err(|e| anyhow!("{e}"))?;
-    let mut best = [[0f64; 2]; 2]; // [unsteered, steered][prefill, decode]
-    for _ in 0..repeats.max(1) {
-        for (k, steered) in [false, true].into_iter().enumerate() {
-            let (p, d) = run_once(&model, &prompt, decode_tokens, steered.then_some(&plan))?;
-            best[k][0] = best[k][0].max(p);
-            best[k][1] = best[k][1].max(d);
+    let runs = [
+        Runner::new(&model, None, prompt.len()),
+        Runner::new(&model, Some(&plan), prompt.len()),
+    ];
+    let mut prefill = [0f64; 2];
+    let mut caches = [model.llama.new_cache(), model.llama.new_cache()];
+    let mut logits: [Vec<f32>; 2] = Default::default();
+    for r in 0..repeats.max(1) {
+        for k in [r % 2, 1 - r % 2] {
+            caches[k] = model.llama.new_cache();
+            let t = Instant::now();
+            logits[k] = runs[k].step(&prompt, &mut caches[k])?;
+            prefill[k] = prefill[k].max(prompt.len() as f64 / t.elapsed().as_secs_f64());
         }
     }
+    let mut decode_secs = [0f64; 2];
+    for step in 0..decode_tokens {
+        for k in [step % 2, 1 - step % 2] {
+            let next = crate::engine::sampling::argmax(&logits[k]);
+            let t = Instant::now();
+            logits[k] = runs[k].step(&[next], &mut caches[k])?;
+            decode_secs[k] += t.elapsed().as_secs_f64();
+        }
+    }
+    let decode = [
+        decode_tokens as f64 / decode_secs[0],
+        decode_tokens as f64 / decode_secs[1],
+    ];
     Ok(BenchReport {
         model: model.id.clone(),
         weights: model.llama.weight_format_name().into(),
@@ -128,49 +149,55 @@ pub fn bench(
         prompt_tokens: prompt.len(),
         decode_tokens,
         repeats,
-        prefill_tok_s: round1(best[0][0]),
-        decode_tok_s: round1(best[0][1]),
-        steered_prefill_tok_s: round1(best[1][0]),
-        steered_decode_tok_s: round1(best[1][1]),
-        steered_prefill_ratio: round3(best[1][0] / best[0][0]),
-        steered_decode_ratio: round3(best[1][1] / best[0][1]),
+        prefill_tok_s: round1(prefill[0]),
+        decode_tok_s: round1(decode[0]),
+        steered_prefill_tok_s: round1(prefill[1]),
+        steered_decode_tok_s: round1(decode[1]),
+        steered_prefill_ratio: round3(prefill[1] / prefill[0]),
+        steered_decode_ratio: round3(decode[1] / decode[0]),
         steering: format!("add, all {} layers, |v| = 10", c.n_layers),
     })
 }
 
-fn run_once(
-    model: &Model,
-    prompt: &[u32],
-    decode_tokens: usize,
-    plan: Option<&crate::steering::spec::SteeringPlan>,
-) -> Result<(f64, f64)> {
-    let n_layers = model.llama.config().n_layers;
-    let mut cache = model.llama.new_cache();
-    let forward = |tokens: &[u32], cache: &mut crate::model::llama::KvCache| -> Result<Vec<f32>> {
+/// One forward step, steered or not, through the same hooks the engine uses.
+struct Runner<'a> {
+    model: &'a Model,
+    plan: Option<&'a crate::steering::spec::SteeringPlan>,
+    prompt_len: usize,
+}
+
+impl<'a> Runner<'a> {
+    fn new(
+        model: &'a Model,
+        plan: Option<&'a crate::steering::spec::SteeringPlan>,
+        prompt_len: usize,
+    ) -> Self {
+        Self {
+            model,
+            plan,
+            prompt_len,
+        }
+    }
+
+    fn step(&self, tokens: &[u32], cache: &mut crate::model::llama::KvCache) -> Result<Vec<f32>> {
         let mut batch = PackedBatch::default();
         batch.push(tokens, cache.len(), true);
-        let logits = match plan {
+        let n_layers = self.model.llama.config().n_layers;
+        let logits = match self.plan {
             Some(p) => {
-                let mut hooks = BatchSteering::new(n_layers, vec![(Some(p), prompt.len())]);
-                model.llama.forward(&batch, &mut [cache], &mut hooks)?
+                let mut hooks = BatchSteering::new(n_layers, vec![(Some(p), self.prompt_len)]);
+                self.model.llama.forward(&batch, &mut [cache], &mut hooks)?
             }
-            None => model.llama.forward(&batch, &mut [cache], &mut NoHooks)?,
+            None => self
+                .model
+                .llama
+                .forward(&batch, &mut [cache], &mut NoHooks)?,
         };
         Ok(logits
             .ok_or_else(|| anyhow!("no logits"))?
             .squeeze(0)?
             .to_vec1()?)
-    };
-    let t = Instant::now();
-    let mut logits = forward(prompt, &mut cache)?;
-    let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for _ in 0..decode_tokens {
-        let next = crate::engine::sampling::argmax(&logits);
-        logits = forward(&[next], &mut cache)?;
     }
-    let decode = decode_tokens as f64 / t.elapsed().as_secs_f64();
-    Ok((prefill, decode))
 }
 
 fn round1(x: f64) -> f64 {

@@ -10,6 +10,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::model::chat::ChatMessage;
 use crate::steering::spec::{AppliedIntervention, InterventionSpec, SteeringPlan};
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -380,6 +381,7 @@ pub fn start(
     state: &AppState,
     settings: &GenerationSettings,
     steering: Option<Arc<SteeringPlan>>,
+    request_id: &str,
 ) -> Result<mpsc::UnboundedReceiver<GenerationEvent>, ApiError> {
     let (tx, rx) = mpsc::unbounded_channel();
     let timeout = state.config.server.request_timeout_secs;
@@ -392,6 +394,7 @@ pub fn start(
         steering,
         deadline: (timeout > 0).then(|| Instant::now() + Duration::from_secs(timeout)),
         events: tx,
+        request_id: request_id.to_string(),
     })?;
     Ok(rx)
 }
@@ -429,6 +432,15 @@ pub async fn collect(
     ))
 }
 
+/// The request id the HTTP layer assigned (or the client sent).
+pub fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(crate::telemetry::REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string()
+}
+
 /// A fresh id for a response.
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
@@ -445,8 +457,10 @@ pub fn new_id(prefix: &str) -> String {
         (status = 429, description = "Queue full; retry after the Retry-After header", body = ErrorBody)))]
 pub async fn generate(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<GenerateRequest>,
 ) -> Result<Response, ApiError> {
+    let rid = request_id(&headers);
     let prompt = encode_input(&state, req.prompt.as_deref(), req.messages.as_deref())?;
     let settings = validate_settings(
         &state,
@@ -464,9 +478,9 @@ pub async fn generate(
     let plan = state.steering_plan(req.steering.as_deref())?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let compare = req.compare.unwrap_or(false);
-    let steered = start(&state, &settings, plan)?;
+    let steered = start(&state, &settings, plan, &rid)?;
     let baseline = if compare {
-        Some(start(&state, &settings, None)?)
+        Some(start(&state, &settings, None, &rid)?)
     } else {
         None
     };

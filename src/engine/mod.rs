@@ -29,6 +29,8 @@ pub struct GenerationRequest {
     pub steering: Option<Arc<SteeringPlan>>,
     pub deadline: Option<Instant>,
     pub events: mpsc::UnboundedSender<GenerationEvent>,
+    /// The HTTP request id, for the engine's log lines.
+    pub request_id: String,
 }
 
 /// What the engine tells a request's owner.

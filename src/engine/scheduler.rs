@@ -137,6 +137,7 @@ impl Scheduler {
         let now = Instant::now();
         self.active.retain_mut(|s| {
             if s.req.events.is_closed() {
+                tracing::info!(request = %s.req.request_id, generated = s.generated(), "client went away; sequence dropped");
                 return false;
             }
             if s.req.deadline.is_some_and(|d| now >= d) {
@@ -294,6 +295,14 @@ fn advance(
 
 /// Sends the final event of a sequence.
 fn finish(s: &mut Sequence, reason: FinishReason) -> Finished {
+    tracing::debug!(
+        request = %s.req.request_id,
+        prompt_tokens = s.prompt_len,
+        generated = s.generated(),
+        reason = reason.as_str(),
+        ttft_ms = s.first_token.map(|t| (t - s.admitted).as_millis() as u64).unwrap_or(0),
+        "sequence finished"
+    );
     let tail = s.stop.flush();
     s.text.push_str(&tail);
     let f = Finished {

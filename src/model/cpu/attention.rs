@@ -157,13 +157,9 @@ pub fn attend(
         let pos = start + i;
         let qh = &q[i * q_dim + h * hd..i * q_dim + (h + 1) * hd];
         let kvh = (h / group) * hd;
-        let mut scores = Vec::with_capacity(pos + 1);
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..=pos {
-            let s = dot(qh, &k[j * kv_dim + kvh..j * kv_dim + kvh + hd]) * scale;
-            max = max.max(s);
-            scores.push(s);
-        }
+        let mut scores = vec![0f32; pos + 1];
+        key_scores(qh, &k[kvh..], kv_dim, scale, &mut scores);
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut sum = 0f32;
         for s in scores.iter_mut() {
             *s = (*s - max).exp();
@@ -188,13 +184,23 @@ pub fn attend(
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// `out[j] = scale · (q · k[j * stride .. j * stride + q.len()])` for every `j < out.len()`.
+fn key_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    assert!(out.is_empty() || (out.len() - 1) * stride + hd <= k.len());
     #[cfg(target_arch = "x86_64")]
-    if isa() != Isa::Scalar {
-        // SAFETY: `isa()` checked for AVX2 and FMA.
-        return unsafe { x86::dot(a, b) };
+    if isa() != Isa::Scalar && hd.is_multiple_of(16) {
+        // SAFETY: `isa()` checked for AVX2 and FMA; the assertion bounds every key read.
+        return unsafe { x86::key_scores(q, k, stride, scale, out) };
     }
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = q
+            .iter()
+            .zip(&k[j * stride..])
+            .map(|(a, b)| a * b)
+            .sum::<f32>()
+            * scale;
+    }
 }
 
 /// `out = Σ_j p[j] · v[j * stride .. j * stride + out.len()]`.
@@ -217,31 +223,30 @@ fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// One dot product per key, two accumulators of eight lanes each.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 16 <= n {
-            acc0 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
-                acc0,
-            );
-            acc1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.as_ptr().add(i + 8)),
-                _mm256_loadu_ps(b.as_ptr().add(i + 8)),
-                acc1,
-            );
-            i += 16;
+    pub unsafe fn key_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+        let hd = q.len();
+        for (j, o) in out.iter_mut().enumerate() {
+            let kj = k.as_ptr().add(j * stride);
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let mut i = 0;
+            while i < hd {
+                acc0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(q.as_ptr().add(i)),
+                    _mm256_loadu_ps(kj.add(i)),
+                    acc0,
+                );
+                acc1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(q.as_ptr().add(i + 8)),
+                    _mm256_loadu_ps(kj.add(i + 8)),
+                    acc1,
+                );
+                i += 16;
+            }
+            *o = super::super::hsum(_mm256_add_ps(acc0, acc1)) * scale;
         }
-        let mut sum = super::super::hsum(_mm256_add_ps(acc0, acc1));
-        while i < n {
-            sum += a[i] * b[i];
-            i += 1;
-        }
-        sum
     }
 
     /// Accumulates up to 64 output lanes in registers across all rows.

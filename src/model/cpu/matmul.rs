@@ -64,6 +64,8 @@ pub fn isa() -> Isa {
     })
 }
 
+const ROUNDER: f32 = 12_582_912.0;
+
 /// Activation rows processed together against one weight row (weights expanded once).
 const ROW_GROUP: usize = 4;
 
@@ -88,7 +90,10 @@ impl Quantized16 {
                 let scale = amax / 32767.0;
                 let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
                 for (qi, &xi) in q[b * QK..(b + 1) * QK].iter_mut().zip(x) {
-                    *qi = (xi * inv).round().clamp(-32767.0, 32767.0) as i16;
+                    // Round to nearest (even) by adding and removing 1.5 * 2^23: exact for
+                    // |v| <= 32767, and vectorizes (`f32::round` is a libm call here).
+                    let v = (xi * inv).clamp(-32767.0, 32767.0);
+                    *qi = ((v + ROUNDER) - ROUNDER) as i16;
                 }
                 d[b] = scale;
                 s[b] = x.iter().sum();
