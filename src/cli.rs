@@ -87,7 +87,7 @@ pub fn bench(
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(prompt_tokens / 5 + 10);
     let mut prompt = model.encode_prompt(&text)?;
     prompt.truncate(prompt_tokens);
-    let store = VectorStore::new(ModelShape {
+    let store = VectorStore::in_memory(ModelShape {
         model_id: model.id.clone(),
         d_model: c.d_model,
         n_neurons: c.intermediate_size,

@@ -18,6 +18,7 @@ pub struct Config {
     pub engine: EngineSettings,
     pub limits: Limits,
     pub vectors: VectorsConfig,
+    pub auth: AuthConfig,
     pub log: LogConfig,
 }
 
@@ -67,6 +68,38 @@ pub struct Limits {
 #[serde(deny_unknown_fields)]
 pub struct VectorsConfig {
     pub builtin_dir: PathBuf,
+    pub dir: PathBuf,
+    pub max_extract_examples: usize,
+    pub extract_batch_tokens: usize,
+}
+
+/// API keys. `Debug` never shows them.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub api_keys: Vec<String>,
+    pub admin_keys: Vec<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field(
+                "api_keys",
+                &format_args!("[{} redacted]", self.api_keys.len()),
+            )
+            .field(
+                "admin_keys",
+                &format_args!("[{} redacted]", self.admin_keys.len()),
+            )
+            .finish()
+    }
+}
+
+impl AuthConfig {
+    pub fn enabled(&self) -> bool {
+        !self.api_keys.is_empty() || !self.admin_keys.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,7 +176,27 @@ impl Config {
                 continue;
             };
             let key = &rest[section.len() + 1..];
-            set(&mut table, section, key, parse_value(&value));
+            // Keys are strings even when they look like numbers.
+            let value = if section == "auth" {
+                toml::Value::String(value)
+            } else {
+                parse_value(&value)
+            };
+            set(&mut table, section, key, value);
+        }
+        // Lists given as one string (an environment variable) are comma-separated.
+        if let Some(toml::Value::Table(auth)) = table.get_mut("auth") {
+            for key in ["api_keys", "admin_keys"] {
+                if let Some(toml::Value::String(s)) = auth.get(key) {
+                    let items = s
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|k| !k.is_empty())
+                        .map(|k| toml::Value::String(k.to_string()))
+                        .collect();
+                    auth.insert(key.to_string(), toml::Value::Array(items));
+                }
+            }
         }
         for (path, value) in overrides {
             let Some((section, key)) = path.split_once('.') else {
@@ -178,6 +231,15 @@ impl Config {
                 "model.weights must be \"native\", \"q8_0\" or \"f32\", not {:?}",
                 self.model.weights
             );
+        }
+        if self
+            .auth
+            .api_keys
+            .iter()
+            .chain(&self.auth.admin_keys)
+            .any(|k| k.len() < 8)
+        {
+            bail!("auth keys must be at least 8 characters long");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!("log.format must be \"text\" or \"json\"");
@@ -217,6 +279,26 @@ mod tests {
         assert_eq!(c.limits.max_tokens, 64);
         let c = Config::load(Some(&file), env, &[]).unwrap();
         assert_eq!(c.server.port, 9100);
+    }
+
+    #[test]
+    fn api_keys_come_from_a_comma_list_and_are_never_printed() {
+        let env = vec![(
+            "TILLER_AUTH_API_KEYS".to_string(),
+            "key-one-1, key-two-2".to_string(),
+        )];
+        let c = Config::load(None, env, &[]).unwrap();
+        assert_eq!(c.auth.api_keys, ["key-one-1", "key-two-2"]);
+        assert!(c.auth.enabled());
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("key-one-1"), "{shown}");
+        let err = Config::load(
+            None,
+            vec![("TILLER_AUTH_ADMIN_KEYS".into(), "short".into())],
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("at least 8"), "{err}");
     }
 
     #[test]

@@ -89,24 +89,34 @@ pub fn load_model(cfg: &Config) -> Result<Model> {
     Ok(model)
 }
 
-/// The vector store for a model, with the built-in vectors loaded.
-pub fn vector_store(cfg: &Config, model: &Model) -> Arc<VectorStore> {
+/// The shape vectors must have for a model.
+pub fn model_shape(model: &Model) -> ModelShape {
     let c = model.llama.config();
-    let store = VectorStore::new(ModelShape {
+    ModelShape {
         model_id: model.id.clone(),
         d_model: c.d_model,
         n_neurons: c.intermediate_size,
-    });
-    for skipped in store.load_builtin_dir(&cfg.vectors.builtin_dir) {
-        tracing::warn!("skipped built-in vector {skipped}");
     }
-    Arc::new(store)
+}
+
+/// The vector store for a model: built-in vectors (read-only), then the stored ones.
+pub fn vector_store(cfg: &Config, model: &Model) -> Result<Arc<VectorStore>> {
+    let (store, skipped) = VectorStore::open(model_shape(model), Some(&cfg.vectors.dir))
+        .with_context(|| format!("opening the vector store {}", cfg.vectors.dir.display()))?;
+    for s in skipped {
+        tracing::warn!("skipped stored vector {s}");
+    }
+    for s in store.load_builtin_dir(&cfg.vectors.builtin_dir) {
+        tracing::warn!("skipped built-in vector {s}");
+    }
+    tracing::info!(vectors = store.names().len(), dir = %cfg.vectors.dir.display(), "vector store ready");
+    Ok(Arc::new(store))
 }
 
 /// Builds the shared state around a loaded model: vectors and the engine thread.
 pub fn build_state(cfg: Config, model: Model) -> Result<AppState> {
     let model = Arc::new(model);
-    let store = vector_store(&cfg, &model);
+    let store = vector_store(&cfg, &model)?;
     let engine = EngineHandle::spawn(
         model,
         EngineConfig {

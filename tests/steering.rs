@@ -59,7 +59,7 @@ fn model() -> Model {
 
 fn store_with(model: &Model, layers: &[(usize, Vec<f32>)]) -> VectorStore {
     let c = model.llama.config();
-    let store = VectorStore::new(ModelShape {
+    let store = VectorStore::in_memory(ModelShape {
         model_id: "tiny".into(),
         d_model: c.d_model,
         n_neurons: c.intermediate_size,

@@ -64,3 +64,16 @@ fn strip_position(msg: &str) -> String {
         None => msg.to_string(),
     }
 }
+
+/// A raw body (vector files) with our errors for bodies over the size limit.
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Ok(RawBody(
+            Bytes::from_request(req, state).await.map_err(body_error)?,
+        ))
+    }
+}

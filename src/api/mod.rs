@@ -2,9 +2,11 @@
 //! (`utoipa-axum`), over a shared [`AppState`]. Handlers turn wire types into validated ones
 //! and hand work to the engine; nothing here runs a forward pass.
 
+pub mod auth;
 pub mod generate;
 pub mod health;
 pub mod json;
+pub mod vectors;
 
 use crate::config::Config;
 use crate::engine::EngineHandle;
@@ -88,9 +90,29 @@ impl AppState {
         title = "tiller",
         description = "An HTTP inference server for activation steering: every request can add, ablate or clamp feature directions and ablate or scale MLP neurons inside the forward pass."
     ),
-    components(schemas(crate::error::ErrorBody))
+    components(schemas(crate::error::ErrorBody)),
+    modifiers(&BearerAuth)
 )]
 struct ApiDoc;
+
+/// Declares the optional bearer-key scheme.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("Needed when the server has API keys; writes and extraction need an admin key"))
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The routes and their OpenAPI description.
 pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
@@ -100,10 +122,21 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
         .routes(routes!(health::info))
+        .routes(routes!(vectors::list_vectors))
+        .routes(routes!(vectors::extract_vector))
+        .routes(routes!(
+            vectors::get_vector,
+            vectors::put_vector,
+            vectors::delete_vector
+        ))
         .split_for_parts();
     let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state);
     (router, spec)

@@ -183,19 +183,20 @@ impl EngineHandle {
             })
     }
 
-    /// Runs `f` on the engine thread and returns its result.
+    /// Runs `f` on the engine thread between decode steps and returns its result. Waits for
+    /// a place in the queue (jobs belong to requests already accepted); a job whose caller
+    /// has gone away before it starts is skipped.
     pub async fn run_job<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Model) -> R + Send + 'static,
     ) -> Result<R, SubmitError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job = Command::Job(Box::new(move |m: &Model| {
-            let _ = tx.send(f(m));
+            if !tx.is_closed() {
+                let _ = tx.send(f(m));
+            }
         }));
-        self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
-        })?;
+        self.tx.send(job).await.map_err(|_| SubmitError::Stopped)?;
         rx.await.map_err(|_| SubmitError::Stopped)
     }
 

@@ -1,6 +1,8 @@
 //! Steering: what a request may ask for (`spec`), the vectors it can name (`vector`, `store`),
 //! and how a plan acts inside the forward pass (`intervention`).
 
+pub mod extract;
+pub mod formats;
 pub mod intervention;
 pub mod spec;
 pub mod store;

@@ -1,14 +1,23 @@
-//! The vectors a server knows by name. Built-in vectors (`config/vectors/`) are loaded
-//! read-only at start; a file that cannot be read, or was made for another model, is reported
-//! and skipped, never fatal.
+//! The vectors a server knows by name, persisted in a directory as one safetensors file each.
+//!
+//! Built-in vectors (`config/vectors/`) are loaded read-only at start. Stored vectors live in
+//! `vectors.dir`; writes are atomic (temporary file, fsync, rename, fsync of the directory), so
+//! a process killed mid-write leaves the old version or the new one, never a broken file. At
+//! start a broken or foreign file is reported and skipped, never fatal. Every version has an
+//! ETag; `If-Match` gives compare-and-set. Requests hold `Arc`s to the data, so one in flight
+//! keeps the version it was admitted with whatever happens to the name afterwards.
 
 use super::vector::{SteeringVector, VectorDefaults, VectorKind};
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Where a stored vector came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum VectorOrigin {
     /// Shipped in `config/vectors/`; read-only.
@@ -21,6 +30,8 @@ pub enum VectorOrigin {
 pub struct StoreEntry {
     pub vector: Arc<SteeringVector>,
     pub origin: VectorOrigin,
+    /// The HTTP entity tag of this version.
+    pub etag: String,
 }
 
 /// The model a store serves: vectors must match it.
@@ -56,18 +67,156 @@ impl ModelShape {
     }
 }
 
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid vector name `{0}`: use 1-64 characters from a-z, 0-9, `_`, `.` and `-`")]
+    InvalidName(String),
+    #[error("`{0}` is a built-in vector and cannot be changed; store yours under another name")]
+    ReadOnly(String),
+    #[error("no vector named `{0}`")]
+    NotFound(String),
+    #[error("version mismatch: the current version of `{name}` is {current}")]
+    VersionMismatch { name: String, current: String },
+    #[error("{0}")]
+    ModelMismatch(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("storage failure: {0}")]
+    Io(String),
+}
+
+/// Checks a vector name: `[a-z0-9_.-]{1,64}`, not starting with a dot.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+        })
+}
+
+/// What a compare-and-set write requires of the current version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Precondition {
+    /// `If-Match`: one of these ETags (or `*`: any existing version).
+    pub if_match: Option<Vec<String>>,
+    /// `If-None-Match: *`: only if the name is free.
+    pub if_none_match_any: bool,
+}
+
+impl Precondition {
+    fn check(&self, name: &str, current: Option<&StoreEntry>) -> Result<(), StoreError> {
+        let mismatch = || StoreError::VersionMismatch {
+            name: name.to_string(),
+            current: current.map_or_else(
+                || "none (it does not exist)".to_string(),
+                |e| e.etag.clone(),
+            ),
+        };
+        if self.if_none_match_any && current.is_some() {
+            return Err(mismatch());
+        }
+        if let Some(tags) = &self.if_match {
+            let ok = match current {
+                None => false,
+                Some(e) => tags.iter().any(|t| t == "*" || t == &e.etag),
+            };
+            if !ok {
+                return Err(mismatch());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Named vectors, shared by all requests.
 #[derive(Debug)]
 pub struct VectorStore {
     shape: ModelShape,
+    /// Where stored vectors are written; `None` keeps them in memory only.
+    dir: Option<PathBuf>,
     entries: RwLock<BTreeMap<String, StoreEntry>>,
+    /// Serializes writes so that compare-and-set is atomic with the file operations.
+    writer: Mutex<()>,
+}
+
+fn etag_of(bytes: &[u8], version: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(bytes);
+    format!(
+        "\"v{version}-{:02x}{:02x}{:02x}{:02x}\"",
+        h[0], h[1], h[2], h[3]
+    )
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `bytes` to `path` so that `path` holds either its old content or all of the new one,
+/// even if the process dies at any point: temporary file, fsync, rename, fsync of the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    let _ = dir;
+    Ok(())
 }
 
 impl VectorStore {
-    pub fn new(shape: ModelShape) -> Self {
+    /// A store writing to `dir` (created if missing), with the vectors already there loaded.
+    /// Returns the store and one line per file skipped.
+    pub fn open(shape: ModelShape, dir: Option<&Path>) -> std::io::Result<(Self, Vec<String>)> {
+        let store = Self {
+            shape,
+            dir: dir.map(Path::to_path_buf),
+            entries: RwLock::new(BTreeMap::new()),
+            writer: Mutex::new(()),
+        };
+        let mut skipped = Vec::new();
+        if let Some(d) = dir {
+            std::fs::create_dir_all(d)?;
+            // Temporary files of writes that never finished.
+            for e in std::fs::read_dir(d)?.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with('.') && n.ends_with(".tmp") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            skipped = store.load_dir(d, VectorOrigin::Stored);
+        }
+        Ok((store, skipped))
+    }
+
+    /// A store that keeps vectors in memory only.
+    pub fn in_memory(shape: ModelShape) -> Self {
         Self {
             shape,
+            dir: None,
             entries: RwLock::new(BTreeMap::new()),
+            writer: Mutex::new(()),
         }
     }
 
@@ -75,9 +224,16 @@ impl VectorStore {
         &self.shape
     }
 
-    /// Loads every `*.safetensors` in `dir` as a read-only vector named after its file.
-    /// Returns one line per file skipped.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// Loads the built-in vectors of `dir`, read-only. Returns one line per file skipped.
     pub fn load_builtin_dir(&self, dir: &Path) -> Vec<String> {
+        self.load_dir(dir, VectorOrigin::Builtin)
+    }
+
+    fn load_dir(&self, dir: &Path, origin: VectorOrigin) -> Vec<String> {
         let mut skipped = Vec::new();
         let Ok(read) = std::fs::read_dir(dir) else {
             return skipped;
@@ -92,21 +248,47 @@ impl VectorStore {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            if !valid_name(&name) {
+                skipped.push(format!(
+                    "{}: `{name}` is not a valid vector name",
+                    path.display()
+                ));
+                continue;
+            }
             let loaded = std::fs::read(&path)
                 .map_err(anyhow::Error::from)
                 .and_then(|bytes| {
-                    SteeringVector::from_safetensors(
+                    let v = SteeringVector::from_safetensors(
                         &bytes,
                         &VectorDefaults {
                             name: Some(name.clone()),
                             ..Default::default()
                         },
-                    )
+                    )?;
+                    Ok((v, bytes))
                 });
             match loaded {
-                Ok(v) => match self.shape.mismatch(&v) {
+                Ok((v, bytes)) => match self.shape.mismatch(&v) {
                     Some(why) => skipped.push(format!("{}: {why}", path.display())),
-                    None => self.insert(v, VectorOrigin::Builtin),
+                    None => {
+                        if origin == VectorOrigin::Stored
+                            && self
+                                .get(&name)
+                                .is_some_and(|e| e.origin == VectorOrigin::Builtin)
+                        {
+                            skipped.push(format!(
+                                "{}: `{name}` is the name of a built-in vector",
+                                path.display()
+                            ));
+                            continue;
+                        }
+                        let etag = etag_of(&bytes, v.meta.version);
+                        self.insert_entry(StoreEntry {
+                            vector: Arc::new(v),
+                            origin,
+                            etag,
+                        });
+                    }
                 },
                 Err(e) => skipped.push(format!("{}: {e:#}", path.display())),
             }
@@ -114,15 +296,86 @@ impl VectorStore {
         skipped
     }
 
-    pub fn insert(&self, v: SteeringVector, origin: VectorOrigin) {
+    fn insert_entry(&self, e: StoreEntry) {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        entries.insert(
-            v.name.clone(),
-            StoreEntry {
-                vector: Arc::new(v),
-                origin,
-            },
-        );
+        entries.insert(e.vector.name.clone(), e);
+    }
+
+    /// Inserts a vector without persisting it (built-ins and tests).
+    pub fn insert(&self, v: SteeringVector, origin: VectorOrigin) {
+        let etag = etag_of(&v.to_safetensors().unwrap_or_default(), v.meta.version);
+        self.insert_entry(StoreEntry {
+            vector: Arc::new(v),
+            origin,
+            etag,
+        });
+    }
+
+    /// Writes a new version of `v.name` (version = previous + 1), checking the name, the model
+    /// and the precondition. Returns the stored entry and whether the name was new.
+    pub fn put(
+        &self,
+        mut v: SteeringVector,
+        pre: &Precondition,
+    ) -> Result<(StoreEntry, bool), StoreError> {
+        if !valid_name(&v.name) {
+            return Err(StoreError::InvalidName(v.name));
+        }
+        if v.meta.model.is_empty() {
+            v.meta.model = self.shape.model_id.clone();
+        }
+        v.validate()
+            .map_err(|e| StoreError::Invalid(format!("{e:#}")))?;
+        if let Some(why) = self.shape.mismatch(&v) {
+            return Err(StoreError::ModelMismatch(why));
+        }
+        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.get(&v.name);
+        if current
+            .as_ref()
+            .is_some_and(|e| e.origin == VectorOrigin::Builtin)
+        {
+            return Err(StoreError::ReadOnly(v.name));
+        }
+        pre.check(&v.name, current.as_ref())?;
+        v.meta.version = current.as_ref().map_or(1, |e| e.vector.meta.version + 1);
+        let bytes = v
+            .to_safetensors()
+            .map_err(|e| StoreError::Invalid(format!("{e:#}")))?;
+        if let Some(dir) = &self.dir {
+            write_atomic(&dir.join(format!("{}.safetensors", v.name)), &bytes)
+                .map_err(|e| StoreError::Io(e.to_string()))?;
+        }
+        let entry = StoreEntry {
+            etag: etag_of(&bytes, v.meta.version),
+            vector: Arc::new(v),
+            origin: VectorOrigin::Stored,
+        };
+        self.insert_entry(entry.clone());
+        Ok((entry, current.is_none()))
+    }
+
+    /// Deletes a stored vector, checking the precondition.
+    pub fn delete(&self, name: &str, pre: &Precondition) -> Result<(), StoreError> {
+        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self
+            .get(name)
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        if current.origin == VectorOrigin::Builtin {
+            return Err(StoreError::ReadOnly(name.to_string()));
+        }
+        pre.check(name, Some(&current))?;
+        if let Some(dir) = &self.dir {
+            let path = dir.join(format!("{name}.safetensors"));
+            match std::fs::remove_file(&path) {
+                Ok(()) => sync_dir(dir).map_err(|e| StoreError::Io(e.to_string()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::Io(e.to_string())),
+            }
+        }
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        entries.remove(name);
+        Ok(())
     }
 
     pub fn get(&self, name: &str) -> Option<StoreEntry> {
@@ -139,5 +392,137 @@ impl VectorStore {
     pub fn names(&self) -> Vec<String> {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
         entries.keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::steering::vector::VectorMeta;
+
+    fn shape() -> ModelShape {
+        ModelShape {
+            model_id: "m".into(),
+            d_model: 3,
+            n_neurons: 5,
+        }
+    }
+
+    fn vector(name: &str, value: f32) -> SteeringVector {
+        SteeringVector {
+            name: name.into(),
+            meta: VectorMeta {
+                model: String::new(),
+                d_model: 3,
+                kind: VectorKind::Direction,
+                method: "manual".into(),
+                description: String::new(),
+                created: "2026-01-01T00:00:00Z".into(),
+                version: 0,
+            },
+            layers: [(1, Arc::from(vec![value; 3]))].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "golden_gate", "v1.2-x", &"a".repeat(64)] {
+            assert!(valid_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "A",
+            "a b",
+            "../x",
+            ".hidden",
+            "é",
+            &"a".repeat(65),
+            "a/b",
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn put_versions_compare_and_set_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, skipped) = VectorStore::open(shape(), Some(dir.path())).unwrap();
+        assert!(skipped.is_empty());
+        let (e1, created) = store
+            .put(vector("x", 1.0), &Precondition::default())
+            .unwrap();
+        assert!(created);
+        assert_eq!(e1.vector.meta.version, 1);
+        assert_eq!(e1.vector.meta.model, "m");
+        let stale = Precondition {
+            if_match: Some(vec!["\"v0-00000000\"".into()]),
+            ..Default::default()
+        };
+        assert!(matches!(
+            store.put(vector("x", 2.0), &stale),
+            Err(StoreError::VersionMismatch { .. })
+        ));
+        let fresh = Precondition {
+            if_match: Some(vec![e1.etag.clone()]),
+            ..Default::default()
+        };
+        let (e2, created) = store.put(vector("x", 2.0), &fresh).unwrap();
+        assert!(!created);
+        assert_eq!(e2.vector.meta.version, 2);
+        assert_ne!(e1.etag, e2.etag);
+        let create_only = Precondition {
+            if_none_match_any: true,
+            ..Default::default()
+        };
+        assert!(store.put(vector("x", 3.0), &create_only).is_err());
+        // A new store on the same folder sees version 2.
+        let (again, _) = VectorStore::open(shape(), Some(dir.path())).unwrap();
+        let got = again.get("x").unwrap();
+        assert_eq!(got.vector.meta.version, 2);
+        assert_eq!(got.etag, e2.etag);
+        assert_eq!(got.vector.layers[&1][0], 2.0);
+        store.delete("x", &Precondition::default()).unwrap();
+        assert!(store.get("x").is_none());
+        assert!(VectorStore::open(shape(), Some(dir.path()))
+            .unwrap()
+            .0
+            .get("x")
+            .is_none());
+    }
+
+    #[test]
+    fn refuses_foreign_vectors_and_skips_broken_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = VectorStore::open(shape(), Some(dir.path())).unwrap();
+        let mut other = vector("y", 1.0);
+        other.meta.model = "another".into();
+        assert!(matches!(
+            store.put(other, &Precondition::default()),
+            Err(StoreError::ModelMismatch(_))
+        ));
+        let mut wide = vector("z", 1.0);
+        wide.meta.d_model = 4;
+        wide.layers.insert(1, Arc::from(vec![1.0; 4]));
+        assert!(store.put(wide, &Precondition::default()).is_err());
+        std::fs::write(dir.path().join("broken.safetensors"), b"garbage").unwrap();
+        std::fs::write(dir.path().join(".half.safetensors.1.2.tmp"), b"partial").unwrap();
+        let (_, skipped) = VectorStore::open(shape(), Some(dir.path())).unwrap();
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(skipped[0].contains("broken.safetensors"));
+        assert!(!dir.path().join(".half.safetensors.1.2.tmp").exists());
+    }
+
+    #[test]
+    fn builtins_are_read_only() {
+        let store = VectorStore::in_memory(shape());
+        store.insert(vector("b", 1.0), VectorOrigin::Builtin);
+        assert!(matches!(
+            store.put(vector("b", 2.0), &Precondition::default()),
+            Err(StoreError::ReadOnly(_))
+        ));
+        assert!(matches!(
+            store.delete("b", &Precondition::default()),
+            Err(StoreError::ReadOnly(_))
+        ));
     }
 }

@@ -30,10 +30,17 @@ pub fn tiny_model(spec: &TinySpec, dtype: GgmlDType, backend: Backend) -> Model 
     .unwrap()
 }
 
-/// Test configuration: built-in vectors from `dir` (none by default).
+/// A fresh folder that outlives the test (tests may share a state across threads).
+pub fn scratch_dir() -> PathBuf {
+    tempfile::tempdir().unwrap().keep()
+}
+
+/// Test configuration: built-in vectors from `dir` (none by default), stored vectors in a
+/// fresh folder.
 pub fn test_config(vectors: Option<PathBuf>) -> Config {
     let mut cfg = Config::default();
     cfg.vectors.builtin_dir = vectors.unwrap_or_else(|| PathBuf::from("/nonexistent"));
+    cfg.vectors.dir = scratch_dir();
     cfg.limits.max_tokens = 200;
     cfg.limits.default_max_tokens = 16;
     cfg
@@ -60,6 +67,7 @@ pub fn default_model_path() -> PathBuf {
 pub fn real_state() -> AppState {
     let mut cfg = Config::default();
     cfg.model.path = default_model_path().display().to_string();
+    cfg.vectors.dir = scratch_dir();
     let model = tiller::server::load_model(&cfg).unwrap();
     tiller::server::build_state(cfg, model).unwrap()
 }
