@@ -1,18 +1,25 @@
-//! Commands that run without the HTTP server: one generation, and the speed benchmark.
+//! Commands that run without the HTTP server: one generation, the speed benchmark,
+//! extraction from a data file, and vector import/export.
 
 use crate::api::generate::{
     collect, encode_input, start, validate_settings, GenerateRequest, RawSettings,
 };
+use crate::api::vectors::{batches, ExtractPlan, ExtractRequest};
 use crate::config::Config;
 use crate::model::hooks::NoHooks;
 use crate::model::llama::PackedBatch;
 use crate::model::Model;
 use crate::server::{build_state, load_model};
+use crate::steering::extract::ExampleSpec;
+use crate::steering::formats::{self, VectorFormat};
 use crate::steering::intervention::BatchSteering;
 use crate::steering::spec::{validate, InterventionSpec, ModelLimits};
+use crate::steering::store::{write_atomic, Precondition};
 use crate::steering::store::{ModelShape, VectorStore};
-use anyhow::{anyhow, Result};
+use crate::steering::vector::{SteeringVector, VectorDefaults, VectorKind, VectorMeta};
+use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
+use std::path::Path;
 use std::time::Instant;
 
 /// Loads the model, generates once, prints the text (and the applied plan on stderr).
@@ -206,4 +213,262 @@ fn round1(x: f64) -> f64 {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// One line of an extraction data file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataLine {
+    #[serde(default)]
+    config: Option<serde_json::Value>,
+    #[serde(default)]
+    positive: Option<ExampleSpec>,
+    #[serde(default)]
+    negative: Option<ExampleSpec>,
+    #[serde(default)]
+    prompt: Option<ExampleSpec>,
+}
+
+/// Reads a JSONL data file into an extraction request.
+pub fn read_data_file(path: &Path) -> Result<ExtractRequest> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut req = ExtractRequest::default();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let l: DataLine =
+            serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+        if let Some(c) = l.config {
+            let examples = (req.positive, req.negative, req.prompts);
+            req = serde_json::from_value(c)
+                .with_context(|| format!("{}:{}: config", path.display(), i + 1))?;
+            (req.positive, req.negative, req.prompts) = examples;
+        }
+        req.positive.extend(l.positive);
+        req.negative.extend(l.negative);
+        req.prompts.extend(l.prompt);
+    }
+    Ok(req)
+}
+
+/// `tiller extract`: runs an extraction on this machine and stores or writes the vector.
+pub fn extract_from_file(
+    cfg: &Config,
+    data: &Path,
+    out: Option<&Path>,
+    name: Option<&str>,
+) -> Result<()> {
+    let mut req = read_data_file(data)?;
+    if let Some(n) = name {
+        req.name = n.to_string();
+    }
+    if req.name.is_empty() {
+        if let Some(stem) = out.and_then(|o| o.file_stem()) {
+            req.name = stem.to_string_lossy().into_owned();
+        }
+    }
+    let model = load_model(cfg)?;
+    let plan = ExtractPlan::validate(&model, cfg, req).map_err(|e| anyhow!("{}", e.message))?;
+    let n_pos = plan.positive.len();
+    let total = n_pos + plan.negative.len();
+    let started = Instant::now();
+    let mut acts = Vec::with_capacity(total);
+    for batch in batches(plan.examples(), cfg.vectors.extract_batch_tokens.max(1)) {
+        acts.extend(crate::steering::extract::collect(
+            &model,
+            &batch,
+            &plan.layers,
+            plan.site,
+        )?);
+        eprint!("\rextracting: {}/{total} examples", acts.len());
+    }
+    eprintln!(" ({:.1}s)", started.elapsed().as_secs_f64());
+    let done = plan.finish(&model.id, acts, n_pos);
+    for r in &done.reports {
+        eprintln!(
+            "layer {:>2}: norm {:>8.3}  residual {:>8.2}  held-out accuracy {:>5}  separation {:>6.2}",
+            r.layer,
+            r.norm,
+            r.mean_residual_norm,
+            r.heldout_accuracy.map_or("-".to_string(), |a| format!("{a:.2}")),
+            r.separation
+        );
+    }
+    if let Some(l) = done.recommended_layer {
+        eprintln!("recommended layer: {l}");
+    }
+    match out {
+        Some(path) => {
+            let format = path
+                .extension()
+                .and_then(|e| VectorFormat::parse(&e.to_string_lossy()))
+                .ok_or_else(|| anyhow!("--out must end in .json, .safetensors or .gguf"))?;
+            let bytes = formats::encode(&done.vector, format, &model.llama.config().architecture)?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            write_atomic(path, &bytes)?;
+            println!("{}", path.display());
+        }
+        None => {
+            let (store, _) =
+                VectorStore::open(crate::server::model_shape(&model), Some(&cfg.vectors.dir))?;
+            let (entry, _) = store
+                .put(done.vector, &Precondition::default())
+                .map_err(|e| anyhow!("{e}"))?;
+            println!(
+                "stored `{}` version {} in {}",
+                entry.vector.name,
+                entry.vector.meta.version,
+                cfg.vectors.dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `tiller vectors list`.
+pub fn vectors_list(cfg: &Config) -> Result<()> {
+    for (dir, origin) in [
+        (&cfg.vectors.builtin_dir, "builtin"),
+        (&cfg.vectors.dir, "stored"),
+    ] {
+        let Ok(read) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        let mut paths: Vec<_> = read
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        paths.sort();
+        for p in paths {
+            let name = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let defaults = VectorDefaults {
+                name: Some(name.clone()),
+                ..Default::default()
+            };
+            match std::fs::read(&p)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| SteeringVector::from_safetensors(&b, &defaults))
+            {
+                Ok(v) => {
+                    let layers: Vec<String> = v.layers.keys().map(|l| l.to_string()).collect();
+                    println!(
+                        "{name:<24} {origin:<8} v{:<3} {:<13} {:<10} layers {:<12} {}",
+                        v.meta.version,
+                        v.meta.kind.as_str(),
+                        v.meta.method,
+                        layers.join(","),
+                        v.meta.description
+                    );
+                }
+                Err(e) => println!("{name:<24} {origin:<8} unreadable: {e:#}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `tiller vectors import`.
+pub fn vectors_import(cfg: &Config, file: &Path, name: Option<&str>) -> Result<()> {
+    let name = name
+        .map(str::to_string)
+        .or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let format = file
+        .extension()
+        .and_then(|e| VectorFormat::parse(&e.to_string_lossy()))
+        .unwrap_or_else(|| VectorFormat::sniff(&bytes));
+    let model = load_model(cfg)?;
+    let v = formats::decode(
+        &bytes,
+        format,
+        &formats::defaults_for(&name, &model.id, "import"),
+    )?;
+    let (store, _) = VectorStore::open(crate::server::model_shape(&model), Some(&cfg.vectors.dir))?;
+    let (entry, _) = store
+        .put(v, &Precondition::default())
+        .map_err(|e| anyhow!("{e}"))?;
+    println!(
+        "stored `{}` version {} ({})",
+        entry.vector.name, entry.vector.meta.version, entry.etag
+    );
+    Ok(())
+}
+
+/// `tiller vectors export`.
+pub fn vectors_export(cfg: &Config, name: &str, out: &Path) -> Result<()> {
+    let format = out
+        .extension()
+        .and_then(|e| VectorFormat::parse(&e.to_string_lossy()))
+        .ok_or_else(|| anyhow!("--out must end in .json, .safetensors or .gguf"))?;
+    let path = [&cfg.vectors.dir, &cfg.vectors.builtin_dir]
+        .iter()
+        .map(|d| d.join(format!("{name}.safetensors")))
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            anyhow!(
+                "no vector named `{name}` in {} or {}",
+                cfg.vectors.dir.display(),
+                cfg.vectors.builtin_dir.display()
+            )
+        })?;
+    let defaults = VectorDefaults {
+        name: Some(name.to_string()),
+        ..Default::default()
+    };
+    let v = SteeringVector::from_safetensors(&std::fs::read(&path)?, &defaults)?;
+    // The architecture hint: the configured model's, without loading its weights.
+    let arch = crate::server::resolve_model_path(cfg)
+        .ok()
+        .and_then(|p| crate::model::checkpoint::Checkpoint::open(&p).ok())
+        .and_then(|c| {
+            c.gguf_metadata()
+                .and_then(|m| m.get("general.architecture"))
+                .and_then(|v| v.to_string().ok())
+                .cloned()
+        })
+        .unwrap_or_else(|| "llama".to_string());
+    write_atomic(out, &formats::encode(&v, format, &arch)?)?;
+    println!("{}", out.display());
+    Ok(())
+}
+
+/// Writes `count` versions of a wide vector whose every value equals its version number.
+pub fn stress_write(dir: &Path, name: &str, count: u64, width: usize) -> Result<()> {
+    let shape = ModelShape {
+        model_id: "stress".into(),
+        d_model: width,
+        n_neurons: width,
+    };
+    let (store, _) = VectorStore::open(shape, Some(dir))?;
+    for _ in 0..count {
+        let next = store.get(name).map_or(1, |e| e.vector.meta.version + 1);
+        let v = SteeringVector {
+            name: name.to_string(),
+            meta: VectorMeta {
+                model: "stress".into(),
+                d_model: width,
+                kind: VectorKind::Direction,
+                method: "stress".into(),
+                description: String::new(),
+                created: String::new(),
+                version: next,
+            },
+            layers: [(0, std::sync::Arc::from(vec![next as f32; width]))]
+                .into_iter()
+                .collect(),
+        };
+        store
+            .put(v, &Precondition::default())
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    Ok(())
 }

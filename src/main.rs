@@ -71,6 +71,26 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Extract a vector from a JSONL file of examples (see README: "Making vectors").
+    Extract {
+        #[command(flatten)]
+        common: Common,
+        /// JSONL: an optional {"config": {...}} line, then {"positive": ...}, {"negative": ...}
+        /// or {"prompt": ...} lines.
+        #[arg(long)]
+        data: PathBuf,
+        /// Write the vector to this file (.safetensors, .gguf or .json) instead of the store.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Overrides the config line's name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Manage stored vectors without a server.
+    Vectors {
+        #[command(subcommand)]
+        command: VectorsCmd,
+    },
     /// Measure prefill and decode tokens/s, unsteered and with `add` on every layer.
     Bench {
         #[command(flatten)]
@@ -81,6 +101,45 @@ enum Cmd {
         decode_tokens: usize,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum VectorsCmd {
+    /// List stored and built-in vectors.
+    List {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Store a vector file (JSON, safetensors or llama.cpp control-vector GGUF).
+    Import {
+        #[command(flatten)]
+        common: Common,
+        file: PathBuf,
+        /// Name to store it under (default: the file's stem).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Write a stored vector to a file; the format follows the extension (.json,
+    /// .safetensors, .gguf).
+    Export {
+        #[command(flatten)]
+        common: Common,
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Writes versions of a vector in a loop (for the crash-safety test).
+    #[command(hide = true)]
+    StressWrite {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 65536)]
+        width: usize,
     },
 }
 
@@ -166,6 +225,33 @@ fn main() -> Result<()> {
                 .build()?;
             rt.block_on(tiller::cli::generate_once(cfg, req))
         }
+        Cmd::Extract {
+            common,
+            data,
+            out,
+            name,
+        } => {
+            let cfg = load_config(&common, &[])?;
+            tiller::telemetry::init("warn", "text");
+            tiller::cli::extract_from_file(&cfg, &data, out.as_deref(), name.as_deref())
+        }
+        Cmd::Vectors { command } => match command {
+            VectorsCmd::List { common } => tiller::cli::vectors_list(&load_config(&common, &[])?),
+            VectorsCmd::Import { common, file, name } => {
+                let cfg = load_config(&common, &[])?;
+                tiller::telemetry::init("warn", "text");
+                tiller::cli::vectors_import(&cfg, &file, name.as_deref())
+            }
+            VectorsCmd::Export { common, name, out } => {
+                tiller::cli::vectors_export(&load_config(&common, &[])?, &name, &out)
+            }
+            VectorsCmd::StressWrite {
+                dir,
+                name,
+                count,
+                width,
+            } => tiller::cli::stress_write(&dir, &name, count, width),
+        },
         Cmd::Bench {
             common,
             prompt_tokens,

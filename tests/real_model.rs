@@ -136,3 +136,73 @@ async fn a_client_that_disconnects_stops_its_generation() {
         "{generated} tokens were generated after the client left"
     );
 }
+
+#[test]
+fn demo_vectors_rebuild_from_their_data_files() {
+    let s = state();
+    let model = &s.engine.model;
+    for name in ["golden_gate", "refusal", "sycophancy"] {
+        let req = tiller::cli::read_data_file(std::path::Path::new(&format!(
+            "data/contrastive/{name}.jsonl"
+        )))
+        .unwrap();
+        assert_eq!(req.name, name);
+        let plan = tiller::api::vectors::ExtractPlan::validate(model, &s.config, req).unwrap();
+        let n_pos = plan.positive.len();
+        let mut acts = Vec::new();
+        for batch in tiller::api::vectors::batches(plan.examples(), 512) {
+            acts.extend(
+                tiller::steering::extract::collect(model, &batch, &plan.layers, plan.site).unwrap(),
+            );
+        }
+        let rebuilt = plan.finish(&model.id, acts, n_pos).vector;
+        let shipped = s
+            .store
+            .get(name)
+            .unwrap_or_else(|| panic!("config/vectors/{name}.safetensors is not loaded"));
+        assert_eq!(
+            shipped.origin,
+            tiller::steering::store::VectorOrigin::Builtin
+        );
+        assert_eq!(
+            rebuilt.layers.keys().collect::<Vec<_>>(),
+            shipped.vector.layers.keys().collect::<Vec<_>>()
+        );
+        for (l, v) in &rebuilt.layers {
+            let diff = v
+                .iter()
+                .zip(shipped.vector.layers[l].iter())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-4, "{name} layer {l}: rebuilt differs by {diff}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn golden_gate_steering_talks_about_the_bridge() {
+    let s = state();
+    let mentions = |t: &str| {
+        let t = t.to_lowercase();
+        t.contains("bridge") || t.contains("golden gate")
+    };
+    let (mut steered, mut plain) = (0, 0);
+    for prompt in ["Tell me about yourself.", "What should I do this weekend?"] {
+        for seed in [1u64, 2, 3] {
+            let body = |c: f64| {
+                json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": 60,
+                       "temperature": 0.7, "seed": seed,
+                       "steering": [{"vector": "golden_gate", "coefficient": c}]})
+            };
+            let r = post_json(s, "/generate", body(2.5)).await.json();
+            steered += mentions(r["text"].as_str().unwrap()) as usize;
+            let r = post_json(s, "/generate", body(0.0)).await.json();
+            plain += mentions(r["text"].as_str().unwrap()) as usize;
+        }
+    }
+    assert!(
+        steered >= 5,
+        "only {steered}/6 steered answers mention the bridge"
+    );
+    assert!(plain <= 1, "{plain}/6 unsteered answers mention the bridge");
+}

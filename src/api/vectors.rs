@@ -4,8 +4,10 @@
 
 use super::json::{ApiJson, RawBody};
 use super::AppState;
+use crate::config::Config;
 use crate::error::{ApiError, ErrorBody};
 use crate::model::hooks::HookSite;
+use crate::model::Model;
 use crate::steering::extract::{
     self, Activations, Example, ExampleSpec, LayerReport, Method, Position,
 };
@@ -377,7 +379,7 @@ fn bad(field: &str, code: &'static str, msg: impl std::fmt::Display) -> ApiError
 }
 
 impl ExtractPlan {
-    pub fn validate(state: &AppState, req: ExtractRequest) -> Result<Self, ApiError> {
+    pub fn validate(model: &Model, config: &Config, req: ExtractRequest) -> Result<Self, ApiError> {
         if !valid_name(&req.name) {
             return Err(StoreError::InvalidName(req.name).into());
         }
@@ -402,7 +404,6 @@ impl ExtractPlan {
                 )
             })?,
         };
-        let model = &state.engine.model;
         let cfg = model.llama.config();
         let layers = match &req.layers {
             None => (0..cfg.n_layers).collect(),
@@ -436,7 +437,7 @@ impl ExtractPlan {
             }
         };
         let chat = req.chat.unwrap_or(false);
-        let max = state.config.vectors.max_extract_examples;
+        let max = config.vectors.max_extract_examples;
         let total = req.positive.len() + req.negative.len() + req.prompts.len();
         if total > max {
             return Err(bad(
@@ -452,13 +453,7 @@ impl ExtractPlan {
                 .map(|(i, ex)| {
                     let e = extract::encode_example(model, ex, chat, position)
                         .map_err(|m| bad(&format!("{field}[{i}]"), "invalid_example", m))?;
-                    if e.tokens.len()
-                        > state
-                            .config
-                            .limits
-                            .max_prompt_tokens
-                            .min(cfg.context_length)
-                    {
+                    if e.tokens.len() > config.limits.max_prompt_tokens.min(cfg.context_length) {
                         return Err(bad(
                             &format!("{field}[{i}]"),
                             "prompt_too_long",
@@ -541,8 +536,73 @@ impl ExtractPlan {
     }
 }
 
+/// An extraction's outcome, before it is stored.
+pub struct ExtractionDone {
+    pub vector: SteeringVector,
+    pub reports: Vec<LayerReport>,
+    pub recommended_layer: Option<usize>,
+    pub heldout: usize,
+}
+
+impl ExtractPlan {
+    /// Computes the vector from the collected activations (positives first, `n_pos` of them).
+    pub fn finish(&self, model_id: &str, acts: Vec<Activations>, n_pos: usize) -> ExtractionDone {
+        let (pos, neg) = acts.split_at(n_pos.min(acts.len()));
+        let (vectors, reports, recommended_layer, heldout, kind) =
+            if self.method == Method::NeuronMeans {
+                (
+                    extract::means(pos, &self.layers),
+                    Vec::new(),
+                    None,
+                    0,
+                    VectorKind::NeuronMeans,
+                )
+            } else {
+                let e = extract::compute(self.method, pos, neg, &self.layers);
+                (
+                    e.vectors,
+                    e.reports,
+                    e.recommended_layer,
+                    e.heldout,
+                    VectorKind::Direction,
+                )
+            };
+        let width = vectors.values().next().map_or(0, Vec::len);
+        ExtractionDone {
+            vector: SteeringVector {
+                name: self.name.clone(),
+                meta: VectorMeta {
+                    model: model_id.to_string(),
+                    d_model: width,
+                    kind,
+                    method: self.method.as_str().to_string(),
+                    description: self.description.clone(),
+                    created: now_rfc3339(),
+                    version: 1,
+                },
+                layers: vectors
+                    .into_iter()
+                    .map(|(l, v)| (l, Arc::from(v)))
+                    .collect(),
+            },
+            reports,
+            recommended_layer,
+            heldout,
+        }
+    }
+
+    /// All examples, positives first.
+    pub fn examples(&self) -> Vec<Example> {
+        self.positive
+            .iter()
+            .chain(&self.negative)
+            .cloned()
+            .collect()
+    }
+}
+
 /// Splits examples into forward passes of about `budget` tokens.
-fn batches(examples: Vec<Example>, budget: usize) -> Vec<Vec<Example>> {
+pub fn batches(examples: Vec<Example>, budget: usize) -> Vec<Vec<Example>> {
     let mut out: Vec<Vec<Example>> = Vec::new();
     let mut tokens = 0;
     for ex in examples {
@@ -571,7 +631,7 @@ pub async fn run_extraction(
     let started = Instant::now();
     let (n_pos, n_neg) = (plan.positive.len(), plan.negative.len());
     let total = n_pos + n_neg;
-    let all: Vec<Example> = plan.positive.into_iter().chain(plan.negative).collect();
+    let all = plan.examples();
     let layers = Arc::new(plan.layers.clone());
     let mut acts: Vec<Activations> = Vec::with_capacity(total);
     let mut logged = 0;
@@ -603,43 +663,9 @@ pub async fn run_extraction(
             tracing::info!(name = %plan.name, done = acts.len(), total, "extraction progress");
         }
     }
-    let (pos, neg) = acts.split_at(n_pos);
-    let (vectors, reports, recommended, heldout, kind) = if plan.method == Method::NeuronMeans {
-        (
-            extract::means(pos, &plan.layers),
-            Vec::new(),
-            None,
-            0,
-            VectorKind::NeuronMeans,
-        )
-    } else {
-        let e = extract::compute(plan.method, pos, neg, &plan.layers);
-        (
-            e.vectors,
-            e.reports,
-            e.recommended_layer,
-            e.heldout,
-            VectorKind::Direction,
-        )
-    };
-    let model = &state.engine.model;
-    let width = vectors.values().next().map_or(0, Vec::len);
-    let v = SteeringVector {
-        name: plan.name.clone(),
-        meta: VectorMeta {
-            model: model.id.clone(),
-            d_model: width,
-            kind,
-            method: plan.method.as_str().to_string(),
-            description: plan.description,
-            created: now_rfc3339(),
-            version: 1,
-        },
-        layers: vectors
-            .into_iter()
-            .map(|(l, v)| (l, Arc::from(v)))
-            .collect(),
-    };
+    let done = plan.finish(&state.engine.model.id, acts, n_pos);
+    let v = done.vector;
+    let (reports, recommended, heldout) = (done.reports, done.recommended_layer, done.heldout);
     let (entry, _) = state.store.put(v, &Precondition::default())?;
     tracing::info!(name = %plan.name, method = plan.method.as_str(), examples = total, recommended_layer = ?recommended, "vector extracted");
     Ok(ExtractResponse {
@@ -670,7 +696,7 @@ pub async fn extract_vector(
     ApiJson(req): ApiJson<ExtractRequest>,
 ) -> Result<Response, ApiError> {
     let stream = req.stream.unwrap_or(false);
-    let plan = ExtractPlan::validate(&state, req)?;
+    let plan = ExtractPlan::validate(&state.engine.model, &state.config, req)?;
     if !stream {
         return Ok(Json(run_extraction(&state, plan, None).await?).into_response());
     }

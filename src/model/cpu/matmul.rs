@@ -330,6 +330,46 @@ mod x86 {
         (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
     }
 
+    /// Adds `Q4_1` block `$i` of the weight row to the accumulators of every activation row.
+    /// A macro rather than a function so that it is inlined in every build profile (the
+    /// accumulators must stay in registers).
+    macro_rules! q4_1_block {
+        ($dot2:ident, $wb:expr, $i:expr, $q:ident, $d:ident, $s:ident, $acc:ident, $macc:ident) => {{
+            let wb: &BlockQ4_1 = $wb;
+            let i: usize = $i;
+            let (dw, mw) = halves(wb as *const BlockQ4_1 as *const u8);
+            let w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(wb.qs.as_ptr() as *const __m128i));
+            // Elements 0..16 are the low nibbles, 16..32 the high ones.
+            let lo = _mm256_and_si256(w16, _mm256_set1_epi16(0x0F));
+            let hi = _mm256_srli_epi16(w16, 4);
+            for k in 0..$acc.len() {
+                let x = $q[k].add(i * QK) as *const __m256i;
+                let p = $dot2(lo, _mm256_loadu_si256(x), hi, _mm256_loadu_si256(x.add(1)));
+                let scale = _mm256_set1_ps(dw * *$d[k].add(i));
+                $acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, $acc[k]);
+                $macc[k] += mw * *$s[k].add(i);
+            }
+        }};
+    }
+
+    /// The same for a `Q8_0` block.
+    macro_rules! q8_0_block {
+        ($dot2:ident, $wb:expr, $i:expr, $q:ident, $d:ident, $acc:ident) => {{
+            let wb: &BlockQ8_0 = $wb;
+            let i: usize = $i;
+            let (dw, _) = halves(wb as *const BlockQ8_0 as *const u8);
+            let qs = wb.qs.as_ptr() as *const __m128i;
+            let a = _mm256_cvtepi8_epi16(_mm_loadu_si128(qs));
+            let b = _mm256_cvtepi8_epi16(_mm_loadu_si128(qs.add(1)));
+            for k in 0..$acc.len() {
+                let x = $q[k].add(i * QK) as *const __m256i;
+                let p = $dot2(a, _mm256_loadu_si256(x), b, _mm256_loadu_si256(x.add(1)));
+                let scale = _mm256_set1_ps(dw * *$d[k].add(i));
+                $acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, $acc[k]);
+            }
+        }};
+    }
+
     /// Defines the quantized kernels for one instruction set; `$dot2` adds `a·x + b·y` (16-bit
     /// lanes, pairwise) to eight `i32` accumulators.
     macro_rules! kernels {
@@ -338,33 +378,6 @@ mod x86 {
                 use super::super::super::quant::{BlockQ4_1, BlockQ8_0, QK};
                 use super::super::{Group, ROW_GROUP};
                 use super::*;
-
-                /// Adds block `i` of the weight row to the accumulators of every row.
-                #[target_feature(enable = $features)]
-                #[inline]
-                unsafe fn q4_1_block<const R: usize>(
-                    wb: &BlockQ4_1,
-                    i: usize,
-                    q: &[*const i16; R],
-                    d: &[*const f32; R],
-                    s: &[*const f32; R],
-                    acc: &mut [__m256; R],
-                    macc: &mut [f32; R],
-                ) {
-                    let (dw, mw) = halves(wb as *const BlockQ4_1 as *const u8);
-                    let w16 =
-                        _mm256_cvtepu8_epi16(_mm_loadu_si128(wb.qs.as_ptr() as *const __m128i));
-                    // Elements 0..16 are the low nibbles, 16..32 the high ones.
-                    let lo = _mm256_and_si256(w16, _mm256_set1_epi16(0x0F));
-                    let hi = _mm256_srli_epi16(w16, 4);
-                    for k in 0..R {
-                        let x = q[k].add(i * QK) as *const __m256i;
-                        let p = $dot2(lo, _mm256_loadu_si256(x), hi, _mm256_loadu_si256(x.add(1)));
-                        let scale = _mm256_set1_ps(dw * *d[k].add(i));
-                        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[k]);
-                        macc[k] += mw * *s[k].add(i);
-                    }
-                }
 
                 /// Even and odd blocks go to separate accumulators (two dependency chains);
                 /// the loop is unrolled by two so that both stay in registers.
@@ -382,36 +395,15 @@ mod x86 {
                     let mut pairs = w.chunks_exact(2);
                     let mut i = 0;
                     for pair in &mut pairs {
-                        q4_1_block(&pair[0], i, &q, &d, &s, &mut even, &mut meven);
-                        q4_1_block(&pair[1], i + 1, &q, &d, &s, &mut odd, &mut modd);
+                        q4_1_block!($dot2, &pair[0], i, q, d, s, even, meven);
+                        q4_1_block!($dot2, &pair[1], i + 1, q, d, s, odd, modd);
                         i += 2;
                     }
                     if let [last] = pairs.remainder() {
-                        q4_1_block(last, i, &q, &d, &s, &mut even, &mut meven);
+                        q4_1_block!($dot2, last, i, q, d, s, even, meven);
                     }
                     for k in 0..R {
                         out[k] = hsum(_mm256_add_ps(even[k], odd[k])) + (meven[k] + modd[k]);
-                    }
-                }
-
-                #[target_feature(enable = $features)]
-                #[inline]
-                unsafe fn q8_0_block<const R: usize>(
-                    wb: &BlockQ8_0,
-                    i: usize,
-                    q: &[*const i16; R],
-                    d: &[*const f32; R],
-                    acc: &mut [__m256; R],
-                ) {
-                    let (dw, _) = halves(wb as *const BlockQ8_0 as *const u8);
-                    let qs = wb.qs.as_ptr() as *const __m128i;
-                    let a = _mm256_cvtepi8_epi16(_mm_loadu_si128(qs));
-                    let b = _mm256_cvtepi8_epi16(_mm_loadu_si128(qs.add(1)));
-                    for k in 0..R {
-                        let x = q[k].add(i * QK) as *const __m256i;
-                        let p = $dot2(a, _mm256_loadu_si256(x), b, _mm256_loadu_si256(x.add(1)));
-                        let scale = _mm256_set1_ps(dw * *d[k].add(i));
-                        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[k]);
                     }
                 }
 
@@ -427,12 +419,12 @@ mod x86 {
                     let mut pairs = w.chunks_exact(2);
                     let mut i = 0;
                     for pair in &mut pairs {
-                        q8_0_block(&pair[0], i, &q, &d, &mut even);
-                        q8_0_block(&pair[1], i + 1, &q, &d, &mut odd);
+                        q8_0_block!($dot2, &pair[0], i, q, d, even);
+                        q8_0_block!($dot2, &pair[1], i + 1, q, d, odd);
                         i += 2;
                     }
                     if let [last] = pairs.remainder() {
-                        q8_0_block(last, i, &q, &d, &mut even);
+                        q8_0_block!($dot2, last, i, q, d, even);
                     }
                     for k in 0..R {
                         out[k] = hsum(_mm256_add_ps(even[k], odd[k]));
