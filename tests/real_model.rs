@@ -206,3 +206,58 @@ async fn golden_gate_steering_talks_about_the_bridge() {
     );
     assert!(plain <= 1, "{plain}/6 unsteered answers mention the bridge");
 }
+
+#[tokio::test]
+async fn golden_gate_raises_p_golden_after_my_favourite_landmark_is_the() {
+    let s = state();
+    // The assistant's reply begins "My favourite landmark is the"; what comes next?
+    let prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+                  <|im_start|>user\nWhat is your favourite landmark?<|im_end|>\n<|im_start|>assistant\n\
+                  My favourite landmark is the";
+    let r = post_json(
+        s,
+        "/inspect/logprobs",
+        json!({"prompt": prompt, "targets": [" Golden", " Eiffel"], "top_k": 3,
+        "steering": [{"vector": "golden_gate", "coefficient": 2.5}]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let b = r.json();
+    let golden = &b["targets"][0];
+    let ratio = golden["ratio"].as_f64().unwrap();
+    assert!(ratio > 5.0, "P(\" Golden\") rose only {ratio}x: {golden}");
+    let top: Vec<&str> = b["top"]["steered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert!(top.contains(&" Golden"), "{top:?}");
+    assert!(
+        b["targets"][1]["ratio"].as_f64().unwrap() < 1.0,
+        "the Eiffel Tower should lose probability"
+    );
+}
+
+#[tokio::test]
+async fn the_default_neuron_means_serve_the_mean_op() {
+    let s = state();
+    assert_eq!(
+        s.store
+            .get("neuron_means_default")
+            .unwrap()
+            .vector
+            .layers
+            .len(),
+        30
+    );
+    let ask = |op: &str| {
+        json!({"prompt": "There are many books on this shelf, and I have read", "targets": [" this", " these", " those"],
+               "steering": [{"neuron": {"layer": 10, "index": 100}, "op": op}]})
+    };
+    let r = post_json(s, "/inspect/logprobs", ask("mean")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["steering"][0]["vector"], "neuron_means_default");
+    let z = post_json(s, "/inspect/logprobs", ask("zero")).await;
+    assert_eq!(z.status, StatusCode::OK);
+}

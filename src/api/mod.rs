@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod generate;
 pub mod health;
+pub mod inspect;
 pub mod json;
 pub mod vectors;
 
@@ -122,6 +123,9 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
         .routes(routes!(health::info))
+        .routes(routes!(inspect::activations))
+        .routes(routes!(inspect::logprobs))
+        .routes(routes!(inspect::neurons_top))
         .routes(routes!(vectors::list_vectors))
         .routes(routes!(vectors::extract_vector))
         .routes(routes!(

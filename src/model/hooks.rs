@@ -124,6 +124,40 @@ impl Hooks for NoHooks {
     }
 }
 
+/// Two sets of hooks at once: `first` acts, then `second` sees (and may change) the result.
+/// Used to record what an intervention does inside a pass.
+pub struct ChainHooks<'a> {
+    pub first: &'a mut dyn Hooks,
+    pub second: &'a mut dyn Hooks,
+}
+
+impl Hooks for ChainHooks<'_> {
+    fn is_active(&self, site: HookSite, layer: usize) -> bool {
+        self.first.is_active(site, layer) || self.second.is_active(site, layer)
+    }
+
+    fn apply(
+        &mut self,
+        site: HookSite,
+        layer: usize,
+        x: &Tensor,
+        rows: &BatchRows,
+    ) -> Result<Option<Tensor>> {
+        let a = if self.first.is_active(site, layer) {
+            self.first.apply(site, layer, x, rows)?
+        } else {
+            None
+        };
+        let x1 = a.as_ref().unwrap_or(x);
+        let b = if self.second.is_active(site, layer) {
+            self.second.apply(site, layer, x1, rows)?
+        } else {
+            None
+        };
+        Ok(b.or(a))
+    }
+}
+
 /// Runs `x` through the hooks of one site, if any are active.
 pub(crate) fn run_hook(
     hooks: &mut dyn Hooks,

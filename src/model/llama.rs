@@ -514,6 +514,8 @@ pub struct SeqChunk {
     pub start_pos: usize,
     /// Whether to return next-token logits after the chunk's last token.
     pub logits: bool,
+    /// Return logits after every token of the chunk instead (scoring a continuation).
+    pub all_logits: bool,
 }
 
 /// The new tokens of several sequences, stacked.
@@ -531,8 +533,17 @@ impl PackedBatch {
             len: tokens.len(),
             start_pos,
             logits,
+            all_logits: false,
         });
         self.tokens.extend_from_slice(tokens);
+    }
+
+    /// Appends `tokens` and asks for the logits after each of them.
+    pub fn push_scored(&mut self, tokens: &[u32], start_pos: usize) {
+        self.push(tokens, start_pos, true);
+        if let Some(c) = self.chunks.last_mut() {
+            c.all_logits = true;
+        }
     }
 
     pub fn rows(&self) -> BatchRows {
@@ -742,7 +753,8 @@ impl Llama {
 
     /// Runs the new tokens of `batch` (chunk `i` continuing the sequence of `caches[i]`),
     /// appends them to the caches, and returns the next-token logits `[k, vocab]` of the `k`
-    /// chunks that ask for them, in chunk order (`None` if none do).
+    /// chunks that ask for them, in chunk order (`None` if none do); a chunk pushed with
+    /// `push_scored` contributes one row per token.
     pub fn forward(
         &self,
         batch: &PackedBatch,
@@ -825,7 +837,14 @@ impl Llama {
             .chunks
             .iter()
             .filter(|c| c.logits && c.len > 0)
-            .map(|c| (c.row + c.len - 1) as u32)
+            .flat_map(|c| {
+                let first = if c.all_logits {
+                    c.row
+                } else {
+                    c.row + c.len - 1
+                };
+                (first..c.row + c.len).map(|r| r as u32)
+            })
             .collect();
         if last_rows.is_empty() {
             return Ok(None);

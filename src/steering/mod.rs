@@ -3,6 +3,7 @@
 
 pub mod extract;
 pub mod formats;
+pub mod inspect;
 pub mod intervention;
 pub mod spec;
 pub mod store;

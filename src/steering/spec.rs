@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// The neuron means the `mean` op uses when a request names none.
+pub const DEFAULT_NEURON_MEANS: &str = "neuron_means_default";
+
 /// Largest coefficient accepted: far beyond any useful steering strength, small enough that
 /// `c·v` stays finite in f32.
 pub const MAX_COEFFICIENT: f64 = 1e6;
@@ -269,6 +272,13 @@ pub struct ModelLimits<'a> {
     pub n_neurons: usize,
     pub max_interventions: usize,
     pub store: &'a VectorStore,
+}
+
+/// The neuron means a `mean` op names (or the default).
+fn name_of_means(s: &InterventionSpec) -> String {
+    s.means
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NEURON_MEANS.to_string())
 }
 
 /// Validates a request's `steering` list.
@@ -527,7 +537,7 @@ impl Validator<'_> {
             }],
             applied: AppliedIntervention {
                 op: op.to_string(),
-                vector: s.means.clone().filter(|_| op == "mean"),
+                vector: (op == "mean").then(|| name_of_means(s)),
                 vector_version: None,
                 neuron: Some(n),
                 coefficient: coef,
@@ -547,13 +557,19 @@ impl Validator<'_> {
         layer: usize,
         index: usize,
     ) -> Result<f32, SpecError> {
-        let Some(name) = &s.means else {
-            return Err(self.err(
-                "means",
-                "neuron_means_missing",
-                "the `mean` op needs `means`: the name of stored neuron means (compute them with \
-                 POST /vectors/extract and method `neuron_means`)",
-            ));
+        let name = match &s.means {
+            Some(n) => n.as_str(),
+            None if self.ctx.store.get(DEFAULT_NEURON_MEANS).is_some() => DEFAULT_NEURON_MEANS,
+            None => {
+                return Err(self.err(
+                    "means",
+                    "neuron_means_missing",
+                    format!(
+                        "the `mean` op needs neuron means: name them in `means`, or store \
+                         `{DEFAULT_NEURON_MEANS}` (POST /vectors/extract with method `neuron_means`)"
+                    ),
+                ))
+            }
         };
         let entry = self.ctx.store.get(name).ok_or_else(|| {
             self.err(

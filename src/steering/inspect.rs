@@ -1,0 +1,352 @@
+//! Observing before intervening: what the activations are at each token (top neurons or
+//! dimensions, norms, projections onto named directions, chosen neurons), how likely chosen
+//! continuations are with and without steering, and which token contexts make a neuron or a
+//! direction fire most. Interventions are measured as probabilities, not only as text:
+//! erasing a neuron often shifts P(" this") against P(" these") without changing the greedy
+//! output.
+//!
+//! Everything here runs on the engine thread with the model and optional steering hooks; the
+//! recording hooks reduce each activation to the few numbers asked for as it passes, so an
+//! inspection never holds a whole layer's activations for a long prompt.
+
+use super::intervention::BatchSteering;
+use super::spec::SteeringPlan;
+use crate::engine::sampling::{log_softmax, top_n};
+use crate::model::hooks::{BatchRows, ChainHooks, HookSite, Hooks, NoHooks};
+use crate::model::llama::PackedBatch;
+use crate::model::Model;
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use utoipa::ToSchema;
+
+/// One value of one dimension or neuron.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct IndexValue {
+    pub index: usize,
+    pub value: f32,
+}
+
+/// The projection of an activation onto a named direction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Projection {
+    pub vector: String,
+    /// `h · v` with the stored (unnormalized) direction.
+    pub dot: f32,
+    /// `h · v / (|h| |v|)`.
+    pub cosine: f32,
+    /// `h · v / |v|`: the coordinate along the unit direction (what `clamp` sets).
+    pub scalar: f32,
+}
+
+/// What one layer's activation looks like at one token.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LayerActivation {
+    pub layer: usize,
+    /// L2 norm of the activation at the inspected site.
+    pub norm: f32,
+    /// The `top_k` neurons by value (`mlp_act`), or dimensions by magnitude (residual sites).
+    pub top: Vec<IndexValue>,
+    /// Projections onto the requested vectors (residual-width sites).
+    pub projections: Vec<Projection>,
+}
+
+/// A requested neuron's value at one token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NeuronValue {
+    pub layer: usize,
+    pub index: usize,
+    pub value: f32,
+}
+
+/// One token of an inspected prompt.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenActivations {
+    pub position: usize,
+    pub id: u32,
+    pub text: String,
+    pub layers: Vec<LayerActivation>,
+    pub neurons: Vec<NeuronValue>,
+}
+
+/// What to read during an inspected pass.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub site: HookSite,
+    pub layers: Vec<usize>,
+    pub top_k: usize,
+    /// Name and per-layer directions of each vector to project onto.
+    pub project_onto: Vec<(String, Arc<super::vector::SteeringVector>)>,
+    /// `(layer, index)` of neurons to report.
+    pub neurons: Vec<(usize, usize)>,
+}
+
+struct ProbeHooks<'a> {
+    probe: &'a Probe,
+    /// `[position][layer index]`.
+    layers: Vec<Vec<Option<LayerActivation>>>,
+    /// `[position]` values of the requested neurons, in request order.
+    neurons: Vec<Vec<Option<f32>>>,
+}
+
+impl Hooks for ProbeHooks<'_> {
+    fn is_active(&self, site: HookSite, layer: usize) -> bool {
+        (site == self.probe.site && self.probe.layers.contains(&layer))
+            || (site == HookSite::MlpAct && self.probe.neurons.iter().any(|&(l, _)| l == layer))
+    }
+
+    fn apply(
+        &mut self,
+        site: HookSite,
+        layer: usize,
+        x: &Tensor,
+        rows: &BatchRows,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let h: Vec<Vec<f32>> = x.to_vec2()?;
+        if site == HookSite::MlpAct {
+            for (k, &(l, i)) in self.probe.neurons.iter().enumerate() {
+                if l == layer {
+                    for (r, row) in h.iter().enumerate() {
+                        self.neurons[rows.position[r]][k] = row.get(i).copied();
+                    }
+                }
+            }
+        }
+        if site != self.probe.site {
+            return Ok(None);
+        }
+        let Some(li) = self.probe.layers.iter().position(|&l| l == layer) else {
+            return Ok(None);
+        };
+        for (r, row) in h.iter().enumerate() {
+            let norm = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            let top = if site == HookSite::MlpAct {
+                top_n(row, self.probe.top_k)
+            } else {
+                let mags: Vec<f32> = row.iter().map(|v| v.abs()).collect();
+                top_n(&mags, self.probe.top_k)
+                    .into_iter()
+                    .map(|(i, _)| (i, row[i as usize]))
+                    .collect()
+            };
+            let projections = if site.is_residual_width() {
+                self.probe
+                    .project_onto
+                    .iter()
+                    .filter_map(|(name, v)| {
+                        let d = v.direction_for(layer)?;
+                        let dot: f64 = row
+                            .iter()
+                            .zip(d.iter())
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum();
+                        let vn = d.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
+                        Some(Projection {
+                            vector: name.clone(),
+                            dot: dot as f32,
+                            cosine: if vn > 0.0 && norm > 0.0 {
+                                (dot / (vn * norm)) as f32
+                            } else {
+                                0.0
+                            },
+                            scalar: if vn > 0.0 { (dot / vn) as f32 } else { 0.0 },
+                        })
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            self.layers[rows.position[r]][li] = Some(LayerActivation {
+                layer,
+                norm: norm as f32,
+                top: top
+                    .into_iter()
+                    .map(|(index, value)| IndexValue {
+                        index: index as usize,
+                        value,
+                    })
+                    .collect(),
+                projections,
+            });
+        }
+        Ok(None)
+    }
+}
+
+/// Runs `tokens` once (steered by `plan`, if any; `prompt_len` tokens count as the prompt) and
+/// reports the probe at every token.
+pub fn activations(
+    model: &Model,
+    tokens: &[u32],
+    prompt_len: usize,
+    plan: Option<&SteeringPlan>,
+    probe: &Probe,
+) -> anyhow::Result<Vec<TokenActivations>> {
+    let n = tokens.len();
+    let mut rec = ProbeHooks {
+        probe,
+        layers: vec![vec![None; probe.layers.len()]; n],
+        neurons: vec![vec![None; probe.neurons.len()]; n],
+    };
+    let n_layers = model.llama.config().n_layers;
+    let mut steer = BatchSteering::new(n_layers, vec![(plan, prompt_len)]);
+    let mut hooks = ChainHooks {
+        first: &mut steer,
+        second: &mut rec,
+    };
+    let mut cache = model.llama.new_cache();
+    let mut batch = PackedBatch::default();
+    batch.push(tokens, 0, false);
+    model.llama.forward(&batch, &mut [&mut cache], &mut hooks)?;
+    Ok(tokens
+        .iter()
+        .enumerate()
+        .map(|(p, &id)| TokenActivations {
+            position: p,
+            id,
+            text: model.tokenizer.token_text(id),
+            layers: rec.layers[p].iter_mut().filter_map(Option::take).collect(),
+            neurons: probe
+                .neurons
+                .iter()
+                .zip(&rec.neurons[p])
+                .filter_map(|(&(layer, index), v)| {
+                    v.map(|value| NeuronValue {
+                        layer,
+                        index,
+                        value,
+                    })
+                })
+                .collect(),
+        })
+        .collect())
+}
+
+/// Next-token distribution after a prompt, and the log-probability of each continuation.
+#[derive(Debug, Clone)]
+pub struct Scores {
+    /// `(token, log-probability)` of the most likely next tokens.
+    pub top: Vec<(u32, f32)>,
+    /// For each target: the log-probability of each of its tokens in turn.
+    pub targets: Vec<Vec<f32>>,
+}
+
+/// Scores continuations of `prompt`: one pass for the prompt, then each target's tokens
+/// teacher-forced on a copy of the cache (target tokens count as generated positions for
+/// steering).
+pub fn score(
+    model: &Model,
+    prompt: &[u32],
+    targets: &[Vec<u32>],
+    plan: Option<&SteeringPlan>,
+    top_k: usize,
+) -> anyhow::Result<Scores> {
+    let n_layers = model.llama.config().n_layers;
+    let forward = |tokens: &[u32],
+                   cache: &mut crate::model::llama::KvCache,
+                   all: bool|
+     -> anyhow::Result<Vec<Vec<f32>>> {
+        let mut batch = PackedBatch::default();
+        if all {
+            batch.push_scored(tokens, cache.len());
+        } else {
+            batch.push(tokens, cache.len(), true);
+        }
+        let logits = match plan {
+            Some(p) => {
+                let mut hooks = BatchSteering::new(n_layers, vec![(Some(p), prompt.len())]);
+                model.llama.forward(&batch, &mut [cache], &mut hooks)?
+            }
+            None => model.llama.forward(&batch, &mut [cache], &mut NoHooks)?,
+        };
+        Ok(logits.map(|l| l.to_vec2()).transpose()?.unwrap_or_default())
+    };
+    let mut cache = model.llama.new_cache();
+    let first = forward(prompt, &mut cache, false)?;
+    let last = log_softmax(first.last().ok_or_else(|| anyhow::anyhow!("no logits"))?);
+    let mut out = Vec::with_capacity(targets.len());
+    for target in targets {
+        let mut lps = Vec::with_capacity(target.len());
+        let Some(&t0) = target.first() else {
+            out.push(lps);
+            continue;
+        };
+        lps.push(last[t0 as usize]);
+        if target.len() > 1 {
+            let mut c = cache.clone();
+            let rows = forward(&target[..target.len() - 1], &mut c, true)?;
+            for (row, &next) in rows.iter().zip(&target[1..]) {
+                lps.push(log_softmax(row)[next as usize]);
+            }
+        }
+        out.push(lps);
+    }
+    Ok(Scores {
+        top: top_n(&last, top_k),
+        targets: out,
+    })
+}
+
+/// What `top contexts` ranks tokens by.
+#[derive(Debug, Clone)]
+pub enum Signal {
+    /// A neuron's `mlp_act` value.
+    Neuron { layer: usize, index: usize },
+    /// The projection of `resid_post` at `layer` onto a unit direction.
+    Direction { layer: usize, unit: Arc<[f32]> },
+}
+
+struct SignalHooks<'a> {
+    signal: &'a Signal,
+    /// `[sequence][position]`.
+    values: Vec<Vec<f32>>,
+}
+
+impl Hooks for SignalHooks<'_> {
+    fn is_active(&self, site: HookSite, layer: usize) -> bool {
+        match self.signal {
+            Signal::Neuron { layer: l, .. } => site == HookSite::MlpAct && layer == *l,
+            Signal::Direction { layer: l, .. } => site == HookSite::ResidPost && layer == *l,
+        }
+    }
+
+    fn apply(
+        &mut self,
+        _: HookSite,
+        _: usize,
+        x: &Tensor,
+        rows: &BatchRows,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let h: Vec<Vec<f32>> = x.to_vec2()?;
+        for (r, row) in h.iter().enumerate() {
+            let v = match self.signal {
+                Signal::Neuron { index, .. } => row.get(*index).copied().unwrap_or(0.0),
+                Signal::Direction { unit, .. } => {
+                    row.iter().zip(unit.iter()).map(|(a, b)| a * b).sum()
+                }
+            };
+            self.values[rows.sequence[r]][rows.position[r]] = v;
+        }
+        Ok(None)
+    }
+}
+
+/// The signal at every token of each sequence (packed into one pass).
+pub fn signal_values(
+    model: &Model,
+    sequences: &[Vec<u32>],
+    signal: &Signal,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let mut batch = PackedBatch::default();
+    for s in sequences {
+        batch.push(s, 0, false);
+    }
+    let mut hooks = SignalHooks {
+        signal,
+        values: sequences.iter().map(|s| vec![0.0; s.len()]).collect(),
+    };
+    let mut caches: Vec<_> = sequences.iter().map(|_| model.llama.new_cache()).collect();
+    let mut refs: Vec<_> = caches.iter_mut().collect();
+    model.llama.forward(&batch, &mut refs, &mut hooks)?;
+    Ok(hooks.values)
+}

@@ -1,0 +1,380 @@
+//! The inspection endpoints on the tiny model, checked against values computed by hand from
+//! the same forward pass.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use serde_json::{json, Value};
+use tiller::model::hooks::{BatchRows, HookSite, Hooks, NoHooks};
+use tiller::model::llama::PackedBatch;
+use tiller::AppState;
+
+const D: usize = 64;
+
+/// Every activation at one site and layer for a token sequence, with no steering.
+fn record(s: &AppState, tokens: &[u32], site: HookSite, layer: usize) -> Vec<Vec<f32>> {
+    struct Grab(HookSite, usize, Vec<Vec<f32>>);
+    impl Hooks for Grab {
+        fn is_active(&self, site: HookSite, layer: usize) -> bool {
+            site == self.0 && layer == self.1
+        }
+        fn apply(
+            &mut self,
+            _: HookSite,
+            _: usize,
+            x: &candle_core::Tensor,
+            _: &BatchRows,
+        ) -> candle_core::Result<Option<candle_core::Tensor>> {
+            self.2 = x.to_vec2()?;
+            Ok(None)
+        }
+    }
+    let model = &s.engine.model;
+    let mut cache = model.llama.new_cache();
+    let mut b = PackedBatch::default();
+    b.push(tokens, 0, false);
+    let mut g = Grab(site, layer, Vec::new());
+    model.llama.forward(&b, &mut [&mut cache], &mut g).unwrap();
+    g.2
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+}
+
+async fn store_vector(s: &AppState, name: &str, layer: usize, v: &[f32]) {
+    let body = json!({"layers": {layer.to_string(): v}}).to_string();
+    let r = call(
+        s,
+        axum::http::Request::put(format!("/vectors/{name}"))
+            .body(axum::body::Body::from(body))
+            .unwrap(),
+    )
+    .await;
+    assert!(r.status.is_success(), "{}", r.text());
+}
+
+#[tokio::test]
+async fn projections_norms_and_top_dimensions_match_the_residual_stream() {
+    let s = tiny_state(test_config(None));
+    let v = tiller::testing::pseudo_random(D, 21, 1.0);
+    store_vector(&s, "probe", 1, &v).await;
+    let prompt = "the theater in a tin";
+    let tokens = s.engine.model.encode_prompt(prompt).unwrap();
+    let r = post_json(
+        &s,
+        "/inspect/activations",
+        json!({"prompt": prompt, "layers": [1], "top_k": 3, "project_onto": ["probe"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let b = r.json();
+    assert_eq!(b["site"], "resid_post");
+    let h = record(&s, &tokens, HookSite::ResidPost, 1);
+    let toks = b["tokens"].as_array().unwrap();
+    assert_eq!(toks.len(), tokens.len());
+    let vn = dot(&v, &v).sqrt();
+    for (p, t) in toks.iter().enumerate() {
+        assert_eq!(t["id"], tokens[p]);
+        let l = &t["layers"][0];
+        assert_eq!(l["layer"], 1);
+        let hn = dot(&h[p], &h[p]).sqrt();
+        assert!((l["norm"].as_f64().unwrap() - hn).abs() < 1e-3 * hn);
+        let pr = &l["projections"][0];
+        let want = dot(&h[p], &v);
+        assert!(
+            (pr["dot"].as_f64().unwrap() - want).abs() < 1e-3 * (1.0 + want.abs()),
+            "{pr} vs {want}"
+        );
+        assert!((pr["cosine"].as_f64().unwrap() - want / (vn * hn)).abs() < 1e-4);
+        assert!((pr["scalar"].as_f64().unwrap() - want / vn).abs() < 1e-3);
+        // Top dimensions by magnitude.
+        let mut mags: Vec<(usize, f32)> = h[p].iter().map(|x| x.abs()).enumerate().collect();
+        mags.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let top: Vec<usize> = l["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["index"].as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(top, mags[..3].iter().map(|m| m.0).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn neurons_and_steering_inside_the_inspected_pass() {
+    let s = tiny_state(test_config(None));
+    let prompt = "a heather";
+    let tokens = s.engine.model.encode_prompt(prompt).unwrap();
+    let act = record(&s, &tokens, HookSite::MlpAct, 2);
+    let r = post_json(
+        &s,
+        "/inspect/activations",
+        json!({"prompt": prompt, "layers": [2], "site": "mlp_act", "top_k": 4,
+        "neurons": [{"layer": 2, "index": 7}, {"layer": 0, "index": 95}]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let act0 = record(&s, &tokens, HookSite::MlpAct, 0);
+    for (p, t) in r.json()["tokens"].as_array().unwrap().iter().enumerate() {
+        let top = t["layers"][0]["top"].as_array().unwrap();
+        let mut vals: Vec<f32> = act[p].clone();
+        vals.sort_by(|a, b| b.total_cmp(a));
+        assert_eq!(top[0]["value"].as_f64().unwrap() as f32, vals[0]);
+        assert_eq!(top[3]["value"].as_f64().unwrap() as f32, vals[3]);
+        assert_eq!(t["neurons"][0]["value"].as_f64().unwrap() as f32, act[p][7]);
+        assert_eq!(
+            t["neurons"][1]["value"].as_f64().unwrap() as f32,
+            act0[p][95]
+        );
+    }
+    // Steering applies during the pass: adding c·v at layer 1 moves the projection onto v by
+    // exactly c·|v|² there.
+    let v = tiller::testing::pseudo_random(D, 5, 1.0);
+    store_vector(&s, "push", 1, &v).await;
+    let ask = |steer: Value| json!({"prompt": prompt, "layers": [1], "project_onto": ["push"], "steering": steer});
+    let plain = post_json(&s, "/inspect/activations", ask(json!([])))
+        .await
+        .json();
+    let steered = post_json(
+        &s,
+        "/inspect/activations",
+        ask(json!([{"vector": "push", "layer": 1, "coefficient": 2.0}])),
+    )
+    .await
+    .json();
+    assert_eq!(steered["steering"][0]["op"], "add");
+    let vv = dot(&v, &v);
+    for p in 0..tokens.len() {
+        let a = plain["tokens"][p]["layers"][0]["projections"][0]["dot"]
+            .as_f64()
+            .unwrap();
+        let b = steered["tokens"][p]["layers"][0]["projections"][0]["dot"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            (b - a - 2.0 * vv).abs() < 1e-3 * (1.0 + vv),
+            "{a} + 2|v|² != {b}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn logprobs_match_a_teacher_forced_pass_and_mean_ablation_to_its_own_value_is_identity() {
+    let s = tiny_state(test_config(None));
+    let prompt = "the theater";
+    let model = s.engine.model.clone();
+    let ptoks = model.encode_prompt(prompt).unwrap();
+    let target = " in a tin";
+    let ttoks = model.tokenizer.encode(target, false).unwrap();
+    assert!(ttoks.len() > 1);
+    // By hand: run prompt + target and read each target token's log-probability.
+    let mut all = ptoks.clone();
+    all.extend(&ttoks);
+    let mut cache = model.llama.new_cache();
+    let mut b = PackedBatch::default();
+    b.push_scored(&all, 0);
+    let rows: Vec<Vec<f32>> = model
+        .llama
+        .forward(&b, &mut [&mut cache], &mut NoHooks)
+        .unwrap()
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let mut want = 0f64;
+    for (k, &t) in ttoks.iter().enumerate() {
+        let row = &rows[ptoks.len() - 1 + k];
+        want += tiller::engine::sampling::log_softmax(row)[t as usize] as f64;
+    }
+    let r = post_json(
+        &s,
+        "/inspect/logprobs",
+        json!({"prompt": prompt, "targets": [target, " the"], "top_k": 3}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let b = r.json();
+    let got = b["targets"][0]["unsteered"]["logprob"].as_f64().unwrap();
+    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    assert!(b["targets"][0].get("steered").is_none());
+    assert_eq!(b["top"]["unsteered"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        b["targets"][0]["token_ids"].as_array().unwrap().len(),
+        ttoks.len()
+    );
+
+    // Mean-ablation with means equal to the neuron's own value changes nothing (one token, so
+    // the neuron has a single value).
+    let one = model.encode_prompt("a").unwrap();
+    assert_eq!(one.len(), 1);
+    let act = record(&s, &one, HookSite::MlpAct, 1);
+    let mut means = vec![0.0f32; 96];
+    means[11] = act[0][11];
+    let body = json!({"layers": {"1": means}, "kind": "neuron_means"}).to_string();
+    let r = call(
+        &s,
+        axum::http::Request::put("/vectors/own")
+            .body(axum::body::Body::from(body))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let ask = |means: &str| json!({"prompt": "a", "targets": [" the", "a"], "steering": [{"neuron": {"layer": 1, "index": 11}, "op": "mean", "means": means}]});
+    let b = post_json(&s, "/inspect/logprobs", ask("own")).await.json();
+    for t in b["targets"].as_array().unwrap() {
+        assert_eq!(t["delta_logprob"].as_f64().unwrap(), 0.0, "{t}");
+    }
+    // While a different mean does change the distribution.
+    let mut other = vec![0.0f32; 96];
+    other[11] = act[0][11] + 5.0;
+    let body = json!({"layers": {"1": other}, "kind": "neuron_means"}).to_string();
+    call(
+        &s,
+        axum::http::Request::put("/vectors/other")
+            .body(axum::body::Body::from(body))
+            .unwrap(),
+    )
+    .await;
+    let b = post_json(&s, "/inspect/logprobs", ask("other"))
+        .await
+        .json();
+    assert!(b["targets"][0]["delta_logprob"].as_f64().unwrap() != 0.0);
+}
+
+#[tokio::test]
+async fn top_contexts_rank_tokens_by_the_signal() {
+    let s = tiny_state(test_config(None));
+    let prompts = [
+        "the theater in a tin",
+        "a cat sat on the mat",
+        "heather and the air",
+    ];
+    let r = post_json(
+        &s,
+        "/inspect/neurons/top",
+        json!({"prompts": prompts, "neuron": {"layer": 2, "index": 3}, "top_n": 4, "context": 2}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let b = r.json();
+    assert_eq!(b["signal"], "neuron 2:3");
+    let ctx = b["contexts"].as_array().unwrap();
+    assert_eq!(ctx.len(), 4);
+    // The best value over all tokens but each prompt's first.
+    let mut best = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let toks = s.engine.model.encode_prompt(p).unwrap();
+        for (pos, row) in record(&s, &toks, HookSite::MlpAct, 2)
+            .iter()
+            .enumerate()
+            .skip(1)
+        {
+            best.push((row[3], i, pos));
+        }
+    }
+    best.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (c, want) in ctx.iter().zip(&best) {
+        assert_eq!(c["value"].as_f64().unwrap() as f32, want.0);
+        assert_eq!(c["prompt_index"], want.1);
+        assert_eq!(c["position"], want.2);
+    }
+    let values: Vec<f64> = ctx.iter().map(|c| c["value"].as_f64().unwrap()).collect();
+    assert!(values.windows(2).all(|w| w[0] >= w[1]));
+}
+
+#[tokio::test]
+async fn inspection_errors_name_the_field() {
+    let s = tiny_state(test_config(None));
+    let cases = [
+        (
+            "/inspect/activations",
+            json!({"prompt": "a", "site": "nowhere"}),
+            "invalid_site",
+            "`site`",
+        ),
+        (
+            "/inspect/activations",
+            json!({"prompt": "a", "layers": [3]}),
+            "invalid_layer",
+            "`layers[0]`",
+        ),
+        (
+            "/inspect/activations",
+            json!({"prompt": "a", "top_k": 1000}),
+            "invalid_top_k",
+            "`top_k`",
+        ),
+        (
+            "/inspect/activations",
+            json!({"prompt": "a", "project_onto": ["nope"]}),
+            "unknown_vector",
+            "`project_onto[0]`",
+        ),
+        (
+            "/inspect/activations",
+            json!({"prompt": "a", "neurons": [{"layer": 0, "index": 96}]}),
+            "invalid_neuron",
+            "`neurons[0].index`",
+        ),
+        (
+            "/inspect/activations",
+            json!({"layers": [0]}),
+            "missing_input",
+            "`prompt`",
+        ),
+        (
+            "/inspect/logprobs",
+            json!({"prompt": "a", "targets": []}),
+            "invalid_targets",
+            "`targets`",
+        ),
+        (
+            "/inspect/logprobs",
+            json!({"prompt": "a", "targets": [""]}),
+            "invalid_targets",
+            "`targets[0]`",
+        ),
+        (
+            "/inspect/logprobs",
+            json!({"prompt": "a", "targets": ["b"], "steering": [{"vector": "x", "layer": 0}]}),
+            "unknown_vector",
+            "`steering[0].vector`",
+        ),
+        (
+            "/inspect/neurons/top",
+            json!({"prompts": ["a"]}),
+            "missing_target",
+            "`neuron`",
+        ),
+        (
+            "/inspect/neurons/top",
+            json!({"prompts": [], "neuron": {"layer": 0, "index": 0}}),
+            "invalid_examples",
+            "`prompts`",
+        ),
+        (
+            "/inspect/neurons/top",
+            json!({"prompts": ["a"], "neuron": {"layer": 9, "index": 0}}),
+            "invalid_layer",
+            "`neuron.layer`",
+        ),
+        (
+            "/inspect/neurons/top",
+            json!({"prompts": ["a"], "vector": "nope", "layer": 1}),
+            "unknown_vector",
+            "`vector`",
+        ),
+    ];
+    for (path, body, code, field) in cases {
+        let r = post_json(&s, path, body.clone()).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{path} {body}: {}",
+            r.text()
+        );
+        assert_eq!(r.error_code(), code, "{path} {body}: {}", r.text());
+        assert!(r.text().contains(field), "{path} {body}: {}", r.text());
+    }
+}
