@@ -13,6 +13,11 @@ pub struct ApiError {
     /// Machine-readable reason, e.g. `unknown_vector`.
     pub code: &'static str,
     pub message: String,
+    /// The request field at fault, when one is.
+    pub param: Option<String>,
+    /// Overrides the `type` derived from the status (OpenAI reports a missing model as an
+    /// `invalid_request_error`).
+    pub kind_override: Option<&'static str>,
     /// Seconds a client should wait (429/503).
     pub retry_after: Option<u64>,
 }
@@ -20,6 +25,7 @@ pub struct ApiError {
 /// The JSON error envelope.
 #[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
+    /// The error.
     pub error: ErrorDetail,
 }
 
@@ -35,6 +41,10 @@ pub struct ErrorDetail {
     #[serde(rename = "type")]
     #[schema(example = "invalid_request_error")]
     pub kind: String,
+    /// The request field at fault, if one is (OpenAI's `param`).
+    #[schema(example = "steering[0].layer")]
+    pub param: Option<String>,
+    /// Machine-readable reason.
     #[schema(example = "invalid_layer")]
     pub code: String,
 }
@@ -45,6 +55,8 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            param: None,
+            kind_override: None,
             retry_after: None,
         }
     }
@@ -61,6 +73,12 @@ impl ApiError {
             code,
             format!("`{field}`: {message}"),
         )
+    }
+
+    /// Names the request field (or header) at fault.
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
     }
 
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
@@ -96,6 +114,9 @@ impl ApiError {
     }
 
     pub fn kind(&self) -> &'static str {
+        if let Some(k) = self.kind_override {
+            return k;
+        }
         match self.status {
             StatusCode::UNAUTHORIZED => "authentication_error",
             StatusCode::FORBIDDEN => "permission_error",
@@ -113,6 +134,7 @@ impl ApiError {
             error: ErrorDetail {
                 message: self.message.clone(),
                 kind: self.kind().to_string(),
+                param: self.param.clone(),
                 code: self.code.to_string(),
             },
         }

@@ -91,6 +91,11 @@ enum Cmd {
         #[command(subcommand)]
         command: VectorsCmd,
     },
+    /// Write the OpenAPI document (default openapi/openapi.json).
+    Openapi {
+        #[arg(long, default_value = "openapi/openapi.json")]
+        out: PathBuf,
+    },
     /// Measure prefill and decode tokens/s, unsteered and with `add` on every layer.
     Bench {
         #[command(flatten)]
@@ -252,6 +257,14 @@ fn main() -> Result<()> {
                 width,
             } => tiller::cli::stress_write(&dir, &name, count, width),
         },
+        Cmd::Openapi { out } => {
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&out, tiller::api::openapi_json())?;
+            println!("{}", out.display());
+            Ok(())
+        }
         Cmd::Bench {
             common,
             prompt_tokens,

@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct Health {
+    /// `ok` (health) or `ready`.
     #[schema(example = "ok")]
     pub status: String,
 }
@@ -43,6 +44,7 @@ pub struct ModelInfo {
     /// The model id clients use.
     #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
     pub model: String,
+    /// The model family.
     #[schema(example = "llama")]
     pub architecture: String,
     /// Number of blocks; steering layers are 0..n_layers-1.
@@ -54,14 +56,19 @@ pub struct ModelInfo {
     /// MLP neurons per block (width of `mlp_act`).
     #[schema(example = 1536)]
     pub n_neurons: usize,
+    /// Attention query heads.
     #[schema(example = 9)]
     pub n_heads: usize,
+    /// Attention key/value heads.
     #[schema(example = 3)]
     pub n_kv_heads: usize,
+    /// Tokens in the vocabulary.
     #[schema(example = 49152)]
     pub vocab_size: usize,
+    /// Longest sequence, prompt plus generation.
     #[schema(example = 8192)]
     pub context_length: usize,
+    #[schema(example = true)]
     /// Whether a chat template is available (`messages` can be used).
     pub chat_template: bool,
     /// Hook sites a steering spec may name.
@@ -70,6 +77,7 @@ pub struct ModelInfo {
     /// `cpu_kernels` or `candle`.
     #[schema(example = "cpu_kernels")]
     pub backend: String,
+    /// Where the model runs.
     #[schema(example = "cpu")]
     pub device: String,
     /// Storage of the linear weights.
@@ -78,10 +86,14 @@ pub struct ModelInfo {
     /// Instruction set of the CPU kernels.
     #[schema(example = "avx2+fma")]
     pub kernels: String,
+    /// Kernel threads.
+    #[schema(example = 2)]
     pub threads: usize,
     /// Server version.
     #[schema(example = "0.1.0")]
     pub version: String,
+    /// Seconds since start.
+    #[schema(example = 3600)]
     pub uptime_secs: u64,
 }
 

@@ -85,22 +85,30 @@ fn neuron(state: &AppState, field: &str, n: NeuronRef) -> Result<(usize, usize),
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"prompt": "The Golden Gate Bridge is", "layers": [12], "site": "resid_post", "top_k": 5, "project_onto": ["golden_gate"]}))]
 pub struct ActivationsRequest {
+    /// Raw text to inspect. Give this or `messages`.
+    #[schema(example = "The Golden Gate Bridge is")]
     #[serde(default)]
     pub prompt: Option<String>,
+    /// A conversation rendered with the model's chat template.
     #[serde(default)]
     pub messages: Option<Vec<ChatMessage>>,
+    #[schema(example = json!([12]))]
     /// Blocks to read (default: all).
     #[serde(default)]
     pub layers: Option<Vec<i64>>,
+    #[schema(example = "resid_post")]
     /// `resid_post` (default), `resid_pre`, `attn_out`, `mlp_out` or `mlp_act` (neurons).
     #[serde(default)]
     pub site: Option<String>,
+    #[schema(example = 10)]
     /// How many top neurons (by value) or dimensions (by magnitude) per token (default 10).
     #[serde(default)]
     pub top_k: Option<u64>,
+    #[schema(example = json!(["golden_gate"]))]
     /// Vectors to project each token's activation onto.
     #[serde(default)]
     pub project_onto: Option<Vec<String>>,
+    #[schema(example = json!([{"layer": 10, "index": 1234}]))]
     /// Neurons whose `mlp_act` value to report at every token.
     #[serde(default)]
     pub neurons: Option<Vec<NeuronRef>>,
@@ -111,10 +119,18 @@ pub struct ActivationsRequest {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ActivationsResponse {
+    /// The served model.
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
     pub model: String,
+    /// The inspected hook site.
+    #[schema(example = "resid_post")]
     pub site: String,
+    /// The inspected layers.
+    #[schema(example = json!([12]))]
     pub layers: Vec<usize>,
+    /// One entry per prompt token.
     pub tokens: Vec<TokenActivations>,
+    /// The validated steering applied during the pass.
     pub steering: Vec<AppliedIntervention>,
 }
 
@@ -123,7 +139,9 @@ pub struct ActivationsResponse {
     request_body = ActivationsRequest,
     responses(
         (status = 200, description = "Per-token activations", body = ActivationsResponse),
-        (status = 422, description = "Invalid layer, site, neuron or vector", body = ErrorBody)))]
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 422, description = "Invalid layer, site, neuron or vector", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody)))]
 pub async fn activations(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<ActivationsRequest>,
@@ -227,14 +245,20 @@ pub async fn activations(
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"prompt": "My favourite landmark is the", "targets": [" Golden", " Eiffel"], "steering": [{"vector": "golden_gate", "coefficient": 2.5}]}))]
 pub struct LogprobsRequest {
+    /// Raw text after which to score the targets. Give this or `messages`.
+    #[schema(example = "My favourite landmark is the")]
     #[serde(default)]
     pub prompt: Option<String>,
+    /// A conversation; the targets are scored as the start of the assistant's reply.
     #[serde(default)]
     pub messages: Option<Vec<ChatMessage>>,
+    #[schema(example = json!([" Golden", " Eiffel"]))]
     /// Continuations to score; one of several tokens gets its joint log-probability.
     pub targets: Vec<String>,
+    /// Interventions for the steered side.
     #[serde(default)]
     pub steering: Option<Vec<InterventionSpec>>,
+    #[schema(example = 10)]
     /// How many most likely next tokens to list (default 10).
     #[serde(default)]
     pub top_k: Option<u64>,
@@ -243,24 +267,38 @@ pub struct LogprobsRequest {
 /// A target's probability under one condition.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TargetScore {
+    #[schema(example = -3.6)]
     /// Joint log-probability of all the target's tokens.
     pub logprob: f32,
+    /// `exp(logprob)`.
+    #[schema(example = 0.027)]
     pub prob: f64,
+    #[schema(example = json!([-3.6]))]
     /// Log-probability of each token in turn.
     pub token_logprobs: Vec<f32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TargetReport {
+    /// The target as given.
+    #[schema(example = " Golden")]
     pub text: String,
+    /// Its token ids.
+    #[schema(example = json!([13578]))]
     pub token_ids: Vec<u32>,
+    /// Its tokens as text.
+    #[schema(example = json!([" Golden"]))]
     pub tokens: Vec<String>,
+    /// Probability without steering.
     pub unsteered: TargetScore,
+    /// Probability with the request's steering (absent without steering).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steered: Option<TargetScore>,
+    #[schema(example = 2.8)]
     /// `steered.logprob - unsteered.logprob`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta_logprob: Option<f32>,
+    #[schema(example = 17.1)]
     /// `steered.prob / unsteered.prob`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f64>,
@@ -268,17 +306,26 @@ pub struct TargetReport {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TopTokens {
+    /// The most likely next tokens without steering.
     pub unsteered: Vec<TopLogprob>,
+    /// The most likely next tokens with steering.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steered: Option<Vec<TopLogprob>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct LogprobsResponse {
+    /// The served model.
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
     pub model: String,
+    /// Tokens in the prompt.
+    #[schema(example = 5)]
     pub prompt_tokens: usize,
+    /// One report per target, in request order.
     pub targets: Vec<TargetReport>,
+    /// The most likely next tokens, side by side.
     pub top: TopTokens,
+    /// The validated steering plan.
     pub steering: Vec<AppliedIntervention>,
 }
 
@@ -296,7 +343,9 @@ fn target_score(lps: &[f32]) -> TargetScore {
     request_body = LogprobsRequest,
     responses(
         (status = 200, description = "Target probabilities and top tokens, side by side", body = LogprobsResponse),
-        (status = 422, description = "Invalid targets or steering", body = ErrorBody)))]
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 422, description = "Invalid targets or steering", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody)))]
 pub async fn logprobs(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<LogprobsRequest>,
@@ -406,22 +455,29 @@ pub async fn logprobs(
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"prompts": ["The bridge spans the bay.", "I walked to the store."], "vector": "golden_gate", "layer": 12, "top_n": 5}))]
 pub struct TopContextsRequest {
+    #[schema(example = json!(["The bridge spans the bay."]))]
     /// Texts to search (or `{"prompt", "completion"}` pairs).
     pub prompts: Vec<ExampleSpec>,
+    #[schema(example = false)]
     /// Render prompts as user turns in the chat template.
     #[serde(default)]
     pub chat: Option<bool>,
     /// A neuron (`mlp_act`)...
     #[serde(default)]
     pub neuron: Option<NeuronRef>,
+    #[schema(example = "golden_gate")]
     /// ...or a stored direction, projected at `layer` (`resid_post`).
     #[serde(default)]
     pub vector: Option<String>,
+    /// The layer whose `resid_post` a `vector` is projected at.
+    #[schema(example = 12)]
     #[serde(default)]
     pub layer: Option<i64>,
+    #[schema(example = 10)]
     /// How many contexts (default 10, at most 100).
     #[serde(default)]
     pub top_n: Option<u64>,
+    #[schema(example = 8)]
     /// Tokens of context on each side (default 8).
     #[serde(default)]
     pub context: Option<u64>,
@@ -430,20 +486,32 @@ pub struct TopContextsRequest {
 /// One token where the signal is large.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TopContext {
+    /// Which prompt (0-based).
+    #[schema(example = 0)]
     pub prompt_index: usize,
+    /// Token position in that prompt.
+    #[schema(example = 3)]
     pub position: usize,
+    /// The neuron value or projection there.
+    #[schema(example = 4.2)]
     pub value: f32,
+    /// The token.
+    #[schema(example = " bridge")]
     pub token: String,
+    #[schema(example = "The")]
     /// Text before the token (up to `context` tokens).
     pub before: String,
+    #[schema(example = " spans the bay.")]
     /// Text after it.
     pub after: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TopContextsResponse {
+    #[schema(example = "golden_gate @ resid_post 12")]
     /// What was ranked, e.g. `neuron 10:1234` or `golden_gate @ resid_post 12`.
     pub signal: String,
+    /// The top contexts, largest value first.
     pub contexts: Vec<TopContext>,
 }
 
@@ -537,7 +605,9 @@ pub fn encode_prompts(
     request_body = TopContextsRequest,
     responses(
         (status = 200, description = "The top contexts, largest first", body = TopContextsResponse),
-        (status = 422, description = "Invalid neuron, vector, layer or prompts", body = ErrorBody)))]
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 422, description = "Invalid neuron, vector, layer or prompts", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody)))]
 pub async fn neurons_top(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<TopContextsRequest>,

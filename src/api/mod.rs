@@ -7,6 +7,7 @@ pub mod generate;
 pub mod health;
 pub mod inspect;
 pub mod json;
+pub mod openai;
 pub mod vectors;
 
 use crate::config::Config;
@@ -96,6 +97,66 @@ impl AppState {
 )]
 struct ApiDoc;
 
+/// utoipa drops `example` on fields typed as free-form JSON (`value_type = Object`); these are
+/// their examples, set on the document directly.
+struct UntypedExamples;
+
+const UNTYPED_EXAMPLES: &[(&str, &str, &str)] = &[
+    ("InterventionSpec", "positions", r#""all""#),
+    ("AppliedIntervention", "positions", r#""all""#),
+    ("GenerateRequest", "stop", r#"["\n\n"]"#),
+    ("ChatCompletionRequest", "stop", r#"["\n\n"]"#),
+    ("CompletionRequest", "stop", r#"["\n"]"#),
+    ("ChatCompletionRequest", "tools", "[]"),
+    ("CompletionRequest", "prompt", r#""Once upon a time""#),
+    (
+        "OpenAiMessage",
+        "content",
+        r#""What is the capital of France?""#,
+    ),
+    ("VectorJson", "layers", r#"{"12": [0.1, -0.2, 0.3]}"#),
+    ("VectorInfo", "norms", r#"{"12": 28.3}"#),
+    (
+        "CompletionLogprobs",
+        "top_logprobs",
+        r#"[{" a": -0.5, " the": -1.1}]"#,
+    ),
+];
+
+impl utoipa::Modify for UntypedExamples {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{RefOr, Schema};
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        for (schema, property, example) in UNTYPED_EXAMPLES {
+            let Some(RefOr::T(schema)) = components.schemas.get_mut(*schema) else {
+                continue;
+            };
+            // A struct with a flattened field is an `allOf` of objects.
+            let objects: Vec<&mut utoipa::openapi::schema::Object> = match schema {
+                Schema::Object(o) => vec![o],
+                Schema::AllOf(all) => all
+                    .items
+                    .iter_mut()
+                    .filter_map(|i| match i {
+                        RefOr::T(Schema::Object(o)) => Some(o),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            for obj in objects {
+                if let Some(RefOr::T(Schema::Object(prop))) = obj.properties.get_mut(*property) {
+                    if let Ok(v) = serde_json::from_str(example) {
+                        prop.examples = vec![v];
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Declares the optional bearer-key scheme.
 struct BearerAuth;
 
@@ -115,14 +176,14 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The routes and their OpenAPI description.
-pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
-    let max_body = state.config.server.max_body_bytes;
-    let (router, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// Every documented route, registered once with its OpenAPI description.
+fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(generate::generate))
-        .routes(routes!(health::health))
-        .routes(routes!(health::ready))
-        .routes(routes!(health::info))
+        .routes(routes!(openai::chat_completions))
+        .routes(routes!(openai::completions))
+        .routes(routes!(openai::list_models))
+        .routes(routes!(openai::get_model))
         .routes(routes!(inspect::activations))
         .routes(routes!(inspect::logprobs))
         .routes(routes!(inspect::neurons_top))
@@ -133,8 +194,84 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
             vectors::put_vector,
             vectors::delete_vector
         ))
-        .split_for_parts();
+        .routes(routes!(health::health))
+        .routes(routes!(health::ready))
+        .routes(routes!(health::info))
+}
+
+/// Every route but the probes answers 401 without a key when API keys are configured.
+fn add_unauthorized(spec: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    for (path, item) in spec.paths.paths.iter_mut() {
+        if matches!(path.as_str(), "/health" | "/ready") {
+            continue;
+        }
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            op.responses
+                .responses
+                .entry("401".to_string())
+                .or_insert_with(|| {
+                    ResponseBuilder::new()
+                        .description(
+                            "API keys are configured and the request has none, or a wrong one",
+                        )
+                        .content(
+                            "application/json",
+                            ContentBuilder::new()
+                                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                                .build(),
+                        )
+                        .build()
+                        .into()
+                });
+        }
+    }
+}
+
+/// The OpenAPI document (what `GET /openapi.json` serves and `tiller openapi` writes).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, mut spec) = api_router().split_for_parts();
+    spec.info.version = env!("CARGO_PKG_VERSION").to_string();
+    utoipa::Modify::modify(&UntypedExamples, &mut spec);
+    add_unauthorized(&mut spec);
+    spec
+}
+
+/// The OpenAPI document as pretty JSON with a trailing newline.
+pub fn openapi_json() -> String {
+    let mut s = openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    s.push('\n');
+    s
+}
+
+/// The routes and their OpenAPI description.
+pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+    let max_body = state.config.server.max_body_bytes;
+    let (router, spec) = api_router().split_for_parts();
+    let doc = Arc::new(openapi_json());
     let router = router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        doc.as_str().to_owned(),
+                    )
+                }
+            }),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

@@ -29,8 +29,10 @@ use utoipa::{IntoParams, ToSchema};
 /// A stored vector's metadata.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VectorInfo {
+    /// The vector's name.
     #[schema(example = "golden_gate")]
     pub name: String,
+    /// Metadata.
     #[serde(flatten)]
     pub meta: VectorMeta,
     /// Layers holding a direction.
@@ -42,6 +44,7 @@ pub struct VectorInfo {
     /// The ETag of this version (for `If-Match`).
     #[schema(example = "\"v1-3fa2c01d\"")]
     pub etag: String,
+    /// `builtin` (read-only) or `stored`.
     pub origin: VectorOrigin,
 }
 
@@ -65,6 +68,7 @@ impl VectorInfo {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct VectorList {
+    /// Every vector, by name.
     pub vectors: Vec<VectorInfo>,
 }
 
@@ -299,34 +303,45 @@ pub async fn delete_vector(
     "position": "mean"
 }))]
 pub struct ExtractRequest {
+    #[schema(example = "bridge")]
     /// Where to store the vector (a new version if it exists).
     pub name: String,
+    #[schema(example = "mean_diff")]
     /// `mean_diff` (default), `pca`, `caa` (pairs: same prompt, two completions) or
     /// `neuron_means` (mean `mlp_act` over `prompts`, for the neuron `mean` op).
     #[serde(default)]
     pub method: Option<String>,
+    #[schema(example = json!(["The Golden Gate Bridge glows in the fog."]))]
     /// Examples showing the behaviour: texts, or `{"prompt", "completion"}`.
     #[serde(default)]
     pub positive: Vec<ExampleSpec>,
+    #[schema(example = json!(["The library opens at nine."]))]
     /// Examples not showing it (paired with `positive` by index for `pca` and `caa`).
     #[serde(default)]
     pub negative: Vec<ExampleSpec>,
+    #[schema(example = json!(["Any text to average over."]))]
     /// For `neuron_means`: the prompts to average over.
     #[serde(default)]
     pub prompts: Vec<ExampleSpec>,
+    #[schema(example = json!([8, 12, 16]))]
     /// Blocks to read (default: all).
     #[serde(default)]
     pub layers: Option<Vec<i64>>,
+    #[schema(example = "mean")]
     /// `last` (default), `mean` (all tokens but the first) or `response` (the completion's
     /// tokens; `neuron_means` defaults to `mean`).
     #[serde(default)]
     pub position: Option<String>,
+    #[schema(example = false)]
     /// Render each prompt as a user turn in the chat template (completions become the
     /// assistant's prefilled reply).
     #[serde(default)]
     pub chat: Option<bool>,
+    /// Stored with the vector.
+    #[schema(example = "Golden Gate Bridge sentences minus neutral ones")]
     #[serde(default)]
     pub description: Option<String>,
+    #[schema(example = false)]
     /// Send `progress` events, then `result` (SSE).
     #[serde(default)]
     pub stream: Option<bool>,
@@ -335,8 +350,13 @@ pub struct ExtractRequest {
 /// Example counts of an extraction.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ExampleCounts {
+    /// Positive examples (or prompts for neuron_means).
+    #[schema(example = 20)]
     pub positive: usize,
+    /// Negative examples.
+    #[schema(example = 20)]
     pub negative: usize,
+    #[schema(example = 8)]
     /// Held out to measure separation.
     pub heldout: usize,
 }
@@ -344,21 +364,32 @@ pub struct ExampleCounts {
 /// The result of an extraction.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ExtractResponse {
+    /// The stored vector's metadata.
     pub vector: VectorInfo,
+    /// The method used.
     pub method: Method,
+    /// The positions read.
     pub position: Position,
     /// Per layer: vector norm, mean residual norm, held-out accuracy, separation.
     pub layers: Vec<LayerReport>,
+    #[schema(example = 12)]
     /// The layer whose direction best separates held-out examples.
     pub recommended_layer: Option<usize>,
+    /// How many examples were used and held out.
     pub examples: ExampleCounts,
+    /// Time taken.
+    #[schema(example = 1.5)]
     pub seconds: f64,
 }
 
 /// Data of an SSE `progress` event.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ExtractProgress {
+    /// Examples run so far.
+    #[schema(example = 24)]
     pub done: usize,
+    /// Examples in all.
+    #[schema(example = 40)]
     pub total: usize,
 }
 
@@ -689,6 +720,7 @@ pub async fn run_extraction(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The stored vector and the per-layer report; with `stream: true`, SSE `progress` events (ExtractProgress) then `result` (ExtractResponse)", body = ExtractResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 403, description = "An admin key is needed", body = ErrorBody),
         (status = 422, description = "Invalid examples, method, position or layers", body = ErrorBody)))]
 pub async fn extract_vector(

@@ -54,8 +54,10 @@ pub struct TokenEvent {
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct TokenLogprob {
+    #[schema(example = " Paris")]
     /// The token's text.
     pub token: String,
+    #[schema(example = -0.02)]
     /// Its log-probability under the model (before temperature).
     pub logprob: f32,
     /// The most likely tokens at this step.
@@ -64,8 +66,14 @@ pub struct TokenLogprob {
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct TopLogprob {
+    /// An alternative token as text.
+    #[schema(example = " Paris")]
     pub token: String,
+    /// Its id.
+    #[schema(example = 7042)]
     pub id: u32,
+    /// Its log-probability.
+    #[schema(example = -0.02)]
     pub logprob: f32,
 }
 

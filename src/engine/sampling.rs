@@ -15,6 +15,23 @@ pub struct SamplingParams {
     /// Keep the `top_k` most likely tokens (`None`: all).
     pub top_k: Option<usize>,
     pub seed: u64,
+    /// Subtracted once from the logit of every token already generated (OpenAI semantics).
+    pub presence_penalty: f64,
+    /// Subtracted from a token's logit once per time it was generated.
+    pub frequency_penalty: f64,
+}
+
+impl SamplingParams {
+    pub fn greedy(seed: u64) -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: None,
+            seed,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
+    }
 }
 
 /// A seeded sampler.
@@ -36,8 +53,26 @@ impl Sampler {
         self.params.temperature <= 1e-6 || self.params.top_k == Some(1)
     }
 
-    /// Picks the next token.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// Picks the next token after `generated` (for the repetition penalties).
+    pub fn sample(&mut self, logits: &[f32], generated: &[u32]) -> u32 {
+        let (p, f) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if (p != 0.0 || f != 0.0) && !generated.is_empty() {
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &t in generated {
+                *counts.entry(t).or_default() += 1;
+            }
+            let mut penalized = logits.to_vec();
+            for (t, c) in counts {
+                if let Some(l) = penalized.get_mut(t as usize) {
+                    *l -= (p + f * c as f64) as f32;
+                }
+            }
+            return self.sample_raw(&penalized);
+        }
+        self.sample_raw(logits)
+    }
+
+    fn sample_raw(&mut self, logits: &[f32]) -> u32 {
         if self.is_greedy() {
             return argmax(logits);
         }
@@ -138,13 +173,15 @@ mod tests {
             top_p,
             top_k,
             seed,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 
     #[test]
     fn greedy_takes_the_first_maximum() {
         let mut s = Sampler::new(params(0.0, 1.0, None, 1));
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]), 1);
     }
 
     #[test]
@@ -152,7 +189,7 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let draw = |seed| {
             let mut s = Sampler::new(params(1.0, 1.0, None, seed));
-            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+            (0..20).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
@@ -160,13 +197,31 @@ mod tests {
         let top3: Vec<u32> = top_n(&logits, 3).into_iter().map(|(i, _)| i).collect();
         let mut s = Sampler::new(params(5.0, 1.0, Some(3), 3));
         for _ in 0..200 {
-            assert!(top3.contains(&s.sample(&logits)));
+            assert!(top3.contains(&s.sample(&logits, &[])));
         }
         // A tiny top_p keeps only the most likely token.
         let mut s = Sampler::new(params(1.0, 1e-9, None, 3));
         for _ in 0..20 {
-            assert_eq!(s.sample(&logits), top3[0]);
+            assert_eq!(s.sample(&logits, &[]), top3[0]);
         }
+    }
+
+    #[test]
+    fn penalties_push_away_from_repeated_tokens() {
+        let logits = [1.0f32, 0.9, 0.0];
+        let mut p = params(0.0, 1.0, None, 1);
+        p.frequency_penalty = 0.2;
+        let mut s = Sampler::new(p.clone());
+        assert_eq!(s.sample(&logits, &[]), 0);
+        assert_eq!(s.sample(&logits, &[0]), 1, "0.8 < 0.9 after one use");
+        p.frequency_penalty = 0.0;
+        p.presence_penalty = 0.05;
+        let mut s = Sampler::new(p);
+        assert_eq!(
+            s.sample(&logits, &[0, 0, 0]),
+            0,
+            "presence counts once: 0.95 > 0.9"
+        );
     }
 
     #[test]

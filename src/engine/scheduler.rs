@@ -246,7 +246,7 @@ fn advance(
     report: &mut StepReport,
 ) -> anyhow::Result<Option<FinishReason>> {
     let tok = &model.tokenizer;
-    let id = s.sampler.sample(logits);
+    let id = s.sampler.sample(logits, &s.tokens[s.prompt_len..]);
     if s.first_token.is_none() {
         let now = Instant::now();
         s.first_token = Some(now);

@@ -16,6 +16,7 @@ pub struct ChatMessage {
     /// `system`, `user` or `assistant`.
     #[schema(example = "user")]
     pub role: String,
+    /// The message text.
     #[schema(example = "What is the capital of France?")]
     pub content: String,
 }

@@ -248,14 +248,20 @@ pub fn collect(
 /// What extraction found at one layer.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LayerReport {
+    /// The block.
+    #[schema(example = 12)]
     pub layer: usize,
+    #[schema(example = 28.3)]
     /// Norm of the extracted vector.
     pub norm: f32,
+    #[schema(example = 113.1)]
     /// Mean norm of the activations read at this layer (the scale a coefficient acts on).
     pub mean_residual_norm: f32,
+    #[schema(example = 1.0)]
     /// Fraction of held-out examples on the right side of the midpoint between the class
     /// means, projecting on a direction computed without them (`null` with too few examples).
     pub heldout_accuracy: Option<f64>,
+    #[schema(example = 5.4)]
     /// Difference of the class means' projections over their pooled standard deviation.
     pub separation: f64,
 }

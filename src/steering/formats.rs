@@ -83,25 +83,35 @@ fn looks_like_safetensors(bytes: &[u8]) -> bool {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"layers": {"12": [0.1, -0.2, 0.3]}, "description": "my direction"}))]
 pub struct VectorJson {
+    #[schema(example = json!({"12": [0.1, -0.2, 0.3]}))]
     /// `{"12": [d_model numbers], ...}`: one direction per layer.
     #[schema(value_type = Object)]
     pub layers: BTreeMap<String, Vec<f64>>,
+    /// What the vector is.
+    #[schema(example = "my direction")]
     #[serde(default)]
     pub description: Option<String>,
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
     /// The model it was made for (default: this server's model).
     #[serde(default)]
     pub model: Option<String>,
+    #[schema(example = "manual")]
     /// How it was made (default `manual`).
     #[serde(default)]
     pub method: Option<String>,
     /// `direction` (default) or `neuron_means`.
     #[serde(default)]
     pub kind: Option<VectorKind>,
+    #[schema(example = 1)]
     /// Present in exports; ignored on import (the store assigns versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// When it was made (RFC 3339); in exports.
+    #[schema(example = "2026-11-28T12:00:00Z")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<String>,
+    /// Its name; in exports.
+    #[schema(example = "golden_gate")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }

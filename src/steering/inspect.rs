@@ -23,18 +23,27 @@ use utoipa::ToSchema;
 /// One value of one dimension or neuron.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct IndexValue {
+    /// Neuron or dimension index.
+    #[schema(example = 1234)]
     pub index: usize,
+    /// Its activation.
+    #[schema(example = 3.2)]
     pub value: f32,
 }
 
 /// The projection of an activation onto a named direction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Projection {
+    /// The vector's name.
+    #[schema(example = "golden_gate")]
     pub vector: String,
+    #[schema(example = 152.3)]
     /// `h · v` with the stored (unnormalized) direction.
     pub dot: f32,
+    #[schema(example = 0.05)]
     /// `h · v / (|h| |v|)`.
     pub cosine: f32,
+    #[schema(example = 5.4)]
     /// `h · v / |v|`: the coordinate along the unit direction (what `clamp` sets).
     pub scalar: f32,
 }
@@ -42,7 +51,10 @@ pub struct Projection {
 /// What one layer's activation looks like at one token.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct LayerActivation {
+    /// The block.
+    #[schema(example = 12)]
     pub layer: usize,
+    #[schema(example = 113.1)]
     /// L2 norm of the activation at the inspected site.
     pub norm: f32,
     /// The `top_k` neurons by value (`mlp_act`), or dimensions by magnitude (residual sites).
@@ -54,18 +66,32 @@ pub struct LayerActivation {
 /// A requested neuron's value at one token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct NeuronValue {
+    /// The neuron's block.
+    #[schema(example = 10)]
     pub layer: usize,
+    /// The neuron.
+    #[schema(example = 1234)]
     pub index: usize,
+    /// Its `mlp_act` value at this token.
+    #[schema(example = 0.8)]
     pub value: f32,
 }
 
 /// One token of an inspected prompt.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TokenActivations {
+    /// Token position (0-based).
+    #[schema(example = 0)]
     pub position: usize,
+    /// Token id.
+    #[schema(example = 504)]
     pub id: u32,
+    /// The token as text.
+    #[schema(example = "The")]
     pub text: String,
+    /// One entry per inspected layer.
     pub layers: Vec<LayerActivation>,
+    /// The requested neurons' values.
     pub neurons: Vec<NeuronValue>,
 }
 

@@ -1,6 +1,7 @@
 //! Steering: what a request may ask for (`spec`), the vectors it can name (`vector`, `store`),
 //! and how a plan acts inside the forward pass (`intervention`).
 
+pub mod compact;
 pub mod extract;
 pub mod formats;
 pub mod inspect;

@@ -30,6 +30,7 @@ pub struct InterventionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "golden_gate")]
     pub vector: Option<String>,
+    #[schema(example = json!([0.01, -0.02, 0.03]))]
     /// An inline direction (`d_model` numbers) instead of `vector`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub values: Option<Vec<f64>>,
@@ -56,6 +57,7 @@ pub struct InterventionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "add")]
     pub op: Option<String>,
+    #[schema(example = false)]
     /// Use the unit vector, so `coefficient` is in residual-stream units.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub normalize: Option<bool>,
@@ -68,6 +70,7 @@ pub struct InterventionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "resid_post")]
     pub site: Option<String>,
+    #[schema(example = "neuron_means_default")]
     /// For the neuron `mean` op: the stored neuron means to use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub means: Option<String>,
@@ -77,8 +80,10 @@ pub struct InterventionSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NeuronRef {
+    /// The block (0-based).
     #[schema(example = 10)]
     pub layer: i64,
+    /// The neuron in its `mlp_act` (0-based).
     #[schema(example = 1234)]
     pub index: i64,
 }
@@ -87,8 +92,10 @@ pub struct NeuronRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FeatureRef {
+    /// A loaded sparse autoencoder's name.
     #[schema(example = "res12_4k")]
     pub sae: String,
+    /// The feature (a row of its decoder).
     #[schema(example = 3124)]
     pub index: i64,
 }
@@ -169,28 +176,41 @@ pub struct AppliedIntervention {
     /// `add`, `ablate`, `clamp`, `zero`, `mean`, `scale` or `set`.
     #[schema(example = "add")]
     pub op: String,
+    /// The stored vector (or, for `mean`, the neuron means) used.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(example = "golden_gate")]
     pub vector: Option<String>,
+    #[schema(example = 1)]
     /// Version of the stored vector the request used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vector_version: Option<u64>,
+    /// The neuron, for neuron ops.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub neuron: Option<NeuronRef>,
+    /// The SAE feature, for feature ops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature: Option<FeatureRef>,
+    /// Strength, target projection, factor or value, as validated.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(example = 8.0)]
     pub coefficient: Option<f64>,
     /// Blocks acted on.
     #[schema(example = json!([12]))]
     pub layers: Vec<usize>,
+    /// The hook site (`all_writes` for ablation everywhere).
     #[schema(example = "resid_post")]
     pub site: String,
+    /// `all`, `prompt`, `generated` or `{"last": k}`.
     #[schema(value_type = Object, example = json!("all"))]
     pub positions: serde_json::Value,
+    /// Whether the unit vector was used.
+    #[schema(example = false)]
     pub normalize: bool,
+    #[schema(example = 28.3)]
     /// Norm of the direction before any normalization.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vector_norm: Option<f32>,
+    #[schema(example = false)]
     /// Whether directional ablation also applies to the token embeddings and every attention
     /// and MLP write (`ablate` with no layer).
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
@@ -540,6 +560,7 @@ impl Validator<'_> {
                 vector: (op == "mean").then(|| name_of_means(s)),
                 vector_version: None,
                 neuron: Some(n),
+                feature: None,
                 coefficient: coef,
                 layers: vec![layer],
                 site: HookSite::MlpAct.to_string(),
@@ -833,6 +854,7 @@ impl Validator<'_> {
                 vector: dir.name,
                 vector_version: dir.version,
                 neuron: None,
+                feature: None,
                 coefficient: coef,
                 layers,
                 site: if all_writes {

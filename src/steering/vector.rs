@@ -36,10 +36,12 @@ pub struct VectorMeta {
     /// Width of each layer's tensor.
     #[schema(example = 576)]
     pub d_model: usize,
+    /// `direction` or `neuron_means`.
     pub kind: VectorKind,
     /// How it was made (`mean_diff`, `pca`, `caa`, `import`, `manual`, ...).
     #[schema(example = "mean_diff")]
     pub method: String,
+    /// What the vector is and how to use it.
     #[schema(example = "Golden Gate Bridge sentences minus neutral sentences")]
     pub description: String,
     /// RFC 3339 creation time.

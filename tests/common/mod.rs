@@ -153,3 +153,101 @@ pub fn sse_events(body: &str) -> Vec<(String, String)> {
     }
     out
 }
+
+/// A Python virtual environment under `target/pyenv` with `packages` installed (pip, once).
+pub fn python_with(packages: &[&str]) -> PathBuf {
+    let dir = PathBuf::from("target/pyenv");
+    let python = dir.join("bin/python");
+    let stamp = dir.join(format!(
+        "installed-{}",
+        packages.join("+").replace(['=', '/'], "_")
+    ));
+    if stamp.exists() {
+        return python;
+    }
+    if !python.exists() {
+        let ok = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&dir)
+            .status()
+            .map(|s| s.success());
+        assert!(
+            matches!(ok, Ok(true)),
+            "could not create a Python venv in {} (python3 -m venv)",
+            dir.display()
+        );
+    }
+    let ok = std::process::Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(packages)
+        .status()
+        .map(|s| s.success());
+    assert!(
+        matches!(ok, Ok(true)),
+        "pip could not install {packages:?} (is PyPI reachable?)"
+    );
+    std::fs::write(&stamp, "").unwrap();
+    python
+}
+
+/// A running `tiller serve` on a free port, killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl Server {
+    /// Starts the server binary on the default model with a scratch vector store.
+    pub fn start(extra_env: &[(&str, &str)]) -> Server {
+        let model = default_model_path();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tiller"));
+        cmd.args(["serve", "--port", &port.to_string(), "--model"])
+            .arg(&model)
+            .env("TILLER_VECTORS_DIR", scratch_dir())
+            .env("TILLER_LOG_LEVEL", "warn");
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start tiller serve");
+        let server = Server { child, port };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                use std::io::{Read, Write};
+                let _ = s.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf);
+                if buf.starts_with("HTTP/1.1 200") {
+                    return server;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tiller did not become ready"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

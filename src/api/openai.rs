@@ -1,0 +1,1011 @@
+//! OpenAI-compatible endpoints: `POST /v1/chat/completions`, `POST /v1/completions`,
+//! `GET /v1/models`. Existing clients work unchanged; steering reaches the model through the
+//! body field `steering` (OpenAI clients send it with `extra_body`) or the `X-Steering` header
+//! (a JSON list, or the compact `name:layer:coefficient` form); the body wins when both are
+//! present, and `X-Steering-Applied` echoes the validated plan. Errors use OpenAI's envelope
+//! and status codes (400 for any invalid parameter, 404 for an unknown model).
+
+use super::generate::{
+    encode_input, new_id, request_id, start, validate_settings, GenerationSettings, RawSettings,
+    StopSpec,
+};
+use super::json::{body_error, parse_json};
+use super::AppState;
+use crate::engine::{FinishReason, GenerationEvent, TokenLogprob};
+use crate::error::{ApiError, ErrorBody};
+use crate::model::chat::ChatMessage;
+use crate::steering::compact;
+use crate::steering::spec::{AppliedIntervention, InterventionSpec, SteeringPlan};
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use utoipa::ToSchema;
+
+pub const STEERING_HEADER: &str = "x-steering";
+pub const APPLIED_HEADER: &str = "x-steering-applied";
+
+/// An error in OpenAI's terms: every invalid parameter is a 400.
+pub struct OpenAiError(pub ApiError);
+
+impl From<ApiError> for OpenAiError {
+    fn from(mut e: ApiError) -> Self {
+        if e.status == StatusCode::UNPROCESSABLE_ENTITY {
+            e.status = StatusCode::BAD_REQUEST;
+        }
+        if e.status == StatusCode::BAD_REQUEST {
+            e.kind_override = Some("invalid_request_error");
+        }
+        OpenAiError(e)
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        self.0.into_response()
+    }
+}
+
+/// A JSON body for the OpenAI routes: unknown fields ignored, wrong types a 400.
+pub struct OpenAiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for OpenAiJson<T> {
+    type Rejection = OpenAiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, OpenAiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(body_error)?;
+        Ok(OpenAiJson(parse_json(&bytes)?))
+    }
+}
+
+/// A message's content: a string, or a list of parts of which only text is supported.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ContentPart {
+    /// Only `text` is supported.
+    #[serde(rename = "type")]
+    #[schema(example = "text")]
+    pub kind: String,
+    /// The text of a `text` part.
+    #[serde(default)]
+    #[schema(example = "Hello!")]
+    pub text: Option<String>,
+}
+
+/// A chat message as OpenAI clients send it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OpenAiMessage {
+    /// `system` (or `developer`), `user` or `assistant`.
+    #[schema(example = "user")]
+    pub role: String,
+    /// A string, or a list of `{"type": "text", "text": ...}` parts.
+    #[schema(value_type = Object, example = "What is the capital of France?")]
+    pub content: Option<MessageContent>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct StreamOptions {
+    #[schema(example = true)]
+    /// Send a last chunk with the token usage.
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({
+    "model": "SmolLM2-135M-Instruct.Q4_1",
+    "messages": [{"role": "user", "content": "Tell me about yourself."}],
+    "max_tokens": 48,
+    "steering": [{"vector": "golden_gate", "coefficient": 2.5}]
+}))]
+pub struct ChatCompletionRequest {
+    /// The served model's id (see `GET /v1/models`).
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
+    pub model: Option<String>,
+    /// The conversation (text content only).
+    pub messages: Vec<OpenAiMessage>,
+    /// Most tokens to generate.
+    #[serde(default)]
+    #[schema(example = 64)]
+    pub max_tokens: Option<u64>,
+    /// The same as `max_tokens` (newer clients send this); wins when both are given.
+    #[serde(default)]
+    #[schema(example = 64)]
+    pub max_completion_tokens: Option<u64>,
+    /// 0 to 2; default 1 (OpenAI's default).
+    #[serde(default)]
+    #[schema(example = 0.7)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling threshold (0, 1].
+    #[serde(default)]
+    #[schema(example = 1.0)]
+    pub top_p: Option<f64>,
+    /// The same seed gives the same text.
+    #[serde(default)]
+    #[schema(example = 42)]
+    pub seed: Option<u64>,
+    /// A string or a list of strings that end generation.
+    #[serde(default)]
+    #[schema(value_type = Object, example = json!(["\n\n"]))]
+    pub stop: Option<StopSpec>,
+    /// Only 1 is supported.
+    #[serde(default)]
+    #[schema(example = 1)]
+    pub n: Option<u64>,
+    #[schema(example = false)]
+    /// Return log-probabilities of the generated tokens.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// Alternatives per token (0 to 20) with `logprobs`.
+    #[serde(default)]
+    #[schema(example = 3)]
+    pub top_logprobs: Option<u64>,
+    /// Stream `chat.completion.chunk` events.
+    #[schema(example = false)]
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// -2 to 2: lowers the logit of every token already generated.
+    #[serde(default)]
+    #[schema(example = 0.0)]
+    pub presence_penalty: Option<f64>,
+    /// -2 to 2: lowers a token's logit per time it was generated.
+    #[serde(default)]
+    #[schema(example = 0.0)]
+    pub frequency_penalty: Option<f64>,
+    /// tiller's steering list (send it with `extra_body`); wins over `X-Steering`.
+    #[serde(default)]
+    pub steering: Option<Vec<InterventionSpec>>,
+    #[schema(example = json!([]))]
+    /// Not supported: a non-empty list is refused.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub tools: Option<serde_json::Value>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "The Golden Gate Bridge is", "max_tokens": 24}))]
+pub struct CompletionRequest {
+    /// The served model's id (see `GET /v1/models`).
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
+    pub model: Option<String>,
+    /// A string, or a list holding one string.
+    #[schema(value_type = Object, example = "Once upon a time")]
+    pub prompt: Option<serde_json::Value>,
+    /// Default 16, as OpenAI's.
+    #[serde(default)]
+    #[schema(example = 32)]
+    pub max_tokens: Option<u64>,
+    /// 0 to 2; default 1 (OpenAI's default).
+    #[serde(default)]
+    #[schema(example = 0.7)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling threshold (0, 1].
+    #[serde(default)]
+    #[schema(example = 1.0)]
+    pub top_p: Option<f64>,
+    /// The same seed gives the same text.
+    #[serde(default)]
+    #[schema(example = 42)]
+    pub seed: Option<u64>,
+    /// A string or a list of strings that end generation.
+    #[serde(default)]
+    #[schema(value_type = Object, example = json!(["\n"]))]
+    pub stop: Option<StopSpec>,
+    /// Only 1 is supported.
+    #[serde(default)]
+    #[schema(example = 1)]
+    pub n: Option<u64>,
+    /// Alternatives per token to return (0 to 20).
+    #[serde(default)]
+    #[schema(example = 2)]
+    pub logprobs: Option<u64>,
+    #[schema(example = false)]
+    /// Not supported (must be false).
+    #[serde(default)]
+    pub echo: Option<bool>,
+    /// Stream `text_completion` chunks.
+    #[schema(example = false)]
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// -2 to 2: lowers the logit of every token already generated.
+    #[serde(default)]
+    #[schema(example = 0.0)]
+    pub presence_penalty: Option<f64>,
+    /// -2 to 2: lowers a token's logit per time it was generated.
+    #[serde(default)]
+    #[schema(example = 0.0)]
+    pub frequency_penalty: Option<f64>,
+    /// tiller's steering list (send it with `extra_body`); wins over `X-Steering`.
+    #[serde(default)]
+    pub steering: Option<Vec<InterventionSpec>>,
+}
+
+/// A model in `GET /v1/models`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelCard {
+    /// The model id to send as `model`.
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
+    pub id: String,
+    /// Always `model`.
+    #[schema(example = "model")]
+    pub object: String,
+    /// Unix time the server started.
+    #[schema(example = 1764331200)]
+    pub created: u64,
+    /// Always `tiller`.
+    #[schema(example = "tiller")]
+    pub owned_by: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    #[schema(example = "list")]
+    pub object: String,
+    /// The served model.
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OpenAiUsage {
+    /// Tokens in the prompt.
+    #[schema(example = 37)]
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    #[schema(example = 7)]
+    pub completion_tokens: usize,
+    /// Their sum.
+    #[schema(example = 44)]
+    pub total_tokens: usize,
+}
+
+/// One alternative token with its log-probability.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TopTokenLogprob {
+    /// An alternative token.
+    #[schema(example = " Paris")]
+    pub token: String,
+    /// Its log-probability.
+    #[schema(example = -0.01)]
+    pub logprob: f32,
+    #[schema(example = json!([32, 80, 97, 114, 105, 115]))]
+    /// UTF-8 bytes of the token.
+    pub bytes: Vec<u8>,
+}
+
+/// A generated token with its log-probability and the most likely alternatives.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenLogprobEntry {
+    /// The generated token.
+    #[schema(example = " Paris")]
+    pub token: String,
+    /// Its log-probability.
+    #[schema(example = -0.01)]
+    pub logprob: f32,
+    /// UTF-8 bytes of the token.
+    #[schema(example = json!([32, 80, 97, 114, 105, 115]))]
+    pub bytes: Vec<u8>,
+    /// The most likely alternatives at this step.
+    pub top_logprobs: Vec<TopTokenLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChoiceLogprobs {
+    /// One entry per generated token.
+    pub content: Vec<TokenLogprobEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AssistantMessage {
+    /// Always `assistant`.
+    #[schema(example = "assistant")]
+    pub role: String,
+    /// The generated text.
+    #[schema(example = "The capital of France is Paris.")]
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChatChoice {
+    /// Always 0 (n = 1).
+    #[schema(example = 0)]
+    pub index: usize,
+    /// The reply.
+    pub message: AssistantMessage,
+    /// With `logprobs: true`: each generated token's log-probability.
+    pub logprobs: Option<ChoiceLogprobs>,
+    /// `stop` or `length`.
+    #[schema(example = "stop")]
+    pub finish_reason: String,
+}
+
+/// The answer of `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChatCompletion {
+    /// Unique id of this completion.
+    #[schema(example = "chatcmpl-3f2a9c1d0b7e4a55")]
+    pub id: String,
+    /// Always `chat.completion`.
+    #[schema(example = "chat.completion")]
+    pub object: String,
+    /// Unix time of the request.
+    #[schema(example = 1764331200)]
+    pub created: u64,
+    /// The served model.
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
+    pub model: String,
+    /// Identifies the server version and weights.
+    #[schema(example = "fp_tiller_0.1.0_1a2b3c4d")]
+    pub system_fingerprint: String,
+    /// One choice (n = 1).
+    pub choices: Vec<ChatChoice>,
+    /// Token counts.
+    pub usage: OpenAiUsage,
+    /// The validated steering plan (also in the `X-Steering-Applied` header).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steering: Vec<AppliedIntervention>,
+}
+
+/// Legacy completions log-probabilities.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CompletionLogprobs {
+    /// The generated tokens.
+    #[schema(example = json!([" a", " bridge"]))]
+    pub tokens: Vec<String>,
+    /// Their log-probabilities.
+    #[schema(example = json!([-0.5, -1.2]))]
+    pub token_logprobs: Vec<f32>,
+    #[schema(example = json!([{" a": -0.5, " the": -1.1}]))]
+    /// For each token, the alternatives as `{token: logprob}`.
+    #[schema(value_type = Vec<Object>)]
+    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    #[schema(example = json!([0, 2]))]
+    /// Character offset of each token in the text.
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CompletionChoice {
+    /// The generated text.
+    #[schema(example = " a suspension bridge in San Francisco.")]
+    pub text: String,
+    /// Always 0 (n = 1).
+    #[schema(example = 0)]
+    pub index: usize,
+    /// With `logprobs`: tokens and their log-probabilities.
+    pub logprobs: Option<CompletionLogprobs>,
+    /// `stop` or `length`.
+    #[schema(example = "length")]
+    pub finish_reason: String,
+}
+
+/// The answer of `POST /v1/completions`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Completion {
+    /// Unique id of this completion.
+    #[schema(example = "cmpl-3f2a9c1d0b7e4a55")]
+    pub id: String,
+    /// Always `text_completion`.
+    #[schema(example = "text_completion")]
+    pub object: String,
+    /// Unix time of the request.
+    #[schema(example = 1764331200)]
+    pub created: u64,
+    /// The served model.
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
+    pub model: String,
+    /// Identifies the server version and weights.
+    #[schema(example = "fp_tiller_0.1.0_1a2b3c4d")]
+    pub system_fingerprint: String,
+    /// One choice (n = 1).
+    pub choices: Vec<CompletionChoice>,
+    /// Token counts.
+    pub usage: OpenAiUsage,
+    /// The validated steering plan (also in `X-Steering-Applied`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steering: Vec<AppliedIntervention>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn fingerprint(state: &AppState) -> String {
+    use sha2::{Digest, Sha256};
+    let m = &state.engine.model;
+    let h = Sha256::digest(format!("{}|{}", m.id, m.llama.weight_format_name()).as_bytes());
+    format!(
+        "fp_tiller_{}_{:02x}{:02x}{:02x}{:02x}",
+        env!("CARGO_PKG_VERSION"),
+        h[0],
+        h[1],
+        h[2],
+        h[3]
+    )
+}
+
+fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        None => Err(ApiError::invalid(
+            "model",
+            "missing_model",
+            "you must provide a model parameter",
+        )),
+        Some(m) if m == state.engine.model.id => Ok(()),
+        Some(m) => Err(ApiError {
+            param: Some("model".into()),
+            kind_override: Some("invalid_request_error"),
+            ..ApiError::not_found(
+                "model_not_found",
+                format!(
+                    "The model `{m}` does not exist; this server serves `{}`.",
+                    state.engine.model.id
+                ),
+            )
+        }),
+    }
+}
+
+/// The steering list from the body, else from the `X-Steering` header.
+pub fn steering_from(
+    body: Option<Vec<InterventionSpec>>,
+    headers: &HeaderMap,
+) -> Result<Option<Vec<InterventionSpec>>, ApiError> {
+    if body.is_some() {
+        return Ok(body);
+    }
+    let Some(raw) = headers.get(STEERING_HEADER) else {
+        return Ok(None);
+    };
+    let text = raw
+        .to_str()
+        .map_err(|_| {
+            ApiError::malformed("`X-Steering`: the header is not valid text")
+                .with_param("X-Steering")
+        })?
+        .trim();
+    if text.is_empty() {
+        return Err(
+            ApiError::malformed("`X-Steering`: the header is empty").with_param("X-Steering")
+        );
+    }
+    if text.starts_with('[') {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        return serde_path_to_error::deserialize(de).map(Some).map_err(|e| {
+            let path = e.path().to_string();
+            ApiError::malformed(format!(
+                "`X-Steering`: not a valid steering list at `{path}`: {}",
+                e.into_inner()
+            ))
+            .with_param("X-Steering")
+        });
+    }
+    compact::parse(text)
+        .map(Some)
+        .map_err(|e| ApiError::malformed(format!("`X-Steering`: {e}")).with_param("X-Steering"))
+}
+
+fn with_applied(mut resp: Response, applied: &[AppliedIntervention]) -> Response {
+    if !applied.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&compact::format(applied)) {
+            resp.headers_mut().insert(APPLIED_HEADER, v);
+        }
+    }
+    resp
+}
+
+fn messages(ms: &[OpenAiMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+    ms.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid(
+                        &format!("messages[{i}].role"),
+                        "invalid_role",
+                        format!("`{other}` messages are not supported (system, user, assistant)"),
+                    ))
+                }
+            };
+            let content = match &m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    &format!("messages[{i}].content[{j}]"),
+                                    "unsupported_content",
+                                    "only text content parts are supported",
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage::new(role, &content))
+        })
+        .collect()
+}
+
+fn token_bytes(t: &str) -> Vec<u8> {
+    t.as_bytes().to_vec()
+}
+
+fn chat_logprob(lp: &TokenLogprob) -> TokenLogprobEntry {
+    TokenLogprobEntry {
+        token: lp.token.clone(),
+        logprob: lp.logprob,
+        bytes: token_bytes(&lp.token),
+        top_logprobs: lp
+            .top
+            .iter()
+            .map(|t| TopTokenLogprob {
+                token: t.token.clone(),
+                logprob: t.logprob,
+                bytes: token_bytes(&t.token),
+            })
+            .collect(),
+    }
+}
+
+fn finish_reason(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Timeout => "length",
+    }
+}
+
+fn check_n(n: Option<u64>) -> Result<(), ApiError> {
+    match n {
+        None | Some(1) => Ok(()),
+        Some(n) => Err(ApiError::invalid(
+            "n",
+            "unsupported_n",
+            format!("n = {n} is not supported; only n = 1"),
+        )),
+    }
+}
+
+fn temperature(t: Option<f64>) -> Result<Option<f64>, ApiError> {
+    match t {
+        Some(x) if !(0.0..=2.0).contains(&x) => Err(ApiError::invalid(
+            "temperature",
+            "invalid_temperature",
+            "must be between 0 and 2",
+        )),
+        // OpenAI's default temperature is 1.
+        None => Ok(Some(1.0)),
+        t => Ok(t),
+    }
+}
+
+/// What a streamed OpenAI response needs to know.
+struct StreamSpec {
+    id: String,
+    created: u64,
+    model: String,
+    fingerprint: String,
+    include_usage: bool,
+    chat: bool,
+}
+
+impl StreamSpec {
+    fn chunk(&self, choices: serde_json::Value, usage: Option<serde_json::Value>) -> Event {
+        let mut v = serde_json::json!({
+            "id": self.id,
+            "object": if self.chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        Event::default().data(v.to_string())
+    }
+
+    fn delta(&self, text: &str, logprob: Option<&TokenLogprob>, finish: Option<&str>) -> Event {
+        let choice = if self.chat {
+            let delta = if text.is_empty() {
+                serde_json::json!({})
+            } else {
+                serde_json::json!({"content": text})
+            };
+            serde_json::json!({
+                "index": 0, "delta": delta,
+                "logprobs": logprob.map(|lp| serde_json::json!({"content": [chat_logprob(lp)]})),
+                "finish_reason": finish,
+            })
+        } else {
+            serde_json::json!({
+                "index": 0, "text": text,
+                "logprobs": logprob.map(|lp| serde_json::json!({
+                    "tokens": [lp.token], "token_logprobs": [lp.logprob],
+                    "top_logprobs": [top_map(lp)], "text_offset": [0],
+                })),
+                "finish_reason": finish,
+            })
+        };
+        self.chunk(serde_json::json!([choice]), None)
+    }
+}
+
+fn top_map(lp: &TokenLogprob) -> serde_json::Map<String, serde_json::Value> {
+    lp.top
+        .iter()
+        .map(|t| (t.token.clone(), serde_json::json!(t.logprob)))
+        .collect()
+}
+
+fn openai_stream(
+    spec: StreamSpec,
+    rx: mpsc::UnboundedReceiver<GenerationEvent>,
+    keep_alive: Duration,
+) -> Response {
+    let spec = Arc::new(spec);
+    let first = if spec.chat {
+        let choice = serde_json::json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+        vec![spec.chunk(choice, None)]
+    } else {
+        Vec::new()
+    };
+    let s2 = spec.clone();
+    let body = UnboundedReceiverStream::new(rx).flat_map(move |ev| {
+        let spec = &s2;
+        let events: Vec<Event> = match ev {
+            GenerationEvent::Token(t) => {
+                if t.text.is_empty() && t.logprob.is_none() {
+                    Vec::new()
+                } else {
+                    vec![spec.delta(&t.text, t.logprob.as_ref(), None)]
+                }
+            }
+            GenerationEvent::Done(f) => {
+                let mut out = Vec::new();
+                if !f.tail.is_empty() {
+                    out.push(spec.delta(&f.tail, None, None));
+                }
+                out.push(spec.delta("", None, Some(finish_reason(f.reason))));
+                if spec.include_usage {
+                    let usage = serde_json::json!({
+                        "prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
+                        "total_tokens": f.prompt_tokens + f.completion_tokens,
+                    });
+                    out.push(spec.chunk(serde_json::json!([]), Some(usage)));
+                }
+                out
+            }
+            GenerationEvent::Error(e) => {
+                vec![Event::default().data(ApiError::internal("generation", e).to_json())]
+            }
+        };
+        futures_util::stream::iter(events)
+    });
+    let done = futures_util::stream::once(async { Event::default().data("[DONE]") });
+    let stream = futures_util::stream::iter(first)
+        .chain(body)
+        .chain(done)
+        .map(Ok::<_, Infallible>);
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(keep_alive))
+        .into_response()
+}
+
+/// Validated common parts of both endpoints.
+struct Prepared {
+    settings: GenerationSettings,
+    plan: Option<Arc<SteeringPlan>>,
+    applied: Vec<AppliedIntervention>,
+}
+
+fn prepare(
+    state: &AppState,
+    headers: &HeaderMap,
+    prompt: Vec<u32>,
+    raw: &RawSettings,
+    steering: Option<Vec<InterventionSpec>>,
+) -> Result<Prepared, ApiError> {
+    let settings = validate_settings(state, prompt, raw)?;
+    let specs = steering_from(steering, headers)?;
+    let plan = state.steering_plan(specs.as_deref())?;
+    let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
+    Ok(Prepared {
+        settings,
+        plan,
+        applied,
+    })
+}
+
+/// Chat completion (OpenAI format), optionally steered.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
+    request_body = ChatCompletionRequest,
+    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or `name:layer:coefficient[,...]` (the body's `steering` wins)")),
+    responses(
+        (status = 200, description = "The completion, or with `stream: true` SSE `chat.completion.chunk` events ending `data: [DONE]`; header `X-Steering-Applied` echoes the plan", body = ChatCompletion),
+        (status = 400, description = "Invalid parameter, bad `X-Steering` header, or wrong types (OpenAI error envelope)", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody)))]
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OpenAiJson(req): OpenAiJson<ChatCompletionRequest>,
+) -> Result<Response, OpenAiError> {
+    check_model(&state, req.model.as_deref())?;
+    check_n(req.n)?;
+    if req
+        .tools
+        .as_ref()
+        .is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()))
+    {
+        return Err(ApiError::invalid(
+            "tools",
+            "unsupported_tools",
+            "tool calling is not supported",
+        )
+        .into());
+    }
+    let msgs = messages(&req.messages)?;
+    let prompt = encode_input(&state, None, Some(&msgs))?;
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (Some(true), k) => Some(k.unwrap_or(0)),
+        (_, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "invalid_logprobs",
+                "needs `logprobs: true`",
+            )
+            .into())
+        }
+        _ => None,
+    };
+    let raw = RawSettings {
+        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        temperature: temperature(req.temperature)?,
+        top_p: req.top_p,
+        top_k: None,
+        seed: req.seed,
+        stop: req.stop.as_ref(),
+        logprobs,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+    };
+    let p = prepare(&state, &headers, prompt, &raw, req.steering)?;
+    let rx = start(&state, &p.settings, p.plan.clone(), &request_id(&headers))?;
+    let id = new_id("chatcmpl");
+    let created = now();
+    if req.stream.unwrap_or(false) {
+        let spec = StreamSpec {
+            id,
+            created,
+            model: state.engine.model.id.clone(),
+            fingerprint: fingerprint(&state),
+            include_usage: req
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+            chat: true,
+        };
+        let keep = Duration::from_secs(state.config.server.sse_keep_alive_secs.max(1));
+        return Ok(with_applied(openai_stream(spec, rx, keep), &p.applied));
+    }
+    let (text, reason, usage, lps) = collect_openai(rx).await?;
+    let resp = Json(ChatCompletion {
+        id,
+        object: "chat.completion".into(),
+        created,
+        model: state.engine.model.id.clone(),
+        system_fingerprint: fingerprint(&state),
+        choices: vec![ChatChoice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant".into(),
+                content: text,
+            },
+            logprobs: p.settings.logprobs.map(|_| ChoiceLogprobs {
+                content: lps.iter().map(chat_logprob).collect(),
+            }),
+            finish_reason: reason.into(),
+        }],
+        usage,
+        steering: p.applied.clone(),
+    })
+    .into_response();
+    Ok(with_applied(resp, &p.applied))
+}
+
+async fn collect_openai(
+    mut rx: mpsc::UnboundedReceiver<GenerationEvent>,
+) -> Result<(String, &'static str, OpenAiUsage, Vec<TokenLogprob>), ApiError> {
+    let mut lps = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenerationEvent::Token(t) => lps.extend(t.logprob),
+            GenerationEvent::Done(f) => {
+                let usage = OpenAiUsage {
+                    prompt_tokens: f.prompt_tokens,
+                    completion_tokens: f.completion_tokens,
+                    total_tokens: f.prompt_tokens + f.completion_tokens,
+                };
+                return Ok((f.text, finish_reason(f.reason), usage, lps));
+            }
+            GenerationEvent::Error(e) => return Err(ApiError::internal("generation", e)),
+        }
+    }
+    Err(ApiError::internal(
+        "generation",
+        "the engine dropped the request",
+    ))
+}
+
+/// Text completion (legacy OpenAI format), optionally steered.
+#[utoipa::path(post, path = "/v1/completions", tag = "openai",
+    request_body = CompletionRequest,
+    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or `name:layer:coefficient[,...]` (the body's `steering` wins)")),
+    responses(
+        (status = 200, description = "The completion, or with `stream: true` SSE `text_completion` chunks ending `data: [DONE]`", body = Completion),
+        (status = 400, description = "Invalid parameter or bad `X-Steering` header", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody)))]
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OpenAiJson(req): OpenAiJson<CompletionRequest>,
+) -> Result<Response, OpenAiError> {
+    check_model(&state, req.model.as_deref())?;
+    check_n(req.n)?;
+    if req.echo.unwrap_or(false) {
+        return Err(ApiError::invalid("echo", "unsupported_echo", "echo is not supported").into());
+    }
+    let prompt_text = match &req.prompt {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        Some(serde_json::Value::Array(_)) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "unsupported_prompt",
+                "only one prompt per request is supported",
+            )
+            .into())
+        }
+        _ => {
+            return Err(
+                ApiError::invalid("prompt", "missing_input", "give `prompt` as a string").into(),
+            )
+        }
+    };
+    let prompt = encode_input(&state, Some(&prompt_text), None)?;
+    let raw = RawSettings {
+        max_tokens: Some(req.max_tokens.unwrap_or(16)),
+        temperature: temperature(req.temperature)?,
+        top_p: req.top_p,
+        top_k: None,
+        seed: req.seed,
+        stop: req.stop.as_ref(),
+        logprobs: req.logprobs,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+    };
+    let p = prepare(&state, &headers, prompt, &raw, req.steering)?;
+    let rx = start(&state, &p.settings, p.plan.clone(), &request_id(&headers))?;
+    let id = new_id("cmpl");
+    let created = now();
+    if req.stream.unwrap_or(false) {
+        let spec = StreamSpec {
+            id,
+            created,
+            model: state.engine.model.id.clone(),
+            fingerprint: fingerprint(&state),
+            include_usage: req
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+            chat: false,
+        };
+        let keep = Duration::from_secs(state.config.server.sse_keep_alive_secs.max(1));
+        return Ok(with_applied(openai_stream(spec, rx, keep), &p.applied));
+    }
+    let (text, reason, usage, lps) = collect_openai(rx).await?;
+    let logprobs = p.settings.logprobs.map(|_| {
+        let mut offset = 0;
+        let mut offsets = Vec::new();
+        for lp in &lps {
+            offsets.push(offset);
+            offset += lp.token.chars().count();
+        }
+        CompletionLogprobs {
+            tokens: lps.iter().map(|l| l.token.clone()).collect(),
+            token_logprobs: lps.iter().map(|l| l.logprob).collect(),
+            top_logprobs: lps.iter().map(top_map).collect(),
+            text_offset: offsets,
+        }
+    });
+    let resp = Json(Completion {
+        id,
+        object: "text_completion".into(),
+        created,
+        model: state.engine.model.id.clone(),
+        system_fingerprint: fingerprint(&state),
+        choices: vec![CompletionChoice {
+            text,
+            index: 0,
+            logprobs,
+            finish_reason: reason.into(),
+        }],
+        usage,
+        steering: p.applied.clone(),
+    })
+    .into_response();
+    Ok(with_applied(resp, &p.applied))
+}
+
+fn card(state: &AppState) -> ModelCard {
+    let started = now().saturating_sub(state.started.elapsed().as_secs());
+    ModelCard {
+        id: state.engine.model.id.clone(),
+        object: "model".into(),
+        created: started,
+        owned_by: "tiller".into(),
+    }
+}
+
+/// The served model (OpenAI format).
+#[utoipa::path(get, path = "/v1/models", tag = "openai",
+    responses((status = 200, description = "The one model this server serves", body = ModelList)))]
+pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: vec![card(&state)],
+    })
+}
+
+/// One model (OpenAI format).
+#[utoipa::path(get, path = "/v1/models/{model}", tag = "openai",
+    params(("model" = String, Path, description = "Model id")),
+    responses(
+        (status = 200, description = "The model", body = ModelCard),
+        (status = 404, description = "Unknown model", body = ErrorBody)))]
+pub async fn get_model(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<ModelCard>, OpenAiError> {
+    check_model(&state, Some(&model))?;
+    Ok(Json(card(&state)))
+}

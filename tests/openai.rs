@@ -1,0 +1,353 @@
+//! The OpenAI-compatible endpoints on the tiny model: wire format, streaming, steering from
+//! the body or the `X-Steering` header, and OpenAI's error envelope.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::*;
+use serde_json::{json, Value};
+use tiller::AppState;
+
+async fn post_with(s: &AppState, path: &str, body: Value, headers: &[(&str, &str)]) -> Reply {
+    let mut req = Request::post(path).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    call(s, req.body(Body::from(body.to_string())).unwrap()).await
+}
+
+fn chat(content: &str) -> Value {
+    json!([{"role": "user", "content": content}])
+}
+
+#[tokio::test]
+async fn models_list_and_lookup() {
+    let s = tiny_state(test_config(None));
+    let r = get(&s, "/v1/models").await.json();
+    assert_eq!(r["object"], "list");
+    assert_eq!(r["data"][0]["id"], "tiny");
+    assert_eq!(r["data"][0]["object"], "model");
+    assert!(r["data"][0]["created"].as_u64().unwrap() > 1_700_000_000);
+    assert_eq!(get(&s, "/v1/models/tiny").await.status, StatusCode::OK);
+    let r = get(&s, "/v1/models/gpt-4").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+}
+
+#[tokio::test]
+async fn chat_completion_wire_format() {
+    let s = tiny_state(test_config(None));
+    let r = post_with(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+               "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 2, "unknown_field": {"ignored": true}}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let b = r.json();
+    assert!(b["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(b["object"], "chat.completion");
+    assert_eq!(b["model"], "tiny");
+    assert!(b["system_fingerprint"]
+        .as_str()
+        .unwrap()
+        .starts_with("fp_tiller_"));
+    let c = &b["choices"][0];
+    assert_eq!(c["index"], 0);
+    assert_eq!(c["message"]["role"], "assistant");
+    assert!(c["finish_reason"] == "stop" || c["finish_reason"] == "length");
+    let u = &b["usage"];
+    assert_eq!(
+        u["total_tokens"],
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+    );
+    let lps = c["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(lps.len() as u64, u["completion_tokens"].as_u64().unwrap());
+    if let Some(first) = lps.first() {
+        assert_eq!(first["top_logprobs"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            first["bytes"].as_array().unwrap().len(),
+            first["token"].as_str().unwrap().len()
+        );
+    }
+    // The same request through /generate gives the same text (same prompt rendering).
+    let g = post_json(&s, "/generate", json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], "max_tokens": 6})).await;
+    assert_eq!(g.json()["text"], c["message"]["content"]);
+    assert!(r.headers.get("x-steering-applied").is_none());
+}
+
+#[tokio::test]
+async fn chat_streaming_sends_role_deltas_finish_usage_and_done() {
+    let s = tiny_state(test_config(None));
+    let body = json!({"model": "tiny", "messages": chat("hello there"), "max_tokens": 8, "seed": 3, "temperature": 0.9});
+    let plain = post_with(&s, "/v1/chat/completions", body.clone(), &[])
+        .await
+        .json();
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let r = post_with(&s, "/v1/chat/completions", streamed, &[]).await;
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events = sse_events(&r.text());
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], plain["usage"]);
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(
+        finish["choices"][0]["finish_reason"],
+        plain["choices"][0]["finish_reason"]
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        plain["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn completions_wire_format_and_streaming() {
+    let s = tiny_state(test_config(None));
+    let body = json!({"model": "tiny", "prompt": "the theater", "max_tokens": 5, "temperature": 0, "logprobs": 2});
+    let r = post_with(&s, "/v1/completions", body.clone(), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let b = r.json();
+    assert_eq!(b["object"], "text_completion");
+    assert!(b["id"].as_str().unwrap().starts_with("cmpl-"));
+    let lp = &b["choices"][0]["logprobs"];
+    let n = b["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n);
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), n);
+    assert_eq!(lp["text_offset"].as_array().unwrap().len(), n);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = sse_events(&post_with(&s, "/v1/completions", streamed, &[]).await.text());
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(text, b["choices"][0]["text"].as_str().unwrap());
+    // A prompt given as a one-element list is accepted; max_tokens defaults to 16.
+    let r = post_with(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": ["the"], "temperature": 0}),
+        &[],
+    )
+    .await
+    .json();
+    assert!(r["usage"]["completion_tokens"].as_u64().unwrap() <= 16);
+}
+
+#[tokio::test]
+async fn steering_from_body_or_header_and_the_echo() {
+    let s = tiny_state(test_config(None));
+    let values: Vec<f32> = tiller::testing::pseudo_random(64, 8, 3.0);
+    let body = json!({"layers": {"1": values}}).to_string();
+    call(
+        &s,
+        Request::put("/vectors/push")
+            .body(Body::from(body))
+            .unwrap(),
+    )
+    .await;
+    let base = json!({"model": "tiny", "messages": chat("hello"), "max_tokens": 10, "temperature": 1.0, "seed": 7});
+    let plain = post_with(&s, "/v1/chat/completions", base.clone(), &[])
+        .await
+        .json()["choices"][0]["message"]["content"]
+        .clone();
+    let mut with_body = base.clone();
+    with_body["steering"] = json!([{"vector": "push", "layer": 1, "coefficient": 4.0}]);
+    let a = post_with(&s, "/v1/chat/completions", with_body.clone(), &[]).await;
+    assert_eq!(a.headers["x-steering-applied"], "push:1:4");
+    let a_text = a.json()["choices"][0]["message"]["content"].clone();
+    assert_ne!(a_text, plain);
+    // The compact header form gives the same plan and text.
+    let b = post_with(
+        &s,
+        "/v1/chat/completions",
+        base.clone(),
+        &[("x-steering", "push:1:4")],
+    )
+    .await;
+    assert_eq!(b.headers["x-steering-applied"], "push:1:4");
+    assert_eq!(b.json()["choices"][0]["message"]["content"], a_text);
+    // The JSON header form too.
+    let c = post_with(
+        &s,
+        "/v1/chat/completions",
+        base.clone(),
+        &[(
+            "x-steering",
+            r#"[{"vector": "push", "layer": 1, "coefficient": 4}]"#,
+        )],
+    )
+    .await;
+    assert_eq!(c.json()["choices"][0]["message"]["content"], a_text);
+    // The body wins over the header.
+    let d = post_with(
+        &s,
+        "/v1/chat/completions",
+        with_body,
+        &[("x-steering", "push:0:-9")],
+    )
+    .await;
+    assert_eq!(d.headers["x-steering-applied"], "push:1:4");
+    // Ranges and several items.
+    let e = post_with(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "the", "max_tokens": 3}),
+        &[("x-steering", "push:0-2:1.5, push:*:0:ablate")],
+    )
+    .await;
+    assert_eq!(e.status, StatusCode::OK, "{}", e.text());
+    assert_eq!(
+        e.headers["x-steering-applied"],
+        "push:0-2:1.5,push:*:0:ablate"
+    );
+}
+
+#[tokio::test]
+async fn errors_use_openai_envelope_and_400() {
+    let s = tiny_state(test_config(None));
+    type Case<'a> = (Value, Vec<(&'a str, &'a str)>, StatusCode, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            json!({"model": "gpt-4", "messages": chat("x")}),
+            vec![],
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+        ),
+        (
+            json!({"messages": chat("x")}),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "missing_model",
+        ),
+        (
+            json!({"model": "tiny", "messages": chat("x"), "n": 2}),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "unsupported_n",
+        ),
+        (
+            json!({"model": "tiny", "messages": chat("x"), "max_tokens": "lots"}),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+        ),
+        (
+            json!({"model": "tiny", "messages": chat("x"), "temperature": 3}),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_temperature",
+        ),
+        (
+            json!({"model": "tiny", "messages": chat("x"), "max_tokens": 100000000}),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "max_tokens_too_large",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_role",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "unsupported_content",
+        ),
+        (
+            json!({"model": "tiny", "messages": chat("x"), "tools": [{"type": "function"}]}),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "unsupported_tools",
+        ),
+        (
+            json!({"model": "tiny", "messages": chat("x"), "steering": [{"vector": "nope", "layer": 1}]}),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "unknown_vector",
+        ),
+        (
+            json!({"model": "tiny", "messages": chat("x")}),
+            vec![("x-steering", "nope:1")],
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+        ),
+        (
+            json!({"model": "tiny", "messages": chat("x")}),
+            vec![("x-steering", "[{\"vector\": 3}]")],
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+        ),
+        (
+            json!({"model": "tiny", "messages": chat("x")}),
+            vec![("x-steering", "nope:1:2")],
+            StatusCode::BAD_REQUEST,
+            "unknown_vector",
+        ),
+    ];
+    for (body, headers, status, code) in cases {
+        let r = post_with(&s, "/v1/chat/completions", body.clone(), &headers).await;
+        assert_eq!(r.status, status, "{body} {headers:?}: {}", r.text());
+        let e = &r.json()["error"];
+        assert_eq!(e["code"], code, "{body} {headers:?}: {}", r.text());
+        assert_eq!(e["type"], "invalid_request_error");
+        assert!(e["message"].as_str().unwrap().len() > 10);
+    }
+    let r = post_with(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": chat("x")}),
+        &[("x-steering", "nope:1")],
+    )
+    .await;
+    assert_eq!(r.json()["error"]["param"], "X-Steering");
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("item 1 (`nope:1`)"));
+    let r = post(&s, "/v1/chat/completions", "{not json").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = post_with(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "x", "echo": true}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.json()["error"]["code"], "unsupported_echo");
+    let r = post_with(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": ["a", "b"]}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.json()["error"]["code"], "unsupported_prompt");
+}
