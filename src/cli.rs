@@ -472,3 +472,65 @@ pub fn stress_write(dir: &Path, name: &str, count: u64, width: usize) -> Result<
     }
     Ok(())
 }
+
+/// The four runs the batching targets are stated in, and their ratios.
+#[derive(Debug, Serialize)]
+pub struct LoadSuite {
+    pub single: crate::loadgen::LoadReport,
+    pub unsteered: crate::loadgen::LoadReport,
+    pub same_vector: crate::loadgen::LoadReport,
+    pub different_vectors: crate::loadgen::LoadReport,
+    /// Aggregate tokens/s with N streams over one stream (target >= 4 for 8).
+    pub concurrency_speedup: f64,
+    /// N streams with N different vectors over N unsteered (target >= 0.9).
+    pub different_vectors_ratio: f64,
+    pub same_vector_ratio: f64,
+    /// p99 time to first token with N streams over one stream's (target < 2).
+    pub ttft_p99_ratio: f64,
+}
+
+/// Runs the load suite against a server (`cfg.concurrency` streams; the single-stream run
+/// uses the same per-request settings).
+pub fn load_suite(cfg: &crate::loadgen::LoadConfig) -> Result<LoadSuite> {
+    use crate::loadgen::{run, SteeringMode};
+    let with =
+        |concurrency: usize, steering: SteeringMode, requests: usize| crate::loadgen::LoadConfig {
+            concurrency,
+            steering,
+            requests_per_client: requests,
+            ..cfg.clone()
+        };
+    // Warm up (first-touch page faults, rayon threads).
+    run(&with(1, SteeringMode::None, 1))?;
+    let single = run(&with(
+        1,
+        SteeringMode::None,
+        cfg.requests_per_client.max(2) * 2,
+    ))?;
+    let unsteered = run(&with(
+        cfg.concurrency,
+        SteeringMode::None,
+        cfg.requests_per_client,
+    ))?;
+    let same_vector = run(&with(
+        cfg.concurrency,
+        SteeringMode::Same,
+        cfg.requests_per_client,
+    ))?;
+    let different_vectors = run(&with(
+        cfg.concurrency,
+        SteeringMode::Different,
+        cfg.requests_per_client,
+    ))?;
+    let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    Ok(LoadSuite {
+        concurrency_speedup: r3(unsteered.tokens_per_s / single.tokens_per_s),
+        different_vectors_ratio: r3(different_vectors.tokens_per_s / unsteered.tokens_per_s),
+        same_vector_ratio: r3(same_vector.tokens_per_s / unsteered.tokens_per_s),
+        ttft_p99_ratio: r3(unsteered.ttft_p99_ms / single.ttft_p99_ms),
+        single,
+        unsteered,
+        same_vector,
+        different_vectors,
+    })
+}

@@ -8,6 +8,8 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod loadgen;
+pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod steering;

@@ -91,6 +91,29 @@ enum Cmd {
         #[command(subcommand)]
         command: VectorsCmd,
     },
+    /// Load a running server with concurrent streams and report tokens/s and latencies.
+    Loadgen {
+        /// The server, host:port.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: String,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Requests each client sends, one after another.
+        #[arg(long, default_value_t = 4)]
+        requests: usize,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// none, same (every request adds --vector) or different (each client its own).
+        #[arg(long, default_value = "none")]
+        steering: String,
+        #[arg(long, default_value = "golden_gate")]
+        vector: String,
+        #[arg(long, default_value_t = 12)]
+        layer: usize,
+        /// Run single-stream and 8-stream unsteered, same and different, and print the ratios.
+        #[arg(long)]
+        suite: bool,
+    },
     /// Write the OpenAPI document (default openapi/openapi.json).
     Openapi {
         #[arg(long, default_value = "openapi/openapi.json")]
@@ -257,6 +280,37 @@ fn main() -> Result<()> {
                 width,
             } => tiller::cli::stress_write(&dir, &name, count, width),
         },
+        Cmd::Loadgen {
+            addr,
+            concurrency,
+            requests,
+            max_tokens,
+            steering,
+            vector,
+            layer,
+            suite,
+        } => {
+            let mode = tiller::loadgen::SteeringMode::parse(&steering)
+                .ok_or_else(|| anyhow::anyhow!("--steering must be none, same or different"))?;
+            let cfg = tiller::loadgen::LoadConfig {
+                addr,
+                concurrency,
+                requests_per_client: requests,
+                max_tokens,
+                steering: mode,
+                vector,
+                layer,
+                d_model: 576,
+                stagger: std::time::Duration::from_millis(1000),
+            };
+            let report = if suite {
+                serde_json::to_value(tiller::cli::load_suite(&cfg)?)?
+            } else {
+                serde_json::to_value(tiller::loadgen::run(&cfg)?)?
+            };
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Cmd::Openapi { out } => {
             if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;

@@ -4,8 +4,9 @@
 
 use crate::api::AppState;
 use crate::config::Config;
-use crate::engine::scheduler::SchedulerConfig;
+use crate::engine::scheduler::{Scheduler, SchedulerConfig, StepReport};
 use crate::engine::{EngineConfig, EngineHandle};
+use crate::metrics::Metrics;
 use crate::model::cpu::quant::WeightFormat;
 use crate::model::llama::{Backend, LoadOptions};
 use crate::model::{fetch, Model};
@@ -117,6 +118,7 @@ pub fn vector_store(cfg: &Config, model: &Model) -> Result<Arc<VectorStore>> {
 pub fn build_state(cfg: Config, model: Model) -> Result<AppState> {
     let model = Arc::new(model);
     let store = vector_store(&cfg, &model)?;
+    let metrics = Arc::new(Metrics::default());
     let engine = EngineHandle::spawn(
         model,
         EngineConfig {
@@ -127,9 +129,34 @@ pub fn build_state(cfg: Config, model: Model) -> Result<AppState> {
             },
             max_queue: cfg.engine.max_queue,
         },
-        None,
+        Some(step_observer(metrics.clone())),
     )?;
-    Ok(AppState::new(engine, store, cfg))
+    Ok(AppState::new(engine, store, cfg, metrics))
+}
+
+/// Feeds every engine step into the metrics.
+fn step_observer(m: Arc<Metrics>) -> crate::engine::StepObserver {
+    Arc::new(move |r: &StepReport, sched: &Scheduler| {
+        use crate::metrics as k;
+        m.observe(k::BATCH_SIZE, r.sequences as f64);
+        m.observe(k::BATCH_TOKENS, r.rows as f64);
+        m.observe(k::STEP_SECONDS, r.seconds);
+        m.add(k::PROMPT_TOKENS, &[], r.prefill_tokens as f64);
+        m.add(k::GENERATED_TOKENS, &[], r.generated_tokens as f64);
+        for &t in &r.first_token_latencies {
+            m.observe(k::TIME_TO_FIRST_TOKEN, t);
+        }
+        for &t in &r.inter_token_latencies {
+            m.observe(k::INTER_TOKEN_LATENCY, t);
+        }
+        for (op, n) in &r.interventions {
+            m.add(k::INTERVENTIONS, &[("op", op)], *n as f64);
+        }
+        for f in &r.finished {
+            m.add(k::FINISHED, &[("reason", f.reason.as_str())], 1.0);
+        }
+        m.set(k::ACTIVE_SEQUENCES, sched.len() as f64);
+    })
 }
 
 /// Serves until SIGTERM or ctrl-c.
@@ -141,18 +168,31 @@ pub async fn serve(cfg: Config) -> Result<()> {
     })
     .await??;
     let state = build_state(cfg, model)?;
+    let state_for_exit = state.clone();
     let app = crate::app(state.clone());
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
+    let grace = std::time::Duration::from_secs(state.config.server.shutdown_grace_secs);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             state.set_ready(false);
-            tracing::info!("shutting down: finishing in-flight requests");
+            tracing::info!(
+                grace_secs = grace.as_secs(),
+                "shutting down: finishing in-flight requests"
+            );
+            let engine = state.engine.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                tracing::info!("shutdown grace period over: ending running requests");
+                engine.stop();
+            });
         })
         .await?;
+    state_for_exit.engine.stop();
+    tracing::info!("stopped");
     Ok(())
 }
 

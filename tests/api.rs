@@ -447,3 +447,55 @@ async fn body_limit_unknown_routes_and_methods() {
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(r.error_code(), "method_not_allowed");
 }
+
+#[tokio::test]
+async fn overload_is_a_prompt_429_and_accepted_requests_stay_correct() {
+    let mut cfg = test_config(None);
+    cfg.engine.max_batch_size = 1;
+    cfg.engine.max_queue = 1;
+    cfg.limits.max_tokens = 200;
+    let s = tiny_state(cfg);
+    let body = |i: usize| json!({"prompt": format!("the theater {i}"), "max_tokens": 200, "ignore_eos": true, "temperature": 1.0, "seed": i});
+    // What each request produces when it runs alone.
+    let mut alone = Vec::new();
+    for i in 0..12 {
+        alone.push(post_json(&s, "/generate", body(i)).await.json()["text"].clone());
+    }
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { (i, post_json(&s, "/generate", body(i)).await) })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        match r.status {
+            StatusCode::OK => {
+                ok += 1;
+                assert_eq!(r.json()["text"], alone[i], "request {i} got another's text");
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                refused += 1;
+                assert_eq!(r.headers["retry-after"], "1");
+                assert_eq!(r.error_code(), "queue_full");
+                assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+            }
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    assert!(ok >= 1 && refused >= 1, "ok {ok}, refused {refused}");
+    assert!(started.elapsed().as_secs() < 30);
+    let m = get(&s, "/metrics").await.text();
+    assert!(
+        m.contains(&format!(
+            "tiller_requests_rejected_total{{reason=\"queue_full\"}} {refused}"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains("tiller_http_requests_total{route=\"/generate\",status=\"429\"}"),
+        "{m}"
+    );
+}

@@ -130,3 +130,31 @@ pub async fn info(State(state): State<AppState>) -> Json<ModelInfo> {
         uptime_secs: state.started.elapsed().as_secs(),
     })
 }
+
+/// Prometheus metrics: requests by route and status, queue depth, batch size, time to first
+/// token, inter-token latency, token counts, interventions applied by op.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String)))]
+pub async fn metrics(
+    State(state): State<AppState>,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    use crate::metrics as k;
+    state
+        .metrics
+        .set(k::QUEUE_DEPTH, state.engine.queue_depth() as f64);
+    state.metrics.set(
+        k::ACTIVE_SEQUENCES,
+        state
+            .engine
+            .stats
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
+}

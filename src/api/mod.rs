@@ -13,6 +13,7 @@ pub mod vectors;
 use crate::config::Config;
 use crate::engine::EngineHandle;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::steering::spec::{validate, InterventionSpec, ModelLimits, SteeringPlan};
 use crate::steering::store::VectorStore;
 use axum::extract::DefaultBodyLimit;
@@ -32,6 +33,7 @@ pub struct AppInner {
     pub engine: EngineHandle,
     pub store: Arc<VectorStore>,
     pub config: Config,
+    pub metrics: Arc<Metrics>,
     pub started: Instant,
     ready: AtomicBool,
 }
@@ -44,11 +46,17 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(engine: EngineHandle, store: Arc<VectorStore>, config: Config) -> Self {
+    pub fn new(
+        engine: EngineHandle,
+        store: Arc<VectorStore>,
+        config: Config,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self(Arc::new(AppInner {
             engine,
             store,
             config,
+            metrics,
             started: Instant::now(),
             ready: AtomicBool::new(true),
         }))
@@ -197,6 +205,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
         .routes(routes!(health::info))
+        .routes(routes!(health::metrics))
 }
 
 /// Every route but the probes answers 401 without a key when API keys are configured.
@@ -278,9 +287,34 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
             state.clone(),
             auth::require_key,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state);
     (router, spec)
+}
+
+/// Counts every request by route template and status.
+async fn count_requests(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    state.metrics.add(
+        crate::metrics::HTTP_REQUESTS,
+        &[("route", &route), ("status", &status)],
+        1.0,
+    );
+    resp
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

@@ -586,7 +586,7 @@ fn chat_logprob(lp: &TokenLogprob) -> TokenLogprobEntry {
 fn finish_reason(r: FinishReason) -> &'static str {
     match r {
         FinishReason::Stop => "stop",
-        FinishReason::Length | FinishReason::Timeout => "length",
+        FinishReason::Length | FinishReason::Timeout | FinishReason::Shutdown => "length",
     }
 }
 

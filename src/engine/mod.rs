@@ -12,7 +12,7 @@ use crate::steering::spec::SteeringPlan;
 use sampling::SamplingParams;
 use scheduler::{Scheduler, SchedulerConfig, StepReport};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -27,6 +27,8 @@ pub struct GenerationRequest {
     /// Report the top-n log-probabilities of each generated token.
     pub logprobs: Option<usize>,
     pub steering: Option<Arc<SteeringPlan>>,
+    /// Keep generating past end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
     pub deadline: Option<Instant>,
     pub events: mpsc::UnboundedSender<GenerationEvent>,
     /// The HTTP request id, for the engine's log lines.
@@ -86,6 +88,8 @@ pub enum FinishReason {
     Length,
     /// The request's time limit passed.
     Timeout,
+    /// The server is shutting down and its grace period ended.
+    Shutdown,
 }
 
 impl FinishReason {
@@ -94,6 +98,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Timeout => "timeout",
+            FinishReason::Shutdown => "shutdown",
         }
     }
 }
@@ -146,6 +151,9 @@ pub struct EngineStats {
     pub steps: AtomicU64,
     /// Tokens generated since start.
     pub generated_tokens: AtomicU64,
+    /// Set when the server's shutdown grace period is over: running sequences end at once
+    /// (finish reason `shutdown`) and new ones are refused.
+    pub stopping: AtomicBool,
 }
 
 /// A cloneable handle to the engine thread.
@@ -208,6 +216,14 @@ impl EngineHandle {
         rx.await.map_err(|_| SubmitError::Stopped)
     }
 
+    /// Ends every running sequence cleanly (their clients get a final event) and refuses new
+    /// ones: the last step of a graceful shutdown.
+    pub fn stop(&self) {
+        self.stats.stopping.store(true, Ordering::SeqCst);
+        // Wake the engine if it is idle.
+        let _ = self.tx.try_send(Command::Job(Box::new(|_| {})));
+    }
+
     /// Requests waiting in the queue.
     pub fn queue_depth(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
@@ -225,6 +241,34 @@ fn run(
     let mut open = true;
     loop {
         stats.active.store(sched.len(), Ordering::Relaxed);
+        if stats.stopping.load(Ordering::Relaxed) {
+            let finished = sched.finish_all(FinishReason::Shutdown);
+            if !finished.is_empty() {
+                tracing::info!(
+                    sequences = finished.len(),
+                    "shutdown: ended running sequences"
+                );
+            }
+            // Refuse whatever is still queued.
+            while let Ok(cmd) = rx.try_recv() {
+                if let Command::Generate(req) = cmd {
+                    let _ = req
+                        .events
+                        .send(GenerationEvent::Error("the server is shutting down".into()));
+                }
+            }
+            stats.active.store(0, Ordering::Relaxed);
+            match rx.blocking_recv() {
+                Some(Command::Generate(req)) => {
+                    let _ = req
+                        .events
+                        .send(GenerationEvent::Error("the server is shutting down".into()));
+                    continue;
+                }
+                Some(Command::Job(_)) => continue,
+                None => break,
+            }
+        }
         if sched.is_idle() {
             if !open {
                 break;

@@ -40,6 +40,7 @@ struct Sequence {
     text: String,
     admitted: Instant,
     first_token: Option<Instant>,
+    last_token: Option<Instant>,
 }
 
 impl Sequence {
@@ -62,7 +63,11 @@ pub struct StepReport {
     pub finished: Vec<Finished>,
     /// Seconds from admission to the first token, for sequences that got theirs this step.
     pub first_token_latencies: Vec<f64>,
+    /// Seconds between a sequence's previous token and the one it got this step.
+    pub inter_token_latencies: Vec<f64>,
     pub interventions: std::collections::BTreeMap<&'static str, u64>,
+    /// Wall time of the step.
+    pub seconds: f64,
 }
 
 /// The active sequences.
@@ -118,8 +123,18 @@ impl Scheduler {
             text: String::new(),
             admitted: Instant::now(),
             first_token: None,
+            last_token: None,
             req,
         });
+    }
+
+    /// Ends every active sequence now with `reason`, sending each its final event.
+    pub fn finish_all(&mut self, reason: FinishReason) -> Vec<Finished> {
+        let mut out = Vec::new();
+        for mut s in self.active.drain(..) {
+            out.push(finish(&mut s, reason));
+        }
+        out
     }
 
     /// Fails every active sequence (after an unrecoverable error in a step).
@@ -151,6 +166,7 @@ impl Scheduler {
 
     /// Runs one forward pass over every active sequence and hands out the sampled tokens.
     pub fn step(&mut self, model: &Model) -> anyhow::Result<StepReport> {
+        let started = Instant::now();
         let mut report = StepReport::default();
         self.reap(&mut report);
         if self.active.is_empty() {
@@ -234,6 +250,7 @@ impl Scheduler {
             idx += 1;
             keep
         });
+        report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }
 }
@@ -247,14 +264,19 @@ fn advance(
 ) -> anyhow::Result<Option<FinishReason>> {
     let tok = &model.tokenizer;
     let id = s.sampler.sample(logits, &s.tokens[s.prompt_len..]);
+    let now = Instant::now();
     if s.first_token.is_none() {
-        let now = Instant::now();
         s.first_token = Some(now);
         report
             .first_token_latencies
             .push((now - s.admitted).as_secs_f64());
     }
-    if tok.is_eos(id) {
+    if let Some(prev) = s.last_token.replace(now) {
+        report
+            .inter_token_latencies
+            .push((now - prev).as_secs_f64());
+    }
+    if tok.is_eos(id) && !s.req.ignore_eos {
         return Ok(Some(FinishReason::Stop));
     }
     s.tokens.push(id);
