@@ -296,6 +296,13 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
     })
 }
 
+/// Sends one JSON request and returns the status and body (tests and tools).
+pub fn post_json(addr: &str, path: &str, body: &str) -> Result<(u16, String)> {
+    let mut text = String::new();
+    let status = stream_post(addr, path, body, |_, data| text.push_str(data))?;
+    Ok((status, text))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,11 +314,4 @@ mod tests {
         assert_eq!(percentile(&mut xs, 99.0), 99.0);
         assert_eq!(percentile(&mut [], 50.0), 0.0);
     }
-}
-
-/// Sends one JSON request and returns the status and body (tests and tools).
-pub fn post_json(addr: &str, path: &str, body: &str) -> Result<(u16, String)> {
-    let mut text = String::new();
-    let status = stream_post(addr, path, body, |_, data| text.push_str(data))?;
-    Ok((status, text))
 }
