@@ -117,6 +117,7 @@ pub fn bench(
             n_neurons: c.intermediate_size,
             max_interventions: 1,
             store: &store,
+            saes: &Default::default(),
         },
     )
     .map_err(|e| anyhow!("{e}"))?;
@@ -533,4 +534,173 @@ pub fn load_suite(cfg: &crate::loadgen::LoadConfig) -> Result<LoadSuite> {
         same_vector,
         different_vectors,
     })
+}
+
+/// Settings of `tiller sae train`.
+#[derive(Debug, Clone)]
+pub struct SaeTrainArgs {
+    pub name: String,
+    pub layer: usize,
+    pub features: usize,
+    pub k: usize,
+    pub epochs: usize,
+    pub samples: usize,
+    pub max_tokens: usize,
+    pub seed: u64,
+    pub out: Option<std::path::PathBuf>,
+}
+
+/// Generates a corpus with the model itself (continuations of `data/corpus/prompts.txt`),
+/// records `resid_post` at the chosen layer over every token, trains a TopK SAE, and writes it
+/// in the SAELens layout (with `report.json` and the corpus) to `saes.dir/NAME`.
+pub fn sae_train(cfg: &Config, args: &SaeTrainArgs) -> Result<()> {
+    use crate::engine::sampling::SamplingParams;
+    use crate::engine::scheduler::{Scheduler, SchedulerConfig};
+    use crate::engine::{GenerationEvent, GenerationRequest};
+    let started = Instant::now();
+    let model = load_model(cfg)?;
+    let c = model.llama.config();
+    if args.layer >= c.n_layers {
+        anyhow::bail!(
+            "--layer {} is out of range (0-{})",
+            args.layer,
+            c.n_layers - 1
+        );
+    }
+    let prompts: Vec<String> = std::fs::read_to_string("data/corpus/prompts.txt")
+        .context("reading data/corpus/prompts.txt")?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    // 1. The corpus: the model's own replies, sampled, in batches of 8.
+    let mut sched = Scheduler::new(SchedulerConfig {
+        max_batch_size: 8,
+        max_batch_tokens: 512,
+        prefill_chunk: 256,
+    });
+    let mut pending = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        for s in 0..args.samples {
+            let ids = model.encode_chat(&[crate::model::chat::ChatMessage::new("user", p)])?;
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let mut sampling =
+                SamplingParams::greedy(args.seed.wrapping_add((i * args.samples + s) as u64));
+            sampling.temperature = 0.8;
+            sampling.top_p = 0.95;
+            pending.push((
+                GenerationRequest {
+                    prompt: ids.clone(),
+                    max_tokens: args.max_tokens,
+                    sampling,
+                    stop: Vec::new(),
+                    logprobs: None,
+                    steering: None,
+                    ignore_eos: false,
+                    deadline: None,
+                    events: tx,
+                    request_id: "sae-train".into(),
+                },
+                ids,
+                rx,
+            ));
+        }
+    }
+    let total = pending.len();
+    let mut sequences = Vec::with_capacity(total);
+    let mut texts = Vec::with_capacity(total);
+    let mut queue = pending.into_iter();
+    let mut running: Vec<(
+        Vec<u32>,
+        tokio::sync::mpsc::UnboundedReceiver<GenerationEvent>,
+    )> = Vec::new();
+    let mut reported = usize::MAX;
+    loop {
+        while sched.has_room() {
+            let Some((req, ids, rx)) = queue.next() else {
+                break;
+            };
+            sched.admit(&model, req);
+            running.push((ids, rx));
+        }
+        if sched.is_idle() && running.is_empty() {
+            break;
+        }
+        sched.step(&model)?;
+        running.retain_mut(|(ids, rx)| {
+            while let Ok(ev) = rx.try_recv() {
+                match ev {
+                    GenerationEvent::Token(t) => ids.push(t.id),
+                    GenerationEvent::Done(f) => {
+                        texts.push(f.text);
+                        sequences.push(std::mem::take(ids));
+                        return false;
+                    }
+                    GenerationEvent::Error(_) => return false,
+                }
+            }
+            true
+        });
+        if sequences.len() != reported {
+            reported = sequences.len();
+            eprint!("\rgenerating the corpus: {reported}/{total} replies");
+        }
+    }
+    eprintln!(" ({:.0}s)", started.elapsed().as_secs_f64());
+    // 2. Activations.
+    let (rows, n) = crate::steering::sae_train::collect_rows(
+        &model,
+        &sequences,
+        crate::model::hooks::HookSite::ResidPost,
+        args.layer,
+        512,
+    )?;
+    eprintln!("{n} activation rows at resid_post {}", args.layer);
+    // 3. Train.
+    let tcfg = crate::steering::sae_train::TrainConfig {
+        d_sae: args.features,
+        k: args.k,
+        epochs: args.epochs,
+        batch: 1024,
+        lr: 1e-3,
+        seed: args.seed,
+    };
+    let hook = format!("blocks.{}.hook_resid_post", args.layer);
+    let (sae, report) = crate::steering::sae_train::train(
+        &args.name,
+        &hook,
+        &rows,
+        n,
+        c.d_model,
+        &tcfg,
+        |step, total, loss| {
+            eprint!("\rtraining: step {step}/{total}, loss {loss:.3}   ");
+        },
+    )?;
+    eprintln!();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| cfg.saes.dir.join(&args.name));
+    sae.save_dir(&out)?;
+    let report_json = serde_json::json!({"config": tcfg, "report": report, "corpus_replies": texts.len(), "total_seconds": started.elapsed().as_secs_f64()});
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report_json)?,
+    )?;
+    let corpus: String = texts
+        .iter()
+        .map(|t| serde_json::to_string(t).unwrap_or_default() + "\n")
+        .collect();
+    std::fs::write(out.join("corpus.jsonl"), corpus)?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "sae": out.display().to_string(), "l0": report.l0, "fvu": report.fvu, "initial_fvu": report.initial_fvu,
+            "dead_features": report.dead_features, "dead_fraction": report.dead_fraction,
+            "train_tokens": report.train_tokens, "heldout_tokens": report.heldout_tokens,
+            "train_seconds": report.seconds, "total_seconds": started.elapsed().as_secs_f64(),
+        }))?
+    );
+    Ok(())
 }

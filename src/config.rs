@@ -18,6 +18,7 @@ pub struct Config {
     pub engine: EngineSettings,
     pub limits: Limits,
     pub vectors: VectorsConfig,
+    pub saes: SaesConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
 }
@@ -72,6 +73,12 @@ pub struct VectorsConfig {
     pub dir: PathBuf,
     pub max_extract_examples: usize,
     pub extract_batch_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaesConfig {
+    pub dir: PathBuf,
 }
 
 /// API keys. `Debug` never shows them.

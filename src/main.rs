@@ -86,6 +86,11 @@ enum Cmd {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Sparse autoencoders.
+    Sae {
+        #[command(subcommand)]
+        command: SaeCmd,
+    },
     /// Manage stored vectors without a server.
     Vectors {
         #[command(subcommand)]
@@ -129,6 +134,39 @@ enum Cmd {
         decode_tokens: usize,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum SaeCmd {
+    /// Train a TopK SAE on the model's resid_post at one layer, over a corpus the model writes
+    /// itself (replies to data/corpus/prompts.txt). Writes saes.dir/NAME (SAELens layout).
+    Train {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value = "res12_4k")]
+        name: String,
+        #[arg(long, default_value_t = 12)]
+        layer: usize,
+        /// Number of features (d_sae).
+        #[arg(long, default_value_t = 4096)]
+        features: usize,
+        /// Active features per token.
+        #[arg(long, default_value_t = 32)]
+        k: usize,
+        #[arg(long, default_value_t = 12)]
+        epochs: usize,
+        /// Sampled replies per prompt.
+        #[arg(long, default_value_t = 3)]
+        samples: usize,
+        /// Tokens per reply.
+        #[arg(long, default_value_t = 96)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output folder (default saes.dir/NAME).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -263,6 +301,37 @@ fn main() -> Result<()> {
             tiller::telemetry::init("warn", "text");
             tiller::cli::extract_from_file(&cfg, &data, out.as_deref(), name.as_deref())
         }
+        Cmd::Sae { command } => match command {
+            SaeCmd::Train {
+                common,
+                name,
+                layer,
+                features,
+                k,
+                epochs,
+                samples,
+                max_tokens,
+                seed,
+                out,
+            } => {
+                let cfg = load_config(&common, &[])?;
+                tiller::telemetry::init("warn", "text");
+                tiller::cli::sae_train(
+                    &cfg,
+                    &tiller::cli::SaeTrainArgs {
+                        name,
+                        layer,
+                        features,
+                        k,
+                        epochs,
+                        samples,
+                        max_tokens,
+                        seed,
+                        out,
+                    },
+                )
+            }
+        },
         Cmd::Vectors { command } => match command {
             VectorsCmd::List { common } => tiller::cli::vectors_list(&load_config(&common, &[])?),
             VectorsCmd::Import { common, file, name } => {

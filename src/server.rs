@@ -10,6 +10,7 @@ use crate::metrics::Metrics;
 use crate::model::cpu::quant::WeightFormat;
 use crate::model::llama::{Backend, LoadOptions};
 use crate::model::{fetch, Model};
+use crate::steering::sae::SaeStore;
 use crate::steering::store::{ModelShape, VectorStore};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -131,7 +132,20 @@ pub fn build_state(cfg: Config, model: Model) -> Result<AppState> {
         },
         Some(step_observer(metrics.clone())),
     )?;
-    Ok(AppState::new(engine, store, cfg, metrics))
+    let saes = Arc::new(SaeStore::default());
+    let c = engine.model.llama.config().clone();
+    for skipped in saes.load_dir(&cfg.saes.dir, |site, layer| {
+        (layer < c.n_layers).then(|| {
+            if site.is_residual_width() {
+                c.d_model
+            } else {
+                c.intermediate_size
+            }
+        })
+    }) {
+        tracing::warn!("skipped sparse autoencoder {skipped}");
+    }
+    Ok(AppState::new(engine, store, saes, cfg, metrics))
 }
 
 /// Feeds every engine step into the metrics.

@@ -94,6 +94,7 @@ fn plan(model: &Model, store: &VectorStore, specs: serde_json::Value) -> Steerin
             n_neurons: c.intermediate_size,
             max_interventions: 16,
             store,
+            saes: &Default::default(),
         },
     )
     .unwrap()

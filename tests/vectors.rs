@@ -789,6 +789,7 @@ async fn an_imported_control_vector_steers_as_llama_cpp_defines() {
             n_neurons: c.intermediate_size,
             max_interventions: 4,
             store,
+            saes: &Default::default(),
         },
     )
     .unwrap();

@@ -8,12 +8,14 @@ pub mod health;
 pub mod inspect;
 pub mod json;
 pub mod openai;
+pub mod saes;
 pub mod vectors;
 
 use crate::config::Config;
 use crate::engine::EngineHandle;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::steering::sae::SaeStore;
 use crate::steering::spec::{validate, InterventionSpec, ModelLimits, SteeringPlan};
 use crate::steering::store::VectorStore;
 use axum::extract::DefaultBodyLimit;
@@ -32,6 +34,7 @@ pub struct AppState(Arc<AppInner>);
 pub struct AppInner {
     pub engine: EngineHandle,
     pub store: Arc<VectorStore>,
+    pub saes: Arc<SaeStore>,
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub started: Instant,
@@ -49,12 +52,14 @@ impl AppState {
     pub fn new(
         engine: EngineHandle,
         store: Arc<VectorStore>,
+        saes: Arc<SaeStore>,
         config: Config,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self(Arc::new(AppInner {
             engine,
             store,
+            saes,
             config,
             metrics,
             started: Instant::now(),
@@ -88,6 +93,7 @@ impl AppState {
                 n_neurons: cfg.intermediate_size,
                 max_interventions: self.config.limits.max_interventions,
                 store: &self.store,
+                saes: &self.saes,
             },
         )?;
         Ok(Some(Arc::new(plan)))
@@ -195,6 +201,10 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(inspect::activations))
         .routes(routes!(inspect::logprobs))
         .routes(routes!(inspect::neurons_top))
+        .routes(routes!(saes::list_saes))
+        .routes(routes!(saes::get_sae, saes::put_sae, saes::delete_sae))
+        .routes(routes!(saes::inspect_features))
+        .routes(routes!(saes::feature_top))
         .routes(routes!(vectors::list_vectors))
         .routes(routes!(vectors::extract_vector))
         .routes(routes!(

@@ -320,6 +320,11 @@ pub enum Signal {
     Neuron { layer: usize, index: usize },
     /// The projection of `resid_post` at `layer` onto a unit direction.
     Direction { layer: usize, unit: Arc<[f32]> },
+    /// An SAE feature's activation at the SAE's hook.
+    Feature {
+        sae: Arc<super::sae::Sae>,
+        index: usize,
+    },
 }
 
 struct SignalHooks<'a> {
@@ -333,6 +338,7 @@ impl Hooks for SignalHooks<'_> {
         match self.signal {
             Signal::Neuron { layer: l, .. } => site == HookSite::MlpAct && layer == *l,
             Signal::Direction { layer: l, .. } => site == HookSite::ResidPost && layer == *l,
+            Signal::Feature { sae, .. } => site == sae.site && layer == sae.layer,
         }
     }
 
@@ -350,6 +356,7 @@ impl Hooks for SignalHooks<'_> {
                 Signal::Direction { unit, .. } => {
                     row.iter().zip(unit.iter()).map(|(a, b)| a * b).sum()
                 }
+                Signal::Feature { sae, index } => sae.feature_activation(row, *index),
             };
             self.values[rows.sequence[r]][rows.position[r]] = v;
         }

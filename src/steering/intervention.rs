@@ -35,6 +35,12 @@ pub fn apply_op(op: &Op, point: &HookPoint, h: &mut [f32]) {
                 *x = (*x as f64 + shift * *d as f64) as f32;
             }
         }
+        Op::FeatureClamp { sae, index, value } => {
+            let shift = value - sae.feature_activation(h, *index);
+            for (x, d) in h.iter_mut().zip(sae.decoder_row(*index)) {
+                *x += shift * d;
+            }
+        }
         Op::Neuron { index, action } => {
             if let Some(x) = h.get_mut(*index) {
                 *x = match *action {
@@ -88,6 +94,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::Add => "add",
         Op::Ablate => "ablate",
         Op::Clamp { .. } => "clamp",
+        Op::FeatureClamp { .. } => "feature_clamp",
         Op::Neuron { action, .. } => match action {
             NeuronAction::Zero => "neuron_zero",
             NeuronAction::Scale(_) => "neuron_scale",

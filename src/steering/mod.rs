@@ -6,6 +6,8 @@ pub mod extract;
 pub mod formats;
 pub mod inspect;
 pub mod intervention;
+pub mod sae;
+pub mod sae_train;
 pub mod spec;
 pub mod store;
 pub mod vector;

@@ -8,6 +8,7 @@
 //! it), `clamp` (set the projection to a value), and neuron `zero` / `mean` / `scale` / `set`
 //! on `mlp_act`.
 
+use super::sae::{Sae, SaeStore};
 use super::store::VectorStore;
 use super::vector::{l2_norm, SteeringVector, VectorKind};
 use crate::model::hooks::HookSite;
@@ -131,7 +132,7 @@ impl Positions {
 }
 
 /// What an intervention does at each of its hook points.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Op {
     /// `h += delta` where `delta = c·v` was computed once.
     Add,
@@ -141,6 +142,45 @@ pub enum Op {
     Clamp { value: f32 },
     /// Acts on one neuron of `mlp_act`.
     Neuron { index: usize, action: NeuronAction },
+    /// Sets an SAE feature's activation to `value` inside the SAE's reconstruction, keeping
+    /// the error term: `h += (value - f_i(h)) W_dec[i]`.
+    FeatureClamp {
+        sae: Arc<Sae>,
+        index: usize,
+        value: f32,
+    },
+}
+
+impl PartialEq for Op {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Op::Add, Op::Add) | (Op::Ablate, Op::Ablate) => true,
+            (Op::Clamp { value: a }, Op::Clamp { value: b }) => a == b,
+            (
+                Op::Neuron {
+                    index: a,
+                    action: x,
+                },
+                Op::Neuron {
+                    index: b,
+                    action: y,
+                },
+            ) => a == b && x == y,
+            (
+                Op::FeatureClamp {
+                    sae: s1,
+                    index: a,
+                    value: x,
+                },
+                Op::FeatureClamp {
+                    sae: s2,
+                    index: b,
+                    value: y,
+                },
+            ) => Arc::ptr_eq(s1, s2) && a == b && x == y,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -292,6 +332,7 @@ pub struct ModelLimits<'a> {
     pub n_neurons: usize,
     pub max_interventions: usize,
     pub store: &'a VectorStore,
+    pub saes: &'a SaeStore,
 }
 
 /// The neuron means a `mean` op names (or the default).
@@ -397,11 +438,7 @@ impl Validator<'_> {
         };
         let positions = self.positions(s.positions.as_ref())?;
         if let Some(f) = &s.feature {
-            return Err(self.err(
-                "feature.sae",
-                "unknown_sae",
-                format!("no sparse autoencoder named `{}` is loaded", f.sae),
-            ));
+            return self.feature(s, f, coefficient, positions);
         }
         if let Some(n) = s.neuron {
             return self.neuron(s, n, coefficient, positions);
@@ -567,6 +604,131 @@ impl Validator<'_> {
                 positions: positions.to_json(),
                 normalize: false,
                 vector_norm: None,
+                all_writes: false,
+            },
+        })
+    }
+
+    fn feature(
+        &self,
+        s: &InterventionSpec,
+        f: &FeatureRef,
+        coefficient: Option<f64>,
+        positions: Positions,
+    ) -> Result<Intervention, SpecError> {
+        let sae = self.ctx.saes.get(&f.sae).ok_or_else(|| {
+            let known = self.ctx.saes.names();
+            let hint = if known.is_empty() {
+                "none are loaded".to_string()
+            } else {
+                format!("loaded: {}", known.join(", "))
+            };
+            self.err(
+                "feature.sae",
+                "unknown_sae",
+                format!("no sparse autoencoder named `{}` ({hint})", f.sae),
+            )
+        })?;
+        if f.index < 0 || f.index as usize >= sae.d_sae {
+            return Err(self.err(
+                "feature.index",
+                "invalid_feature",
+                format!(
+                    "feature {} is out of range: `{}` has {} features (0-{})",
+                    f.index,
+                    sae.name,
+                    sae.d_sae,
+                    sae.d_sae - 1
+                ),
+            ));
+        }
+        let index = f.index as usize;
+        let explicit = self.layers(s)?;
+        if explicit.as_ref().is_some_and(|ls| ls != &[sae.layer]) {
+            return Err(self.err(
+                "layer",
+                "invalid_layer",
+                format!(
+                    "`{}` reads layer {} ({}); a feature acts only there",
+                    sae.name, sae.layer, sae.hook_name
+                ),
+            ));
+        }
+        if self.site(s, sae.site)? != sae.site {
+            return Err(self.err(
+                "site",
+                "invalid_site",
+                format!("`{}` reads `{}`", sae.name, sae.site),
+            ));
+        }
+        let op_name = s.op.as_deref().unwrap_or("add");
+        let normalize = s.normalize.unwrap_or(false);
+        let row = sae.decoder_row(index);
+        let norm = l2_norm(row);
+        let (op, vector, coef) = match op_name {
+            "add" => {
+                let c = coefficient.unwrap_or(1.0);
+                let scale = if normalize {
+                    c as f32 / norm.max(f32::MIN_POSITIVE)
+                } else {
+                    c as f32
+                };
+                let v: Arc<[f32]> = row.iter().map(|x| scale * x).collect();
+                if v.iter().any(|x| !x.is_finite()) {
+                    return Err(self.err(
+                        "coefficient",
+                        "non_finite",
+                        "coefficient times the decoder row overflows",
+                    ));
+                }
+                (Op::Add, Some(v), c)
+            }
+            "clamp" => {
+                let c = coefficient.ok_or_else(|| {
+                    self.err(
+                        "coefficient",
+                        "missing_coefficient",
+                        "`clamp` needs a coefficient: the feature's activation",
+                    )
+                })?;
+                (
+                    Op::FeatureClamp {
+                        sae: sae.clone(),
+                        index,
+                        value: c as f32,
+                    },
+                    None,
+                    c,
+                )
+            }
+            other => {
+                return Err(self.err(
+                    "op",
+                    "invalid_op",
+                    format!("unknown op `{other}` for a feature; use add or clamp"),
+                ))
+            }
+        };
+        Ok(Intervention {
+            op,
+            positions,
+            points: vec![HookPoint {
+                site: sae.site,
+                layer: sae.layer,
+                vector,
+            }],
+            applied: AppliedIntervention {
+                op: op_name.to_string(),
+                vector: None,
+                vector_version: None,
+                neuron: None,
+                feature: Some(f.clone()),
+                coefficient: Some(coef),
+                layers: vec![sae.layer],
+                site: sae.site.to_string(),
+                positions: positions.to_json(),
+                normalize,
+                vector_norm: Some(norm),
                 all_writes: false,
             },
         })

@@ -41,6 +41,7 @@ pub fn test_config(vectors: Option<PathBuf>) -> Config {
     let mut cfg = Config::default();
     cfg.vectors.builtin_dir = vectors.unwrap_or_else(|| PathBuf::from("/nonexistent"));
     cfg.vectors.dir = scratch_dir();
+    cfg.saes.dir = scratch_dir();
     cfg.limits.max_tokens = 200;
     cfg.limits.default_max_tokens = 16;
     cfg
@@ -68,6 +69,7 @@ pub fn real_state() -> AppState {
     let mut cfg = Config::default();
     cfg.model.path = default_model_path().display().to_string();
     cfg.vectors.dir = scratch_dir();
+    cfg.saes.dir = scratch_dir();
     let model = tiller::server::load_model(&cfg).unwrap();
     tiller::server::build_state(cfg, model).unwrap()
 }

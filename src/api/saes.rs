@@ -1,0 +1,641 @@
+//! Sparse autoencoders over HTTP: list and load them (`GET/PUT/DELETE /saes`), read the active
+//! features of every token of a prompt (`POST /inspect/features`), and find the contexts where
+//! one feature fires most (`POST /saes/{name}/features/{index}/top`). Steering by feature goes
+//! through the ordinary steering spec (`{"feature": {"sae": ..., "index": ...}}`).
+
+use super::generate::encode_input;
+use super::inspect::{encode_prompts, rank_contexts, TopContext, TopContextsResponse};
+use super::json::{ApiJson, RawBody};
+use super::AppState;
+use crate::error::{ApiError, ErrorBody};
+use crate::model::chat::ChatMessage;
+use crate::model::hooks::{BatchRows, ChainHooks, HookSite, Hooks};
+use crate::model::llama::PackedBatch;
+use crate::steering::extract::ExampleSpec;
+use crate::steering::intervention::BatchSteering;
+use crate::steering::sae::{Sae, SaeArchitecture, SaeConfig, SaeParts};
+use crate::steering::spec::{AppliedIntervention, InterventionSpec};
+use crate::steering::store::valid_name;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use utoipa::{IntoParams, ToSchema};
+
+/// A loaded SAE.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SaeInfo {
+    /// Its name (use it in `{"feature": {"sae": ...}}`).
+    #[schema(example = "res12_4k")]
+    pub name: String,
+    /// Width of the activation it reads.
+    #[schema(example = 576)]
+    pub d_in: usize,
+    /// Number of features.
+    #[schema(example = 4096)]
+    pub d_sae: usize,
+    /// `standard`, `jumprelu` or `topk`.
+    #[schema(example = "topk")]
+    pub architecture: String,
+    /// Active features per token (topk only).
+    #[schema(example = 32)]
+    pub k: Option<usize>,
+    /// The TransformerLens hook it reads.
+    #[schema(example = "blocks.12.hook_resid_post")]
+    pub hook_name: String,
+    /// The hook site and block.
+    #[schema(example = "resid_post")]
+    pub site: String,
+    #[schema(example = 12)]
+    pub layer: usize,
+    /// Whether `b_dec` is subtracted from the input before encoding.
+    #[schema(example = true)]
+    pub apply_b_dec_to_input: bool,
+}
+
+impl SaeInfo {
+    pub fn of(s: &Sae) -> Self {
+        let (architecture, k) = match s.architecture {
+            SaeArchitecture::Standard => ("standard", None),
+            SaeArchitecture::Jumprelu => ("jumprelu", None),
+            SaeArchitecture::Topk { k } => ("topk", Some(k)),
+        };
+        Self {
+            name: s.name.clone(),
+            d_in: s.d_in,
+            d_sae: s.d_sae,
+            architecture: architecture.into(),
+            k,
+            hook_name: s.hook_name.clone(),
+            site: s.site.to_string(),
+            layer: s.layer,
+            apply_b_dec_to_input: s.apply_b_dec_to_input,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SaeList {
+    /// Every loaded SAE.
+    pub saes: Vec<SaeInfo>,
+}
+
+/// List the loaded sparse autoencoders.
+#[utoipa::path(get, path = "/saes", tag = "saes",
+    responses((status = 200, description = "The loaded SAEs", body = SaeList)))]
+pub async fn list_saes(State(state): State<AppState>) -> Json<SaeList> {
+    Json(SaeList {
+        saes: state.saes.list().iter().map(|s| SaeInfo::of(s)).collect(),
+    })
+}
+
+fn lookup(state: &AppState, name: &str) -> Result<Arc<Sae>, ApiError> {
+    state.saes.get(name).ok_or_else(|| {
+        ApiError::not_found(
+            "sae_not_found",
+            format!("no sparse autoencoder named `{name}`"),
+        )
+    })
+}
+
+/// One SAE.
+#[utoipa::path(get, path = "/saes/{name}", tag = "saes",
+    params(("name" = String, Path, description = "SAE name")),
+    responses(
+        (status = 200, description = "The SAE", body = SaeInfo),
+        (status = 404, description = "No such SAE", body = ErrorBody)))]
+pub async fn get_sae(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<SaeInfo>, ApiError> {
+    let sae = lookup(&state, &name)?;
+    Ok(Json(SaeInfo::of(&sae)))
+}
+
+/// How to read a `PUT /saes/{name}` file body.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SaeQuery {
+    /// The hook the SAE reads, e.g. `blocks.12.hook_resid_post` (needed for a file body).
+    pub hook: Option<String>,
+    /// `standard` (default), `jumprelu` (default for a body with `threshold`) or `topk`.
+    pub architecture: Option<String>,
+    /// Active features per token, for `topk`.
+    pub k: Option<usize>,
+    /// Subtract `b_dec` before encoding (default true).
+    pub apply_b_dec_to_input: Option<bool>,
+}
+
+/// Load an SAE from the server's SAE folder.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SaePathBody {
+    /// A folder inside `saes.dir` holding SAELens files or Gemma Scope's `params.npz` (with a
+    /// `cfg.json` naming `hook_name`).
+    #[schema(example = "gemma-scope/layer_12/width_16k")]
+    pub path: String,
+}
+
+/// Load a sparse autoencoder.
+///
+/// The body is either JSON `{"path": "<folder in saes.dir>"}`, or a file: SAELens'
+/// `sae_weights.safetensors` or Gemma Scope's `params.npz` (`W_enc`, `W_dec`, `b_enc`, `b_dec`,
+/// `threshold`), with the hook and architecture in the query. The file is kept in
+/// `saes.dir/{name}` and loaded again at start.
+#[utoipa::path(put, path = "/saes/{name}", tag = "saes",
+    params(("name" = String, Path, description = "SAE name: 1-64 of a-z 0-9 _ . -"), SaeQuery),
+    request_body(content = SaePathBody, description = "JSON naming a folder, or a safetensors / npz file"),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Loaded", body = SaeInfo),
+        (status = 403, description = "An admin key is needed", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "Unreadable, or its width does not match the model at its hook", body = ErrorBody)))]
+pub async fn put_sae(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<SaeQuery>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    if !valid_name(&name) {
+        return Err(ApiError::invalid(
+            "name",
+            "invalid_name",
+            "use 1-64 characters from a-z, 0-9, `_`, `.` and `-`",
+        ));
+    }
+    let bad = |e: anyhow::Error| ApiError::invalid("body", "invalid_sae", format!("{e:#}"));
+    let root = state.config.saes.dir.clone();
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"))
+        || body.first() == Some(&b'{') && !body.starts_with(b"PK");
+    let from_file = !(is_json && serde_json::from_slice::<SaePathBody>(&body).is_ok());
+    let sae = if !from_file {
+        let p: SaePathBody = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid("body", "invalid_sae", e))?;
+        let rel = std::path::Path::new(&p.path);
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(ApiError::invalid(
+                "path",
+                "invalid_path",
+                "must be a relative folder inside saes.dir",
+            ));
+        }
+        let dir = root.join(rel);
+        tokio::task::spawn_blocking(move || Sae::load_dir(&name, &dir))
+            .await
+            .map_err(|e| ApiError::internal("loading the SAE", e))?
+            .map_err(bad)?
+    } else {
+        let hook = q.hook.clone().ok_or_else(|| {
+            ApiError::invalid(
+                "hook",
+                "missing_hook",
+                "a file body needs `?hook=blocks.N.hook_resid_post`",
+            )
+        })?;
+        let cfg = SaeConfig {
+            architecture: q.architecture.clone(),
+            k: q.k,
+            ..Default::default()
+        };
+        let bytes = body.to_vec();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Sae> {
+            let parts = if bytes.starts_with(b"PK") {
+                let tmp = tempfile_in(&root)?;
+                std::fs::write(&tmp, &bytes)?;
+                let parts = SaeParts::from_npz(&tmp);
+                let _ = std::fs::remove_file(&tmp);
+                parts?
+            } else {
+                SaeParts::from_safetensors(&bytes)?
+            };
+            let mut arch = cfg.architecture()?;
+            if q.architecture.is_none() && parts.threshold.is_some() {
+                arch = SaeArchitecture::Jumprelu;
+            }
+            Sae::new(
+                &name,
+                parts,
+                arch,
+                q.apply_b_dec_to_input.unwrap_or(true),
+                &hook,
+            )
+        })
+        .await
+        .map_err(|e| ApiError::internal("loading the SAE", e))?
+        .map_err(bad)?
+    };
+    let c = state.engine.model.llama.config();
+    if sae.layer >= c.n_layers {
+        return Err(ApiError::invalid(
+            "hook",
+            "invalid_layer",
+            format!("the model has no layer {}", sae.layer),
+        ));
+    }
+    let width = if sae.site.is_residual_width() {
+        c.d_model
+    } else {
+        c.intermediate_size
+    };
+    if sae.d_in != width {
+        return Err(ApiError::invalid(
+            "body",
+            "dimension_mismatch",
+            format!(
+                "the SAE reads {} dimensions but the model's `{}` has {width}",
+                sae.d_in, sae.site
+            ),
+        ));
+    }
+    // Kept only once it is known to fit the model, so a bad upload never reloads at start.
+    let sae = if from_file {
+        let dir = state.config.saes.dir.join(&sae.name);
+        tokio::task::spawn_blocking(move || sae.save_dir(&dir).map(|_| sae))
+            .await
+            .map_err(|e| ApiError::internal("saving the SAE", e))?
+            .map_err(|e| ApiError::internal("saving the SAE", format!("{e:#}")))?
+    } else {
+        sae
+    };
+    let info = SaeInfo::of(&sae);
+    state.saes.insert(sae);
+    tracing::info!(sae = %info.name, hook = %info.hook_name, d_sae = info.d_sae, "SAE loaded");
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+fn tempfile_in(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    Ok(dir.join(format!(
+        ".upload-{}-{}.npz",
+        std::process::id(),
+        rand::random::<u32>()
+    )))
+}
+
+/// Unload an SAE (and delete its folder in `saes.dir`).
+#[utoipa::path(delete, path = "/saes/{name}", tag = "saes",
+    params(("name" = String, Path, description = "SAE name")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Unloaded"),
+        (status = 403, description = "An admin key is needed", body = ErrorBody),
+        (status = 404, description = "No such SAE", body = ErrorBody)))]
+pub async fn delete_sae(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    lookup(&state, &name)?;
+    state.saes.remove(&name);
+    if valid_name(&name) {
+        let _ = std::fs::remove_dir_all(state.config.saes.dir.join(&name));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Active features of a prompt.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeaturesRequest {
+    /// Raw text. Give this or `messages`.
+    #[serde(default)]
+    #[schema(example = "The Golden Gate Bridge is in San Francisco.")]
+    pub prompt: Option<String>,
+    /// A conversation rendered with the chat template.
+    #[serde(default)]
+    pub messages: Option<Vec<ChatMessage>>,
+    /// The SAE to encode with.
+    #[schema(example = "res12_4k")]
+    pub sae: String,
+    /// Features per token to list (default 10, at most 100).
+    #[serde(default)]
+    #[schema(example = 5)]
+    pub top_k: Option<u64>,
+    /// Interventions applied during the pass (features are read after them).
+    #[serde(default)]
+    pub steering: Option<Vec<InterventionSpec>>,
+}
+
+/// One active feature.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FeatureActivation {
+    /// Feature index.
+    #[schema(example = 3124)]
+    pub index: usize,
+    /// Its activation.
+    #[schema(example = 8.4)]
+    pub activation: f32,
+}
+
+/// The features of one token.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenFeatures {
+    /// Token position.
+    #[schema(example = 3)]
+    pub position: usize,
+    /// Token id.
+    #[schema(example = 13480)]
+    pub id: u32,
+    /// The token as text.
+    #[schema(example = " Bridge")]
+    pub text: String,
+    /// Active features (nonzero) at this token.
+    #[schema(example = 32)]
+    pub l0: usize,
+    /// `|h - x̂| / |h|` at this token.
+    #[schema(example = 0.21)]
+    pub relative_error: f32,
+    /// The most active features, largest first.
+    pub top: Vec<FeatureActivation>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FeaturesResponse {
+    /// The SAE used.
+    #[schema(example = "res12_4k")]
+    pub sae: String,
+    /// Mean active features per token (first token excluded).
+    #[schema(example = 32.0)]
+    pub l0: f64,
+    /// Fraction of variance unexplained over the prompt's tokens (first excluded).
+    #[schema(example = 0.18)]
+    pub fvu: f64,
+    /// One entry per token.
+    pub tokens: Vec<TokenFeatures>,
+    /// The validated steering applied during the pass.
+    pub steering: Vec<AppliedIntervention>,
+}
+
+/// Records every row of one site and layer.
+struct Grab {
+    site: HookSite,
+    layer: usize,
+    rows: Vec<Vec<f32>>,
+}
+
+impl Hooks for Grab {
+    fn is_active(&self, site: HookSite, layer: usize) -> bool {
+        site == self.site && layer == self.layer
+    }
+
+    fn apply(
+        &mut self,
+        _: HookSite,
+        _: usize,
+        x: &candle_core::Tensor,
+        _: &BatchRows,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        self.rows = x.to_vec2()?;
+        Ok(None)
+    }
+}
+
+/// The SAE's active features at every token of a prompt, with reconstruction error and L0.
+#[utoipa::path(post, path = "/inspect/features", tag = "saes",
+    request_body = FeaturesRequest,
+    responses(
+        (status = 200, description = "Per-token features", body = FeaturesResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 422, description = "Unknown SAE, invalid top_k or steering", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody)))]
+pub async fn inspect_features(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<FeaturesRequest>,
+) -> Result<Json<FeaturesResponse>, ApiError> {
+    let sae = state.saes.get(&req.sae).ok_or_else(|| {
+        ApiError::invalid(
+            "sae",
+            "unknown_sae",
+            format!("no sparse autoencoder named `{}`", req.sae),
+        )
+    })?;
+    let tokens = encode_input(&state, req.prompt.as_deref(), req.messages.as_deref())?;
+    let max_prompt = state
+        .config
+        .limits
+        .max_prompt_tokens
+        .min(state.engine.model.llama.config().context_length);
+    if tokens.len() > max_prompt {
+        return Err(ApiError::invalid(
+            "prompt",
+            "prompt_too_long",
+            format!("{} tokens; at most {max_prompt}", tokens.len()),
+        ));
+    }
+    let top_k = match req.top_k {
+        None => 10,
+        Some(k) if k > 100 => {
+            return Err(ApiError::invalid("top_k", "invalid_top_k", "at most 100"))
+        }
+        Some(k) => k as usize,
+    };
+    let plan = state.steering_plan(req.steering.as_deref())?;
+    let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
+    let (toks, s2) = (tokens.clone(), sae.clone());
+    let rows = state
+        .engine
+        .run_job(move |m| -> anyhow::Result<Vec<Vec<f32>>> {
+            let mut grab = Grab {
+                site: s2.site,
+                layer: s2.layer,
+                rows: Vec::new(),
+            };
+            let mut steer = BatchSteering::new(
+                m.llama.config().n_layers,
+                vec![(plan.as_deref(), toks.len())],
+            );
+            let mut hooks = ChainHooks {
+                first: &mut steer,
+                second: &mut grab,
+            };
+            let mut cache = m.llama.new_cache();
+            let mut b = PackedBatch::default();
+            b.push(&toks, 0, false);
+            m.llama.forward(&b, &mut [&mut cache], &mut hooks)?;
+            Ok(grab.rows)
+        })
+        .await?
+        .map_err(|e| ApiError::internal("inspection", format!("{e:#}")))?;
+    let n = rows.len();
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    let s3 = sae.clone();
+    // An [n, d_sae] matmul: too long for an async worker.
+    let (f, recon) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+            let f = s3.encode(&flat, n)?;
+            let recon = s3.decode(&f, n)?;
+            Ok((f, recon))
+        })
+        .await
+        .map_err(|e| ApiError::internal("encoding", e))?
+        .map_err(|e| ApiError::internal("encoding", format!("{e:#}")))?;
+    let d = sae.d_in;
+    let tok = &state.engine.model.tokenizer;
+    let mut out = Vec::with_capacity(n);
+    let (mut l0_sum, mut err_sum, mut var_sum) = (0.0, 0.0, 0.0);
+    // The first token's activations are an outlier (attention sink); it is left out of L0 and FVU.
+    let first = usize::from(n > 1);
+    let counted = n - first;
+    let mean: Vec<f64> = (0..d)
+        .map(|j| rows[first..].iter().map(|r| r[j] as f64).sum::<f64>() / counted.max(1) as f64)
+        .collect();
+    for p in 0..n {
+        let fr = &f[p * sae.d_sae..(p + 1) * sae.d_sae];
+        let l0 = fr.iter().filter(|v| **v != 0.0).count();
+        let err: f64 = (0..d)
+            .map(|j| (rows[p][j] as f64 - recon[p * d + j] as f64).powi(2))
+            .sum();
+        let norm: f64 = rows[p].iter().map(|v| (*v as f64).powi(2)).sum();
+        if p >= first {
+            l0_sum += l0 as f64;
+            err_sum += err;
+            var_sum += (0..d)
+                .map(|j| (rows[p][j] as f64 - mean[j]).powi(2))
+                .sum::<f64>();
+        }
+        out.push(TokenFeatures {
+            position: p,
+            id: tokens[p],
+            text: tok.token_text(tokens[p]),
+            l0,
+            relative_error: if norm > 0.0 {
+                (err / norm).sqrt() as f32
+            } else {
+                0.0
+            },
+            top: crate::engine::sampling::top_n(fr, top_k)
+                .into_iter()
+                .filter(|(_, v)| *v > 0.0)
+                .map(|(index, activation)| FeatureActivation {
+                    index: index as usize,
+                    activation,
+                })
+                .collect(),
+        });
+    }
+    Ok(Json(FeaturesResponse {
+        sae: sae.name.clone(),
+        l0: l0_sum / counted.max(1) as f64,
+        fvu: if var_sum > 0.0 {
+            err_sum / var_sum
+        } else {
+            0.0
+        },
+        tokens: out,
+        steering: applied,
+    }))
+}
+
+/// Where a feature fires most.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureTopRequest {
+    /// Texts to search (default: the server's built-in corpus, `data/corpus/*.txt`).
+    #[serde(default)]
+    #[schema(example = json!(["The Golden Gate Bridge is in San Francisco."]))]
+    pub prompts: Vec<ExampleSpec>,
+    /// Render prompts as user turns in the chat template.
+    #[serde(default)]
+    #[schema(example = false)]
+    pub chat: Option<bool>,
+    /// How many contexts (default 10, at most 100).
+    #[serde(default)]
+    #[schema(example = 10)]
+    pub top_n: Option<u64>,
+    /// Tokens of context on each side (default 8).
+    #[serde(default)]
+    #[schema(example = 8)]
+    pub context: Option<u64>,
+}
+
+/// The corpus searched when a request gives no prompts: one text per line of
+/// `data/corpus/*.txt`.
+pub fn default_corpus() -> Vec<ExampleSpec> {
+    let mut out = Vec::new();
+    let Ok(read) = std::fs::read_dir("data/corpus") else {
+        return out;
+    };
+    let mut files: Vec<_> = read
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+        .collect();
+    files.sort();
+    for f in files {
+        if let Ok(text) = std::fs::read_to_string(&f) {
+            out.extend(
+                text.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(|l| ExampleSpec::Text(l.to_string())),
+            );
+        }
+    }
+    out
+}
+
+/// The contexts where one feature is most active.
+#[utoipa::path(post, path = "/saes/{name}/features/{index}/top", tag = "saes",
+    params(("name" = String, Path, description = "SAE name"), ("index" = usize, Path, description = "Feature index")),
+    request_body = FeatureTopRequest,
+    responses(
+        (status = 200, description = "The top contexts, largest activation first", body = TopContextsResponse),
+        (status = 404, description = "No such SAE", body = ErrorBody),
+        (status = 422, description = "Feature out of range, or invalid prompts", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody)))]
+pub async fn feature_top(
+    State(state): State<AppState>,
+    Path((name, index)): Path<(String, usize)>,
+    ApiJson(req): ApiJson<FeatureTopRequest>,
+) -> Result<Json<TopContextsResponse>, ApiError> {
+    let sae = lookup(&state, &name)?;
+    if index >= sae.d_sae {
+        return Err(ApiError::invalid(
+            "index",
+            "invalid_feature",
+            format!("feature {index} is out of range (0-{})", sae.d_sae - 1),
+        ));
+    }
+    let top_n = match req.top_n {
+        None => 10,
+        Some(n) if n == 0 || n > 100 => {
+            return Err(ApiError::invalid(
+                "top_n",
+                "invalid_top_n",
+                "must be 1 to 100",
+            ))
+        }
+        Some(n) => n as usize,
+    };
+    let prompts = if req.prompts.is_empty() {
+        default_corpus()
+    } else {
+        req.prompts.clone()
+    };
+    let sequences = encode_prompts(&state, &prompts, req.chat.unwrap_or(false))?;
+    let signal = Arc::new(crate::steering::inspect::Signal::Feature {
+        sae: sae.clone(),
+        index,
+    });
+    let contexts: Vec<TopContext> = rank_contexts(
+        &state,
+        sequences,
+        move |m, s| crate::steering::inspect::signal_values(m, s, &signal),
+        top_n,
+        req.context.unwrap_or(8).min(64) as usize,
+    )
+    .await?;
+    Ok(Json(TopContextsResponse {
+        signal: format!("{}#{index} @ {} {}", sae.name, sae.site, sae.layer),
+        contexts,
+    }))
+}
