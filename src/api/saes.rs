@@ -48,6 +48,7 @@ pub struct SaeInfo {
     /// The hook site and block.
     #[schema(example = "resid_post")]
     pub site: String,
+    /// The block (`layer` in a steering spec).
     #[schema(example = 12)]
     pub layer: usize,
     /// Whether `b_dec` is subtracted from the input before encoding.
