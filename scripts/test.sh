@@ -7,5 +7,8 @@ cd "$(dirname "$0")/.."
 echo "==> default model"
 cargo run --quiet -- fetch-model
 
+echo "==> browser test tools (Debian's chromium, playwright-core)"
+./scripts/install_browser.sh || echo "browser tools not installed: the browser test will say so"
+
 echo "==> cargo test"
 cargo test --all-targets "$@"

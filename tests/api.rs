@@ -499,3 +499,50 @@ async fn overload_is_a_prompt_429_and_accepted_requests_stay_correct() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn the_playground_is_served_from_the_binary_without_a_key() {
+    let mut cfg = test_config(None);
+    cfg.auth.api_keys = vec!["user-key-123".into()];
+    let s = tiny_state(cfg);
+    for path in ["/", "/playground"] {
+        let r = get(&s, path).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert!(r.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        let csp = r.headers["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("default-src 'self'") && csp.contains("script-src 'self'"),
+            "{csp}"
+        );
+        let html = r.text();
+        assert!(html.contains("/playground/app.js") && html.contains("/playground/style.css"));
+        // Nothing from another origin: no CDN scripts, styles or fonts.
+        assert!(
+            !html.contains("http://") && !html.contains("https://"),
+            "external reference in the page"
+        );
+    }
+    let js = get(&s, "/playground/app.js").await;
+    assert_eq!(js.status, StatusCode::OK);
+    assert!(js.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    assert!(js.text().contains("/inspect/activations"));
+    assert!(
+        !js.text().contains("https://"),
+        "the script loads nothing external"
+    );
+    let css = get(&s, "/playground/style.css").await;
+    assert_eq!(css.status, StatusCode::OK);
+    assert!(!css.text().contains("@import") && !css.text().contains("url("));
+    // The API behind it still needs the key (the page asks for one on 401).
+    assert_eq!(get(&s, "/info").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        get(&s, "/playground/other.js").await.status,
+        StatusCode::NOT_FOUND
+    );
+}

@@ -8,6 +8,7 @@ pub mod health;
 pub mod inspect;
 pub mod json;
 pub mod openai;
+pub mod playground;
 pub mod saes;
 pub mod vectors;
 
@@ -291,6 +292,7 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
                 }
             }),
         )
+        .merge(playground::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

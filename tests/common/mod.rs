@@ -217,6 +217,7 @@ impl Server {
         cmd.args(["serve", "--port", &port.to_string(), "--model"])
             .arg(&model)
             .env("TILLER_VECTORS_DIR", scratch_dir())
+            .env("TILLER_SAES_DIR", scratch_dir())
             .env("TILLER_LOG_LEVEL", "warn");
         for (k, v) in extra_env {
             cmd.env(k, v);
