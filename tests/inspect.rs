@@ -6,38 +6,11 @@ mod common;
 use axum::http::StatusCode;
 use common::*;
 use serde_json::{json, Value};
-use tiller::model::hooks::{BatchRows, HookSite, Hooks, NoHooks};
+use tiller::model::hooks::{HookSite, NoHooks};
 use tiller::model::llama::PackedBatch;
 use tiller::AppState;
 
 const D: usize = 64;
-
-/// Every activation at one site and layer for a token sequence, with no steering.
-fn record(s: &AppState, tokens: &[u32], site: HookSite, layer: usize) -> Vec<Vec<f32>> {
-    struct Grab(HookSite, usize, Vec<Vec<f32>>);
-    impl Hooks for Grab {
-        fn is_active(&self, site: HookSite, layer: usize) -> bool {
-            site == self.0 && layer == self.1
-        }
-        fn apply(
-            &mut self,
-            _: HookSite,
-            _: usize,
-            x: &candle_core::Tensor,
-            _: &BatchRows,
-        ) -> candle_core::Result<Option<candle_core::Tensor>> {
-            self.2 = x.to_vec2()?;
-            Ok(None)
-        }
-    }
-    let model = &s.engine.model;
-    let mut cache = model.llama.new_cache();
-    let mut b = PackedBatch::default();
-    b.push(tokens, 0, false);
-    let mut g = Grab(site, layer, Vec::new());
-    model.llama.forward(&b, &mut [&mut cache], &mut g).unwrap();
-    g.2
-}
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()

@@ -481,33 +481,9 @@ async fn a_request_keeps_the_vector_version_it_was_admitted_with() {
     assert_eq!(r.error_code(), "unknown_vector");
 }
 
-/// The residual stream at `layer` (resid_post) of every position of each prompt, recorded by
-/// a hook of its own (the reference the extraction is checked against).
+/// The residual stream at `layer` of every position of a prompt.
 fn residuals(s: &AppState, tokens: &[u32], site: HookSite, layer: usize) -> Vec<Vec<f32>> {
-    struct Grab(HookSite, usize, Vec<Vec<f32>>);
-    impl Hooks for Grab {
-        fn is_active(&self, site: HookSite, layer: usize) -> bool {
-            site == self.0 && layer == self.1
-        }
-        fn apply(
-            &mut self,
-            _: HookSite,
-            _: usize,
-            x: &candle_core::Tensor,
-            _: &BatchRows,
-        ) -> candle_core::Result<Option<candle_core::Tensor>> {
-            self.2 = x.to_vec2()?;
-            Ok(None)
-        }
-    }
-    let model = &s.engine.model;
-    let mut cache = model.llama.new_cache();
-    let mut b = PackedBatch::default();
-    b.push(tokens, 0, false);
-    let mut g = Grab(site, layer, Vec::new());
-    model.llama.forward(&b, &mut [&mut cache], &mut g).unwrap();
-    let _ = NoHooks;
-    g.2
+    record(s, tokens, site, layer)
 }
 
 fn mean(rows: &[Vec<f32>]) -> Vec<f64> {

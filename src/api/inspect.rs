@@ -134,6 +134,32 @@ pub struct ActivationsResponse {
     pub steering: Vec<AppliedIntervention>,
 }
 
+/// A request's `top_k` (default 10, at most 100).
+pub(super) fn top_k_param(top_k: Option<u64>) -> Result<usize, ApiError> {
+    match top_k {
+        None => Ok(10),
+        Some(k) if k > 100 => Err(ApiError::invalid("top_k", "invalid_top_k", "at most 100")),
+        Some(k) => Ok(k as usize),
+    }
+}
+
+/// Rejects a prompt longer than `limits.max_prompt_tokens` or the model's context.
+pub(super) fn check_prompt_len(state: &AppState, len: usize) -> Result<(), ApiError> {
+    let max_prompt = state
+        .config
+        .limits
+        .max_prompt_tokens
+        .min(state.engine.model.llama.config().context_length);
+    if len > max_prompt {
+        return Err(ApiError::invalid(
+            "prompt",
+            "prompt_too_long",
+            format!("{len} tokens; at most {max_prompt}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Activations at every token: top neurons or dimensions, norms, projections, chosen neurons.
 #[utoipa::path(post, path = "/inspect/activations", tag = "inspect",
     request_body = ActivationsRequest,
@@ -147,18 +173,7 @@ pub async fn activations(
     ApiJson(req): ApiJson<ActivationsRequest>,
 ) -> Result<Json<ActivationsResponse>, ApiError> {
     let tokens = encode_input(&state, req.prompt.as_deref(), req.messages.as_deref())?;
-    let max_prompt = state
-        .config
-        .limits
-        .max_prompt_tokens
-        .min(state.engine.model.llama.config().context_length);
-    if tokens.len() > max_prompt {
-        return Err(ApiError::invalid(
-            "prompt",
-            "prompt_too_long",
-            format!("{} tokens; at most {max_prompt}", tokens.len()),
-        ));
-    }
+    check_prompt_len(&state, tokens.len())?;
     let site = match req.site.as_deref() {
         None => HookSite::ResidPost,
         Some(s) => HookSite::parse(s).ok_or_else(|| {
@@ -177,13 +192,7 @@ pub async fn activations(
             ),
         ));
     }
-    let top_k = match req.top_k {
-        None => 10,
-        Some(k) if k > 100 => {
-            return Err(ApiError::invalid("top_k", "invalid_top_k", "at most 100"))
-        }
-        Some(k) => k as usize,
-    };
+    let top_k = top_k_param(req.top_k)?;
     let mut project_onto = Vec::new();
     for (i, name) in req.project_onto.unwrap_or_default().into_iter().enumerate() {
         let e = state.store.get(&name).ok_or_else(|| {
@@ -383,13 +392,7 @@ pub async fn logprobs(
             format!("{} prompt tokens is too long", prompt.len()),
         ));
     }
-    let top_k = match req.top_k {
-        None => 10,
-        Some(k) if k > 100 => {
-            return Err(ApiError::invalid("top_k", "invalid_top_k", "at most 100"))
-        }
-        Some(k) => k as usize,
-    };
+    let top_k = top_k_param(req.top_k)?;
     let plan = state.steering_plan(req.steering.as_deref())?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let (p, t) = (prompt.clone(), targets.clone());

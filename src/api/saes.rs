@@ -4,12 +4,14 @@
 //! through the ordinary steering spec (`{"feature": {"sae": ..., "index": ...}}`).
 
 use super::generate::encode_input;
-use super::inspect::{encode_prompts, rank_contexts, TopContext, TopContextsResponse};
+use super::inspect::{
+    check_prompt_len, encode_prompts, rank_contexts, top_k_param, TopContext, TopContextsResponse,
+};
 use super::json::{ApiJson, RawBody};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::model::chat::ChatMessage;
-use crate::model::hooks::{BatchRows, ChainHooks, HookSite, Hooks};
+use crate::model::hooks::{ChainHooks, SiteRecorder};
 use crate::model::llama::PackedBatch;
 use crate::steering::extract::ExampleSpec;
 use crate::steering::intervention::BatchSteering;
@@ -377,30 +379,6 @@ pub struct FeaturesResponse {
     pub steering: Vec<AppliedIntervention>,
 }
 
-/// Records every row of one site and layer.
-struct Grab {
-    site: HookSite,
-    layer: usize,
-    rows: Vec<Vec<f32>>,
-}
-
-impl Hooks for Grab {
-    fn is_active(&self, site: HookSite, layer: usize) -> bool {
-        site == self.site && layer == self.layer
-    }
-
-    fn apply(
-        &mut self,
-        _: HookSite,
-        _: usize,
-        x: &candle_core::Tensor,
-        _: &BatchRows,
-    ) -> candle_core::Result<Option<candle_core::Tensor>> {
-        self.rows = x.to_vec2()?;
-        Ok(None)
-    }
-}
-
 /// The SAE's active features at every token of a prompt, with reconstruction error and L0.
 #[utoipa::path(post, path = "/inspect/features", tag = "saes",
     request_body = FeaturesRequest,
@@ -421,36 +399,15 @@ pub async fn inspect_features(
         )
     })?;
     let tokens = encode_input(&state, req.prompt.as_deref(), req.messages.as_deref())?;
-    let max_prompt = state
-        .config
-        .limits
-        .max_prompt_tokens
-        .min(state.engine.model.llama.config().context_length);
-    if tokens.len() > max_prompt {
-        return Err(ApiError::invalid(
-            "prompt",
-            "prompt_too_long",
-            format!("{} tokens; at most {max_prompt}", tokens.len()),
-        ));
-    }
-    let top_k = match req.top_k {
-        None => 10,
-        Some(k) if k > 100 => {
-            return Err(ApiError::invalid("top_k", "invalid_top_k", "at most 100"))
-        }
-        Some(k) => k as usize,
-    };
+    check_prompt_len(&state, tokens.len())?;
+    let top_k = top_k_param(req.top_k)?;
     let plan = state.steering_plan(req.steering.as_deref())?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let (toks, s2) = (tokens.clone(), sae.clone());
     let rows = state
         .engine
         .run_job(move |m| -> anyhow::Result<Vec<Vec<f32>>> {
-            let mut grab = Grab {
-                site: s2.site,
-                layer: s2.layer,
-                rows: Vec::new(),
-            };
+            let mut grab = SiteRecorder::new(s2.site, s2.layer);
             let mut steer = BatchSteering::new(
                 m.llama.config().n_layers,
                 vec![(plan.as_deref(), toks.len())],

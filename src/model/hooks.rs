@@ -171,3 +171,43 @@ pub(crate) fn run_hook(
     }
     Ok(hooks.apply(site, layer, &x, rows)?.unwrap_or(x))
 }
+
+/// Records every row that passes one site of one block, with its token position, across
+/// however many forward passes it is used for.
+#[derive(Debug, Clone)]
+pub struct SiteRecorder {
+    pub site: HookSite,
+    pub layer: usize,
+    pub rows: Vec<Vec<f32>>,
+    /// The token position of each recorded row.
+    pub positions: Vec<usize>,
+}
+
+impl SiteRecorder {
+    pub fn new(site: HookSite, layer: usize) -> Self {
+        Self {
+            site,
+            layer,
+            rows: Vec::new(),
+            positions: Vec::new(),
+        }
+    }
+}
+
+impl Hooks for SiteRecorder {
+    fn is_active(&self, site: HookSite, layer: usize) -> bool {
+        site == self.site && layer == self.layer
+    }
+
+    fn apply(
+        &mut self,
+        _: HookSite,
+        _: usize,
+        x: &Tensor,
+        rows: &BatchRows,
+    ) -> Result<Option<Tensor>> {
+        self.rows.extend(x.to_vec2::<f32>()?);
+        self.positions.extend_from_slice(&rows.position);
+        Ok(None)
+    }
+}

@@ -10,7 +10,7 @@
 //! initialization: the same data and seed give the same SAE.
 
 use super::sae::{Sae, SaeArchitecture, SaeParts};
-use crate::model::hooks::{BatchRows, HookSite, Hooks};
+use crate::model::hooks::{HookSite, SiteRecorder};
 use crate::model::llama::PackedBatch;
 use crate::model::Model;
 use anyhow::{bail, Result};
@@ -52,37 +52,6 @@ pub struct TrainReport {
     pub loss_curve: Vec<(usize, f64)>,
 }
 
-/// Records every row (but each sequence's first) at one site and layer.
-struct RowRecorder {
-    site: HookSite,
-    layer: usize,
-    rows: Vec<f32>,
-    count: usize,
-}
-
-impl Hooks for RowRecorder {
-    fn is_active(&self, site: HookSite, layer: usize) -> bool {
-        site == self.site && layer == self.layer
-    }
-
-    fn apply(
-        &mut self,
-        _: HookSite,
-        _: usize,
-        x: &Tensor,
-        rows: &BatchRows,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let h: Vec<Vec<f32>> = x.to_vec2()?;
-        for (r, row) in h.into_iter().enumerate() {
-            if rows.position[r] > 0 {
-                self.rows.extend(row);
-                self.count += 1;
-            }
-        }
-        Ok(None)
-    }
-}
-
 /// The activations at `(site, layer)` of every token but the first of each sequence, run in
 /// packed passes of about `budget` tokens. Returns `[n, width]` flattened and `n`.
 pub fn collect_rows(
@@ -92,12 +61,9 @@ pub fn collect_rows(
     layer: usize,
     budget: usize,
 ) -> Result<(Vec<f32>, usize)> {
-    let mut rec = RowRecorder {
-        site,
-        layer,
-        rows: Vec::new(),
-        count: 0,
-    };
+    let mut rec = SiteRecorder::new(site, layer);
+    let mut out = Vec::new();
+    let mut count = 0;
     let mut start = 0;
     while start < sequences.len() {
         let mut batch = PackedBatch::default();
@@ -111,9 +77,16 @@ pub fn collect_rows(
         let mut caches: Vec<_> = (start..end).map(|_| model.llama.new_cache()).collect();
         let mut refs: Vec<_> = caches.iter_mut().collect();
         model.llama.forward(&batch, &mut refs, &mut rec)?;
+        // Each sequence's first token (an attention sink with an outsized norm) is left out.
+        for (row, pos) in rec.rows.drain(..).zip(rec.positions.drain(..)) {
+            if pos > 0 {
+                out.extend(row);
+                count += 1;
+            }
+        }
         start = end;
     }
-    Ok((rec.rows, rec.count))
+    Ok((out, count))
 }
 
 struct Params {

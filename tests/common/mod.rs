@@ -254,3 +254,23 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// Every activation at one site and layer for a token sequence, with no steering (the
+/// reference that endpoint results are checked against).
+pub fn record(
+    s: &AppState,
+    tokens: &[u32],
+    site: tiller::model::hooks::HookSite,
+    layer: usize,
+) -> Vec<Vec<f32>> {
+    let model = &s.engine.model;
+    let mut cache = model.llama.new_cache();
+    let mut b = tiller::model::llama::PackedBatch::default();
+    b.push(tokens, 0, false);
+    let mut rec = tiller::model::hooks::SiteRecorder::new(site, layer);
+    model
+        .llama
+        .forward(&b, &mut [&mut cache], &mut rec)
+        .unwrap();
+    rec.rows
+}
