@@ -1,0 +1,704 @@
+//! Validation of a request's `steering` list into a [`SteeringPlan`]: every name looked up
+//! (vector, neuron means, SAE), every layer, index, coefficient and position range checked
+//! against the model, and each failure reported with the field that caused it.
+
+use super::*;
+
+/// The neuron means a `mean` op names (or the default).
+fn name_of_means(s: &InterventionSpec) -> String {
+    s.means
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NEURON_MEANS.to_string())
+}
+
+/// Validates a request's `steering` list.
+pub fn validate(specs: &[InterventionSpec], ctx: &ModelLimits) -> Result<SteeringPlan, SpecError> {
+    if specs.len() > ctx.max_interventions {
+        return Err(SpecError {
+            field: "steering".into(),
+            code: "too_many_interventions",
+            message: format!(
+                "{} interventions given; at most {} are allowed per request",
+                specs.len(),
+                ctx.max_interventions
+            ),
+        });
+    }
+    let interventions = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Validator {
+                ctx,
+                base: format!("steering[{i}]"),
+            }
+            .intervention(s)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(SteeringPlan::new(interventions))
+}
+
+struct Validator<'a> {
+    ctx: &'a ModelLimits<'a>,
+    base: String,
+}
+
+/// A direction source after lookup.
+struct Direction {
+    name: Option<String>,
+    version: Option<u64>,
+    stored: Option<Arc<SteeringVector>>,
+    inline: Option<Arc<[f32]>>,
+}
+
+impl Validator<'_> {
+    fn err(&self, field: &str, code: &'static str, message: impl Into<String>) -> SpecError {
+        SpecError {
+            field: if field.is_empty() {
+                self.base.clone()
+            } else {
+                format!("{}.{field}", self.base)
+            },
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn intervention(&self, s: &InterventionSpec) -> Result<Intervention, SpecError> {
+        let targets = [
+            s.vector.is_some(),
+            s.values.is_some(),
+            s.neuron.is_some(),
+            s.feature.is_some(),
+        ];
+        match targets.iter().filter(|t| **t).count() {
+            1 => {}
+            0 => {
+                return Err(self.err(
+                    "",
+                    "missing_target",
+                    "give one of `vector`, `values`, `neuron` or `feature`",
+                ))
+            }
+            _ => {
+                return Err(self.err(
+                    "",
+                    "conflicting_targets",
+                    "give only one of `vector`, `values`, `neuron` or `feature`",
+                ))
+            }
+        }
+        if s.layer.is_some() && s.layers.is_some() {
+            return Err(self.err(
+                "layers",
+                "conflicting_layers",
+                "give `layer` or `layers`, not both",
+            ));
+        }
+        let coefficient = match s.coefficient {
+            Some(c) if !c.is_finite() || c.abs() > MAX_COEFFICIENT => {
+                return Err(self.err(
+                    "coefficient",
+                    "invalid_coefficient",
+                    format!("must be a finite number with magnitude at most {MAX_COEFFICIENT:e}"),
+                ))
+            }
+            c => c,
+        };
+        let positions = self.positions(s.positions.as_ref())?;
+        if let Some(f) = &s.feature {
+            return self.feature(s, f, coefficient, positions);
+        }
+        if let Some(n) = s.neuron {
+            return self.neuron(s, n, coefficient, positions);
+        }
+        self.direction_op(s, coefficient, positions)
+    }
+
+    fn positions(&self, v: Option<&serde_json::Value>) -> Result<Positions, SpecError> {
+        let bad = || {
+            self.err(
+                "positions",
+                "invalid_positions",
+                "must be \"all\", \"prompt\", \"generated\" or {\"last\": k} with k >= 1",
+            )
+        };
+        Ok(match v {
+            None => Positions::All,
+            Some(serde_json::Value::String(s)) => match s.as_str() {
+                "all" => Positions::All,
+                "prompt" => Positions::Prompt,
+                "generated" => Positions::Generated,
+                _ => return Err(bad()),
+            },
+            Some(serde_json::Value::Object(o)) if o.len() == 1 => {
+                match o.get("last").and_then(|k| k.as_u64()) {
+                    Some(k) if k >= 1 => Positions::Last(k as usize),
+                    _ => return Err(bad()),
+                }
+            }
+            _ => return Err(bad()),
+        })
+    }
+
+    fn layer(&self, field: &str, l: i64) -> Result<usize, SpecError> {
+        let n = self.ctx.n_layers;
+        if l < 0 || l as usize >= n {
+            return Err(self.err(
+                field,
+                "invalid_layer",
+                format!(
+                    "layer {l} is out of range: the model has {n} layers (0-{})",
+                    n - 1
+                ),
+            ));
+        }
+        Ok(l as usize)
+    }
+
+    /// The explicitly requested layers, if any.
+    fn layers(&self, s: &InterventionSpec) -> Result<Option<Vec<usize>>, SpecError> {
+        if let Some(l) = s.layer {
+            return Ok(Some(vec![self.layer("layer", l)?]));
+        }
+        let Some(ls) = &s.layers else { return Ok(None) };
+        if ls.is_empty() {
+            return Err(self.err("layers", "invalid_layer", "must list at least one layer"));
+        }
+        let mut out = Vec::with_capacity(ls.len());
+        for (i, &l) in ls.iter().enumerate() {
+            let l = self.layer(&format!("layers[{i}]"), l)?;
+            if out.contains(&l) {
+                return Err(self.err(
+                    &format!("layers[{i}]"),
+                    "invalid_layer",
+                    format!("layer {l} is listed twice"),
+                ));
+            }
+            out.push(l);
+        }
+        Ok(Some(out))
+    }
+
+    fn site(&self, s: &InterventionSpec, default: HookSite) -> Result<HookSite, SpecError> {
+        match &s.site {
+            None => Ok(default),
+            Some(name) => HookSite::parse(name).ok_or_else(|| {
+                self.err(
+                    "site",
+                    "invalid_site",
+                    format!("unknown site `{name}`; use resid_pre, attn_out, mlp_act, mlp_out or resid_post"),
+                )
+            }),
+        }
+    }
+
+    fn neuron(
+        &self,
+        s: &InterventionSpec,
+        n: NeuronRef,
+        coefficient: Option<f64>,
+        positions: Positions,
+    ) -> Result<Intervention, SpecError> {
+        let layer = self.layer("neuron.layer", n.layer)?;
+        if n.index < 0 || n.index as usize >= self.ctx.n_neurons {
+            return Err(self.err(
+                "neuron.index",
+                "invalid_neuron",
+                format!(
+                    "neuron {} is out of range: block MLPs have {} neurons (0-{})",
+                    n.index,
+                    self.ctx.n_neurons,
+                    self.ctx.n_neurons - 1
+                ),
+            ));
+        }
+        let index = n.index as usize;
+        if s.layer.is_some() || s.layers.is_some() {
+            return Err(self.err(
+                "layer",
+                "conflicting_layers",
+                "a neuron names its layer in `neuron.layer`",
+            ));
+        }
+        if matches!(self.site(s, HookSite::MlpAct)?, site if site != HookSite::MlpAct) {
+            return Err(self.err("site", "invalid_site", "neuron ops act on `mlp_act`"));
+        }
+        let op = s.op.as_deref().unwrap_or("zero");
+        let need = |what: &str| {
+            coefficient.ok_or_else(|| {
+                self.err(
+                    "coefficient",
+                    "missing_coefficient",
+                    format!("`{op}` needs a coefficient ({what})"),
+                )
+            })
+        };
+        let (action, coef) = match op {
+            "zero" => (NeuronAction::Zero, None),
+            "scale" => {
+                let c = need("the factor")?;
+                (NeuronAction::Scale(c as f32), Some(c))
+            }
+            "set" => {
+                let c = need("the value")?;
+                (NeuronAction::Set(c as f32), Some(c))
+            }
+            "mean" => (NeuronAction::Set(self.neuron_mean(s, layer, index)?), None),
+            other => {
+                return Err(self.err(
+                    "op",
+                    "invalid_op",
+                    format!("unknown neuron op `{other}`; use zero, mean, scale or set"),
+                ))
+            }
+        };
+        Ok(Intervention {
+            op: Op::Neuron { index, action },
+            positions,
+            points: vec![HookPoint {
+                site: HookSite::MlpAct,
+                layer,
+                vector: None,
+            }],
+            applied: AppliedIntervention {
+                op: op.to_string(),
+                vector: (op == "mean").then(|| name_of_means(s)),
+                vector_version: None,
+                neuron: Some(n),
+                feature: None,
+                coefficient: coef,
+                layers: vec![layer],
+                site: HookSite::MlpAct.to_string(),
+                positions: positions.to_json(),
+                normalize: false,
+                vector_norm: None,
+                all_writes: false,
+            },
+        })
+    }
+
+    fn feature(
+        &self,
+        s: &InterventionSpec,
+        f: &FeatureRef,
+        coefficient: Option<f64>,
+        positions: Positions,
+    ) -> Result<Intervention, SpecError> {
+        let sae = self.ctx.saes.get(&f.sae).ok_or_else(|| {
+            let known = self.ctx.saes.names();
+            let hint = if known.is_empty() {
+                "none are loaded".to_string()
+            } else {
+                format!("loaded: {}", known.join(", "))
+            };
+            self.err(
+                "feature.sae",
+                "unknown_sae",
+                format!("no sparse autoencoder named `{}` ({hint})", f.sae),
+            )
+        })?;
+        if f.index < 0 || f.index as usize >= sae.d_sae {
+            return Err(self.err(
+                "feature.index",
+                "invalid_feature",
+                format!(
+                    "feature {} is out of range: `{}` has {} features (0-{})",
+                    f.index,
+                    sae.name,
+                    sae.d_sae,
+                    sae.d_sae - 1
+                ),
+            ));
+        }
+        let index = f.index as usize;
+        let explicit = self.layers(s)?;
+        if explicit.as_ref().is_some_and(|ls| ls != &[sae.layer]) {
+            return Err(self.err(
+                "layer",
+                "invalid_layer",
+                format!(
+                    "`{}` reads layer {} ({}); a feature acts only there",
+                    sae.name, sae.layer, sae.hook_name
+                ),
+            ));
+        }
+        if self.site(s, sae.site)? != sae.site {
+            return Err(self.err(
+                "site",
+                "invalid_site",
+                format!("`{}` reads `{}`", sae.name, sae.site),
+            ));
+        }
+        let op_name = s.op.as_deref().unwrap_or("add");
+        let normalize = s.normalize.unwrap_or(false);
+        let row = sae.decoder_row(index);
+        let norm = l2_norm(row);
+        let (op, vector, coef) = match op_name {
+            "add" => {
+                let c = coefficient.unwrap_or(1.0);
+                let scale = if normalize {
+                    c as f32 / norm.max(f32::MIN_POSITIVE)
+                } else {
+                    c as f32
+                };
+                let v: Arc<[f32]> = row.iter().map(|x| scale * x).collect();
+                if v.iter().any(|x| !x.is_finite()) {
+                    return Err(self.err(
+                        "coefficient",
+                        "non_finite",
+                        "coefficient times the decoder row overflows",
+                    ));
+                }
+                (Op::Add, Some(v), c)
+            }
+            "clamp" => {
+                let c = coefficient.ok_or_else(|| {
+                    self.err(
+                        "coefficient",
+                        "missing_coefficient",
+                        "`clamp` needs a coefficient: the feature's activation",
+                    )
+                })?;
+                (
+                    Op::FeatureClamp {
+                        sae: sae.clone(),
+                        index,
+                        value: c as f32,
+                    },
+                    None,
+                    c,
+                )
+            }
+            other => {
+                return Err(self.err(
+                    "op",
+                    "invalid_op",
+                    format!("unknown op `{other}` for a feature; use add or clamp"),
+                ))
+            }
+        };
+        Ok(Intervention {
+            op,
+            positions,
+            points: vec![HookPoint {
+                site: sae.site,
+                layer: sae.layer,
+                vector,
+            }],
+            applied: AppliedIntervention {
+                op: op_name.to_string(),
+                vector: None,
+                vector_version: None,
+                neuron: None,
+                feature: Some(f.clone()),
+                coefficient: Some(coef),
+                layers: vec![sae.layer],
+                site: sae.site.to_string(),
+                positions: positions.to_json(),
+                normalize,
+                vector_norm: Some(norm),
+                all_writes: false,
+            },
+        })
+    }
+
+    fn neuron_mean(
+        &self,
+        s: &InterventionSpec,
+        layer: usize,
+        index: usize,
+    ) -> Result<f32, SpecError> {
+        let name = match &s.means {
+            Some(n) => n.as_str(),
+            None if self.ctx.store.get(DEFAULT_NEURON_MEANS).is_some() => DEFAULT_NEURON_MEANS,
+            None => {
+                return Err(self.err(
+                    "means",
+                    "neuron_means_missing",
+                    format!(
+                        "the `mean` op needs neuron means: name them in `means`, or store \
+                         `{DEFAULT_NEURON_MEANS}` (POST /vectors/extract with method `neuron_means`)"
+                    ),
+                ))
+            }
+        };
+        let entry = self.ctx.store.get(name).ok_or_else(|| {
+            self.err(
+                "means",
+                "unknown_vector",
+                format!("no stored neuron means named `{name}`"),
+            )
+        })?;
+        let v = entry.vector;
+        if v.meta.kind != VectorKind::NeuronMeans {
+            return Err(self.err(
+                "means",
+                "wrong_vector_kind",
+                format!("`{name}` is a direction, not neuron means"),
+            ));
+        }
+        let means = v.layers.get(&layer).ok_or_else(|| {
+            self.err(
+                "means",
+                "neuron_means_missing",
+                format!("`{name}` has no means for layer {layer}; extract them for that layer"),
+            )
+        })?;
+        means.get(index).copied().ok_or_else(|| {
+            self.err(
+                "means",
+                "dimension_mismatch",
+                format!("`{name}` layer {layer} is too short"),
+            )
+        })
+    }
+
+    fn lookup(&self, s: &InterventionSpec) -> Result<Direction, SpecError> {
+        if let Some(values) = &s.values {
+            let d = self.ctx.d_model;
+            let site = self.site(s, HookSite::ResidPost)?;
+            let width = if site == HookSite::MlpAct {
+                self.ctx.n_neurons
+            } else {
+                d
+            };
+            if values.len() != width {
+                return Err(self.err(
+                    "values",
+                    "dimension_mismatch",
+                    format!(
+                        "{} values given; the `{site}` site has {width} dimensions",
+                        values.len()
+                    ),
+                ));
+            }
+            if let Some(i) = values
+                .iter()
+                .position(|x| !x.is_finite() || x.abs() > f32::MAX as f64)
+            {
+                return Err(self.err(
+                    &format!("values[{i}]"),
+                    "non_finite",
+                    "must be a finite number",
+                ));
+            }
+            let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+            return Ok(Direction {
+                name: None,
+                version: None,
+                stored: None,
+                inline: Some(v.into()),
+            });
+        }
+        let name = s.vector.as_deref().unwrap_or_default();
+        let entry = self.ctx.store.get(name).ok_or_else(|| {
+            let known = self.ctx.store.names();
+            let hint = if known.is_empty() {
+                "no vectors are stored".to_string()
+            } else {
+                format!("known vectors: {}", known.join(", "))
+            };
+            self.err(
+                "vector",
+                "unknown_vector",
+                format!("no vector named `{name}` ({hint})"),
+            )
+        })?;
+        if entry.vector.meta.kind != VectorKind::Direction {
+            return Err(self.err(
+                "vector",
+                "wrong_vector_kind",
+                format!("`{name}` holds neuron means, not a direction"),
+            ));
+        }
+        Ok(Direction {
+            name: Some(name.to_string()),
+            version: Some(entry.vector.meta.version),
+            stored: Some(entry.vector),
+            inline: None,
+        })
+    }
+
+    fn direction_op(
+        &self,
+        s: &InterventionSpec,
+        coefficient: Option<f64>,
+        positions: Positions,
+    ) -> Result<Intervention, SpecError> {
+        let op_name = s.op.as_deref().unwrap_or("add");
+        if !matches!(op_name, "add" | "ablate" | "clamp") {
+            let hint = if matches!(op_name, "zero" | "mean" | "scale" | "set") {
+                " (neuron ops need `neuron`)"
+            } else {
+                ""
+            };
+            return Err(self.err(
+                "op",
+                "invalid_op",
+                format!("unknown op `{op_name}` for a direction; use add, ablate or clamp{hint}"),
+            ));
+        }
+        let dir = self.lookup(s)?;
+        let explicit = self.layers(s)?;
+        let site = self.site(s, HookSite::ResidPost)?;
+        if s.site.is_some() && explicit.is_none() {
+            return Err(self.err("site", "missing_layer", "`site` needs `layer` or `layers`"));
+        }
+        if let Some(stored) = &dir.stored {
+            let width = if site == HookSite::MlpAct {
+                self.ctx.n_neurons
+            } else {
+                self.ctx.d_model
+            };
+            if stored.meta.d_model != width {
+                return Err(self.err(
+                    "vector",
+                    "dimension_mismatch",
+                    format!(
+                        "`{}` has {} dimensions; the `{site}` site has {width}",
+                        stored.name, stored.meta.d_model
+                    ),
+                ));
+            }
+        }
+        let all_writes = op_name == "ablate" && explicit.is_none();
+        // (site, layer) pairs and the layer whose direction each uses.
+        let sites: Vec<(HookSite, usize)> = match (&explicit, &dir.stored) {
+            (Some(ls), _) => ls.iter().map(|&l| (site, l)).collect(),
+            (None, _) if all_writes => std::iter::once((HookSite::ResidPre, 0))
+                .chain(
+                    (0..self.ctx.n_layers)
+                        .flat_map(|l| [(HookSite::AttnOut, l), (HookSite::MlpOut, l)]),
+                )
+                .collect(),
+            (None, Some(v)) => v
+                .layers
+                .keys()
+                .filter(|&&l| l < self.ctx.n_layers)
+                .map(|&l| (site, l))
+                .collect(),
+            (None, None) => {
+                return Err(self.err(
+                    "layer",
+                    "missing_layer",
+                    "inline `values` need `layer` or `layers`",
+                ))
+            }
+        };
+        if sites.is_empty() {
+            return Err(self.err(
+                "vector",
+                "invalid_layer",
+                "the vector holds no layer of this model",
+            ));
+        }
+        let normalize = s.normalize.unwrap_or(false);
+        let coef = match op_name {
+            "add" => Some(coefficient.unwrap_or(1.0)),
+            "clamp" => Some(coefficient.ok_or_else(|| {
+                self.err(
+                    "coefficient",
+                    "missing_coefficient",
+                    "`clamp` needs a coefficient: the target projection",
+                )
+            })?),
+            _ => None,
+        };
+        let mut points = Vec::with_capacity(sites.len());
+        let mut norm = None;
+        for (site, layer) in sites {
+            let raw: Arc<[f32]> = match (&dir.inline, &dir.stored) {
+                (Some(v), _) => v.clone(),
+                (None, Some(stored)) => stored.direction_for(layer).cloned().ok_or_else(|| {
+                    let held: Vec<String> = stored.layers.keys().map(|l| l.to_string()).collect();
+                    let what = if all_writes {
+                        "ablate without `layer` needs a vector with a single direction".to_string()
+                    } else {
+                        format!("`{}` has no direction for layer {layer}", stored.name)
+                    };
+                    self.err(
+                        "layer",
+                        "invalid_layer",
+                        format!("{what} (it holds layers {})", held.join(", ")),
+                    )
+                })?,
+                (None, None) => unreachable!("lookup returns a direction"),
+            };
+            let n = l2_norm(&raw);
+            norm.get_or_insert(n);
+            let vector: Arc<[f32]> = match op_name {
+                "add" => {
+                    let c = coef.unwrap_or(1.0) as f32;
+                    let scale = if normalize {
+                        c / n.max(f32::MIN_POSITIVE)
+                    } else {
+                        c
+                    };
+                    if normalize && n == 0.0 {
+                        return Err(self.err(
+                            "normalize",
+                            "zero_vector",
+                            "cannot normalize a zero vector",
+                        ));
+                    }
+                    raw.iter().map(|x| scale * x).collect()
+                }
+                _ => {
+                    if n == 0.0 {
+                        return Err(self.err(
+                            "vector",
+                            "zero_vector",
+                            format!("`{op_name}` needs a non-zero direction"),
+                        ));
+                    }
+                    raw.iter().map(|x| x / n).collect()
+                }
+            };
+            if vector.iter().any(|x| !x.is_finite()) {
+                return Err(self.err(
+                    "coefficient",
+                    "non_finite",
+                    "coefficient times vector overflows",
+                ));
+            }
+            points.push(HookPoint {
+                site,
+                layer,
+                vector: Some(vector),
+            });
+        }
+        let mut layers: Vec<usize> = points.iter().map(|p| p.layer).collect();
+        layers.dedup();
+        let op = match op_name {
+            "add" => Op::Add,
+            "ablate" => Op::Ablate,
+            _ => Op::Clamp {
+                value: coef.unwrap_or(0.0) as f32,
+            },
+        };
+        Ok(Intervention {
+            op,
+            positions,
+            applied: AppliedIntervention {
+                op: op_name.to_string(),
+                vector: dir.name,
+                vector_version: dir.version,
+                neuron: None,
+                feature: None,
+                coefficient: coef,
+                layers,
+                site: if all_writes {
+                    "all_writes".into()
+                } else {
+                    site.to_string()
+                },
+                positions: positions.to_json(),
+                normalize,
+                vector_norm: norm,
+                all_writes,
+            },
+            points,
+        })
+    }
+}
