@@ -550,7 +550,7 @@ pub struct SaeTrainArgs {
     pub out: Option<std::path::PathBuf>,
 }
 
-/// Generates a corpus with the model itself (continuations of `data/corpus/prompts.txt`),
+/// Generates a corpus with the model itself (continuations of `saes.corpus_dir/prompts.txt`),
 /// records `resid_post` at the chosen layer over every token, trains a TopK SAE, and writes it
 /// in the SAELens layout (with `report.json` and the corpus) to `saes.dir/NAME`.
 pub fn sae_train(cfg: &Config, args: &SaeTrainArgs) -> Result<()> {
@@ -567,8 +567,9 @@ pub fn sae_train(cfg: &Config, args: &SaeTrainArgs) -> Result<()> {
             c.n_layers - 1
         );
     }
-    let prompts: Vec<String> = std::fs::read_to_string("data/corpus/prompts.txt")
-        .context("reading data/corpus/prompts.txt")?
+    let prompts_file = cfg.saes.corpus_dir.join("prompts.txt");
+    let prompts: Vec<String> = std::fs::read_to_string(&prompts_file)
+        .with_context(|| format!("reading {}", prompts_file.display()))?
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(str::to_string)

@@ -79,6 +79,9 @@ pub struct VectorsConfig {
 #[serde(deny_unknown_fields)]
 pub struct SaesConfig {
     pub dir: PathBuf,
+    /// Texts searched by `POST /saes/{name}/features/{index}/top` when a request gives none
+    /// (one per line of every `*.txt` file), and the prompts `tiller sae train` answers.
+    pub corpus_dir: PathBuf,
 }
 
 /// API keys. `Debug` never shows them.

@@ -140,7 +140,7 @@ enum Cmd {
 #[derive(Subcommand)]
 enum SaeCmd {
     /// Train a TopK SAE on the model's resid_post at one layer, over a corpus the model writes
-    /// itself (replies to data/corpus/prompts.txt). Writes saes.dir/NAME (SAELens layout).
+    /// itself (replies to saes.corpus_dir/prompts.txt). Writes saes.dir/NAME (SAELens layout).
     Train {
         #[command(flatten)]
         common: Common,

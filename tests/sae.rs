@@ -565,6 +565,50 @@ async fn top_contexts_rank_tokens_by_the_feature() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
+/// With no prompts in the request, the top contexts come from `saes.corpus_dir/*.txt`; an
+/// empty corpus is a clear 422, not an empty answer.
+#[tokio::test]
+async fn top_contexts_default_to_the_configured_corpus() {
+    let mut cfg = test_config(None);
+    write_saelens(
+        &cfg.saes.dir.join("std"),
+        &parts(3, D, false),
+        HOOK,
+        "standard",
+    );
+    let corpus = common::scratch_dir();
+    cfg.saes.corpus_dir = corpus.clone();
+    let s = tiny_state(cfg);
+    let r = post_json(&s, "/saes/std/features/0/top", json!({})).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "no_prompts"),
+        "{}",
+        r.text()
+    );
+    let lines = ["the bridge over the bay", "", "a tin theater"];
+    std::fs::write(corpus.join("a.txt"), lines.join("\n")).unwrap();
+    std::fs::write(corpus.join("ignored.md"), "not a corpus file").unwrap();
+    let tokens = s.engine.model.encode_prompt(lines[0]).unwrap();
+    let (index, _) = strongest_last(&s, &tokens);
+    let r = post_json(
+        &s,
+        &format!("/saes/std/features/{index}/top"),
+        json!({"top_n": 100, "context": 1}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let b = r.json();
+    let ctx = b["contexts"].as_array().unwrap();
+    // Two texts (the blank line skipped, the .md file ignored), searched as given.
+    let indices: std::collections::BTreeSet<u64> = ctx
+        .iter()
+        .map(|c| c["prompt_index"].as_u64().unwrap())
+        .collect();
+    assert!(indices.iter().all(|&i| i < 2), "{indices:?}");
+    assert!(indices.contains(&0), "{indices:?}");
+}
+
 #[test]
 fn training_on_the_tiny_model_lowers_the_reconstruction_error_and_is_seeded() {
     use tiller::steering::sae_train::{collect_rows, train, TrainConfig};

@@ -498,7 +498,7 @@ pub async fn inspect_features(
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FeatureTopRequest {
-    /// Texts to search (default: the server's built-in corpus, `data/corpus/*.txt`).
+    /// Texts to search (default: the server's corpus, `saes.corpus_dir/*.txt`).
     #[serde(default)]
     #[schema(example = json!(["The Golden Gate Bridge is in San Francisco."]))]
     pub prompts: Vec<ExampleSpec>,
@@ -517,10 +517,10 @@ pub struct FeatureTopRequest {
 }
 
 /// The corpus searched when a request gives no prompts: one text per line of
-/// `data/corpus/*.txt`.
-pub fn default_corpus() -> Vec<ExampleSpec> {
+/// `saes.corpus_dir/*.txt`.
+pub fn default_corpus(dir: &std::path::Path) -> Vec<ExampleSpec> {
     let mut out = Vec::new();
-    let Ok(read) = std::fs::read_dir("data/corpus") else {
+    let Ok(read) = std::fs::read_dir(dir) else {
         return out;
     };
     let mut files: Vec<_> = read
@@ -548,7 +548,7 @@ pub fn default_corpus() -> Vec<ExampleSpec> {
     responses(
         (status = 200, description = "The top contexts, largest activation first", body = TopContextsResponse),
         (status = 404, description = "No such SAE", body = ErrorBody),
-        (status = 422, description = "Feature out of range, or invalid prompts", body = ErrorBody),
+        (status = 422, description = "Feature out of range, invalid prompts, or none given and an empty corpus", body = ErrorBody),
         (status = 429, description = "Queue full", body = ErrorBody)))]
 pub async fn feature_top(
     State(state): State<AppState>,
@@ -575,7 +575,18 @@ pub async fn feature_top(
         Some(n) => n as usize,
     };
     let prompts = if req.prompts.is_empty() {
-        default_corpus()
+        let corpus = default_corpus(&state.config.saes.corpus_dir);
+        if corpus.is_empty() {
+            return Err(ApiError::invalid(
+                "prompts",
+                "no_prompts",
+                format!(
+                    "no prompts given, and the server's corpus ({}/*.txt) holds none",
+                    state.config.saes.corpus_dir.display()
+                ),
+            ));
+        }
+        corpus
     } else {
         req.prompts.clone()
     };
