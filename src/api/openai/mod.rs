@@ -389,6 +389,60 @@ fn prepare(
     })
 }
 
+/// How a response is delivered.
+struct Streaming {
+    stream: bool,
+    include_usage: bool,
+    chat: bool,
+}
+
+/// A started generation: already a streamed response, or events to collect into one.
+enum Launched {
+    Streamed(Response),
+    Collect {
+        prepared: Prepared,
+        rx: mpsc::UnboundedReceiver<GenerationEvent>,
+        id: String,
+        created: u64,
+    },
+}
+
+/// Validates, admits the request to the engine, and for `stream: true` answers with SSE.
+fn launch(
+    state: &AppState,
+    headers: &HeaderMap,
+    prompt: Vec<u32>,
+    raw: &RawSettings,
+    steering: Option<Vec<InterventionSpec>>,
+    how: Streaming,
+) -> Result<Launched, ApiError> {
+    let p = prepare(state, headers, prompt, raw, steering)?;
+    let rx = start(state, &p.settings, p.plan.clone(), &request_id(headers))?;
+    let id = new_id(if how.chat { "chatcmpl" } else { "cmpl" });
+    let created = now();
+    if !how.stream {
+        return Ok(Launched::Collect {
+            prepared: p,
+            rx,
+            id,
+            created,
+        });
+    }
+    let spec = StreamSpec {
+        id,
+        created,
+        model: state.engine.model.id.clone(),
+        fingerprint: fingerprint(state),
+        include_usage: how.include_usage,
+        chat: how.chat,
+    };
+    let keep = Duration::from_secs(state.config.server.sse_keep_alive_secs.max(1));
+    Ok(Launched::Streamed(with_applied(
+        openai_stream(spec, rx, keep),
+        &p.applied,
+    )))
+}
+
 /// Chat completion (OpenAI format), optionally steered.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
     request_body = ChatCompletionRequest,
@@ -442,25 +496,23 @@ pub async fn chat_completions(
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
     };
-    let p = prepare(&state, &headers, prompt, &raw, req.steering)?;
-    let rx = start(&state, &p.settings, p.plan.clone(), &request_id(&headers))?;
-    let id = new_id("chatcmpl");
-    let created = now();
-    if req.stream.unwrap_or(false) {
-        let spec = StreamSpec {
+    let stream = Streaming {
+        stream: req.stream.unwrap_or(false),
+        include_usage: req
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        chat: true,
+    };
+    let (p, rx, id, created) = match launch(&state, &headers, prompt, &raw, req.steering, stream)? {
+        Launched::Streamed(resp) => return Ok(resp),
+        Launched::Collect {
+            prepared,
+            rx,
             id,
             created,
-            model: state.engine.model.id.clone(),
-            fingerprint: fingerprint(&state),
-            include_usage: req
-                .stream_options
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
-            chat: true,
-        };
-        let keep = Duration::from_secs(state.config.server.sse_keep_alive_secs.max(1));
-        return Ok(with_applied(openai_stream(spec, rx, keep), &p.applied));
-    }
+        } => (prepared, rx, id, created),
+    };
     let (text, reason, usage, lps) = collect_openai(rx).await?;
     let resp = Json(ChatCompletion {
         id,
@@ -560,25 +612,23 @@ pub async fn completions(
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
     };
-    let p = prepare(&state, &headers, prompt, &raw, req.steering)?;
-    let rx = start(&state, &p.settings, p.plan.clone(), &request_id(&headers))?;
-    let id = new_id("cmpl");
-    let created = now();
-    if req.stream.unwrap_or(false) {
-        let spec = StreamSpec {
+    let stream = Streaming {
+        stream: req.stream.unwrap_or(false),
+        include_usage: req
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        chat: false,
+    };
+    let (p, rx, id, created) = match launch(&state, &headers, prompt, &raw, req.steering, stream)? {
+        Launched::Streamed(resp) => return Ok(resp),
+        Launched::Collect {
+            prepared,
+            rx,
             id,
             created,
-            model: state.engine.model.id.clone(),
-            fingerprint: fingerprint(&state),
-            include_usage: req
-                .stream_options
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
-            chat: false,
-        };
-        let keep = Duration::from_secs(state.config.server.sse_keep_alive_secs.max(1));
-        return Ok(with_applied(openai_stream(spec, rx, keep), &p.applied));
-    }
+        } => (prepared, rx, id, created),
+    };
     let (text, reason, usage, lps) = collect_openai(rx).await?;
     let logprobs = p.settings.logprobs.map(|_| {
         let mut offset = 0;
