@@ -185,8 +185,10 @@ async fn saes_load_at_start_and_over_http_in_both_layouts() {
     .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
     assert_eq!(r.json()["architecture"], "jumprelu");
+    // Gemma Scope encodes x·W_enc + b_enc: b_dec is not subtracted first.
+    assert_eq!(r.json()["apply_b_dec_to_input"], false);
     // It encodes exactly as the same weights do in memory.
-    let by_hand = Sae::new("x", gemma.clone(), SaeArchitecture::Jumprelu, true, HOOK).unwrap();
+    let by_hand = Sae::new("x", gemma.clone(), SaeArchitecture::Jumprelu, false, HOOK).unwrap();
     let loaded = s.saes.get("gs").unwrap();
     let h = pseudo_random(D, 5, 2.0);
     assert_eq!(
@@ -297,6 +299,21 @@ async fn saes_load_at_start_and_over_http_in_both_layouts() {
         (r.status, r.error_code().as_str()),
         (StatusCode::UNPROCESSABLE_ENTITY, "invalid_path")
     );
+    // A JSON body that is not `{"path": ...}` says so (it is not taken for a file).
+    let r = call(
+        &s,
+        Request::put("/saes/up")
+            .header("content-type", "application/json")
+            .body(Body::from(json!({"paht": "scope/layer_1"}).to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
+        "{}",
+        r.text()
+    );
 
     // A fresh state over the same folder loads what was uploaded.
     let again = tiny_state(s.config.clone());
@@ -309,6 +326,15 @@ async fn saes_load_at_start_and_over_http_in_both_layouts() {
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     assert!(!s.config.saes.dir.join("gs").exists());
     assert_eq!(get(&s, "/saes/gs").await.status, StatusCode::NOT_FOUND);
+    // One loaded by path is unloaded, but its folder is the user's and stays.
+    let r = call(
+        &s,
+        Request::delete("/saes/scope1").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert!(folder.join("params.npz").exists());
+    assert!(s.saes.get("scope1").is_none());
 }
 
 #[tokio::test]
@@ -366,6 +392,15 @@ async fn inspect_features_matches_the_sae_applied_by_hand() {
     }
     assert!((b["l0"].as_f64().unwrap() - l0 / (n - 1) as f64).abs() < 1e-9);
     assert!((b["fvu"].as_f64().unwrap() - err / var).abs() < 1e-4);
+    // One token has no variance to explain: null, not a perfect 0.
+    let r = post_json(
+        &s,
+        "/inspect/features",
+        json!({"prompt": "a", "sae": "std"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(r.json()["fvu"].is_null(), "{}", r.text());
 
     let r = post_json(
         &s,

@@ -377,6 +377,9 @@ function sweepValues() {
 
 async function runSweep() {
   const vary = $("sweep-vary").value;
+  if (vary === "layer" && sweep.editor.isFeature()) {
+    throw new Error("An SAE feature acts at its SAE's layer: sweep the coefficient instead.");
+  }
   const measure = $("sweep-measure").value;
   const target = $("sweep-target").value;
   if (!target) throw new Error("Give a continuation (for log-probability) or a word (for contains).");

@@ -1,7 +1,7 @@
 //! Optional API keys. When any key is configured, every request but the liveness/readiness
 //! probes (and the playground's static page) must carry `Authorization: Bearer <key>` (401
-//! otherwise); writing or deleting vectors and running extractions need an admin key (403
-//! with an ordinary one). Keys are compared in constant time and never logged.
+//! otherwise); writing or deleting vectors or SAEs and running extractions need an admin key
+//! (403 with an ordinary one). Keys are compared in constant time and never logged.
 
 use super::AppState;
 use crate::error::ApiError;
@@ -80,7 +80,7 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "admin_key_required",
-            "writing vectors and running extractions need an admin key",
+            "writing vectors or SAEs and running extractions need an admin key",
         )
         .into_response();
     }
@@ -98,6 +98,9 @@ mod tests {
         assert!(needs_admin(&Method::POST, "/vectors/extract"));
         assert!(!needs_admin(&Method::GET, "/vectors/x"));
         assert!(!needs_admin(&Method::POST, "/generate"));
+        assert!(needs_admin(&Method::PUT, "/saes/x"));
+        assert!(needs_admin(&Method::DELETE, "/saes/x"));
+        assert!(!needs_admin(&Method::POST, "/saes/x/features/3/top"));
         assert!(is_public(&Method::GET, "/health"));
         assert!(!is_public(&Method::GET, "/info"));
         assert!(same("abcdefgh", "abcdefgh"));

@@ -127,7 +127,8 @@ pub struct SaeQuery {
     pub architecture: Option<String>,
     /// Active features per token, for `topk`.
     pub k: Option<usize>,
-    /// Subtract `b_dec` before encoding (default true).
+    /// Subtract `b_dec` before encoding (default true for safetensors, as SAELens; false for
+    /// npz, as Gemma Scope).
     pub apply_b_dec_to_input: Option<bool>,
 }
 
@@ -176,11 +177,12 @@ pub async fn put_sae(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| c.starts_with("application/json"))
-        || body.first() == Some(&b'{') && !body.starts_with(b"PK");
-    let from_file = !(is_json && serde_json::from_slice::<SaePathBody>(&body).is_ok());
+        // Without the header, a body is JSON when it parses as JSON: a safetensors file can
+        // start with `{` too (the low byte of its header length), but is not JSON.
+        || body.first() == Some(&b'{') && serde_json::from_slice::<serde_json::Value>(&body).is_ok();
+    let from_file = !is_json;
     let sae = if !from_file {
-        let p: SaePathBody = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::invalid("body", "invalid_sae", e))?;
+        let p: SaePathBody = super::json::parse_json(&body)?;
         let rel = std::path::Path::new(&p.path);
         if rel.is_absolute()
             || rel
@@ -226,11 +228,13 @@ pub async fn put_sae(
             if q.architecture.is_none() && parts.threshold.is_some() {
                 arch = SaeArchitecture::Jumprelu;
             }
+            // SAELens' default; Gemma Scope (npz) encodes `x · W_enc + b_enc`.
+            let default_b_dec = !bytes.starts_with(b"PK");
             Sae::new(
                 &name,
                 parts,
                 arch,
-                q.apply_b_dec_to_input.unwrap_or(true),
+                q.apply_b_dec_to_input.unwrap_or(default_b_dec),
                 &hook,
             )
         })
@@ -264,10 +268,15 @@ pub async fn put_sae(
     // Kept only once it is known to fit the model, so a bad upload never reloads at start.
     let sae = if from_file {
         let dir = state.config.saes.dir.join(&sae.name);
-        tokio::task::spawn_blocking(move || sae.save_dir(&dir).map(|_| sae))
-            .await
-            .map_err(|e| ApiError::internal("saving the SAE", e))?
-            .map_err(|e| ApiError::internal("saving the SAE", format!("{e:#}")))?
+        let mut sae = sae;
+        tokio::task::spawn_blocking(move || {
+            sae.save_dir(&dir)?;
+            sae.files = Some(dir);
+            Ok::<_, anyhow::Error>(sae)
+        })
+        .await
+        .map_err(|e| ApiError::internal("saving the SAE", e))?
+        .map_err(|e| ApiError::internal("saving the SAE", format!("{e:#}")))?
     } else {
         sae
     };
@@ -286,7 +295,8 @@ fn tempfile_in(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
     )))
 }
 
-/// Unload an SAE (and delete its folder in `saes.dir`).
+/// Unload an SAE, and delete its folder when it was uploaded or loaded at start (an SAE
+/// loaded from a folder by path leaves that folder alone).
 #[utoipa::path(delete, path = "/saes/{name}", tag = "saes",
     params(("name" = String, Path, description = "SAE name")),
     security(("bearer" = [])),
@@ -298,10 +308,12 @@ pub async fn delete_sae(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    lookup(&state, &name)?;
+    let sae = lookup(&state, &name)?;
     state.saes.remove(&name);
-    if valid_name(&name) {
-        let _ = std::fs::remove_dir_all(state.config.saes.dir.join(&name));
+    if let Some(dir) = &sae.files {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(sae = %name, dir = %dir.display(), error = %e, "could not delete the SAE's folder");
+        }
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -370,9 +382,10 @@ pub struct FeaturesResponse {
     /// Mean active features per token (first token excluded).
     #[schema(example = 32.0)]
     pub l0: f64,
-    /// Fraction of variance unexplained over the prompt's tokens (first excluded).
+    /// Fraction of variance unexplained over the prompt's tokens (first excluded); null when
+    /// the prompt has too few tokens to have a variance.
     #[schema(example = 0.18)]
-    pub fvu: f64,
+    pub fvu: Option<f64>,
     /// One entry per token.
     pub tokens: Vec<TokenFeatures>,
     /// The validated steering applied during the pass.
@@ -484,11 +497,7 @@ pub async fn inspect_features(
     Ok(Json(FeaturesResponse {
         sae: sae.name.clone(),
         l0: l0_sum / counted.max(1) as f64,
-        fvu: if var_sum > 0.0 {
-            err_sum / var_sum
-        } else {
-            0.0
-        },
+        fvu: (var_sum > 0.0).then(|| err_sum / var_sum),
         tokens: out,
         steering: applied,
     }))

@@ -42,6 +42,10 @@ pub struct Sae {
     pub layer: usize,
     /// The `hook_name` as given (e.g. `blocks.12.hook_resid_post`).
     pub hook_name: String,
+    /// The folder in `saes.dir` that holds this SAE's files and goes with it on delete: set
+    /// when it was loaded at start or uploaded, not when loaded from a folder by path (those
+    /// files are the user's).
+    pub files: Option<std::path::PathBuf>,
     /// `[d_in, d_sae]`.
     w_enc: Tensor,
     /// `[d_sae, d_in]`, rows are features.
@@ -175,12 +179,89 @@ impl SaeParts {
 
     /// `params.npz` (Gemma Scope).
     pub fn from_npz(path: &Path) -> Result<Self> {
+        check_npz(path)?;
         let map: HashMap<String, Tensor> = Tensor::read_npz(path)
             .map_err(|e| anyhow!("not a readable .npz file: {e}"))?
             .into_iter()
             .collect();
         Self::from_tensors(|n| Ok(map.get(n).cloned()))
     }
+}
+
+/// How much larger than the file an `.npz`'s arrays may claim to be. Float arrays barely
+/// compress (and `np.savez` stores them as they are), so only a forged header gets near this.
+const NPZ_MAX_EXPANSION: u64 = 64;
+
+/// Checks every array of an `.npz` before it is read: candle allocates what an array's header
+/// declares, so a few hundred forged bytes could otherwise ask for terabytes and abort the
+/// process. Each array must fit in its zip entry, and all entries together in
+/// [`NPZ_MAX_EXPANSION`] times the file.
+fn check_npz(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let budget = file.metadata()?.len().saturating_mul(NPZ_MAX_EXPANSION);
+    let mut archive =
+        zip::ZipArchive::new(file).map_err(|e| anyhow!("not a readable .npz file: {e}"))?;
+    let mut total = 0u64;
+    for i in 0..archive.len() {
+        let mut entry = archive
+            .by_index(i)
+            .map_err(|e| anyhow!("not a readable .npz file: {e}"))?;
+        let name = entry
+            .name()
+            .map(|n| n.into_owned())
+            .unwrap_or_else(|_| format!("entry {i}"));
+        total = total.saturating_add(entry.size());
+        if total > budget {
+            bail!("`{name}`: the arrays claim {total} bytes, far more than the file holds");
+        }
+        let mut head = [0u8; 10];
+        entry
+            .read_exact(&mut head)
+            .with_context(|| format!("`{name}` is not an .npy array"))?;
+        if &head[..6] != b"\x93NUMPY" {
+            bail!("`{name}` is not an .npy array");
+        }
+        let header_len = if head[6] == 1 {
+            u16::from_le_bytes([head[8], head[9]]) as usize
+        } else {
+            let mut more = [0u8; 2];
+            entry.read_exact(&mut more)?;
+            u32::from_le_bytes([head[8], head[9], more[0], more[1]]) as usize
+        };
+        if header_len > 1 << 16 {
+            bail!("`{name}`: an .npy header of {header_len} bytes");
+        }
+        let mut header = vec![0u8; header_len];
+        entry.read_exact(&mut header)?;
+        let header = String::from_utf8_lossy(&header);
+        let bytes = npy_data_bytes(&header)
+            .with_context(|| format!("`{name}`: unreadable .npy header {header:?}"))?;
+        let room = entry.size().saturating_sub((10 + header_len) as u64);
+        if bytes > room {
+            bail!("`{name}` declares {bytes} bytes of data but holds {room}");
+        }
+    }
+    Ok(())
+}
+
+/// The data size an .npy header (`{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }`)
+/// declares, or `None` when it cannot be read or overflows.
+fn npy_data_bytes(header: &str) -> Option<u64> {
+    let descr = header.split("'descr':").nth(1)?.trim_start();
+    let descr = descr.strip_prefix('\'')?.split('\'').next()?;
+    let item: u64 = descr
+        .trim_start_matches(['<', '>', '|', '='])
+        .get(1..)?
+        .parse()
+        .ok()?;
+    let shape = header.split("'shape':").nth(1)?;
+    let shape = shape.split('(').nth(1)?.split(')').next()?;
+    shape
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .try_fold(item, |acc, d| acc.checked_mul(d.parse().ok()?))
 }
 
 impl Sae {
@@ -192,6 +273,13 @@ impl Sae {
         hook_name: &str,
     ) -> Result<Self> {
         let (site, layer) = parse_hook_name(hook_name)?;
+        if parts.d_in == 0 || parts.d_sae == 0 {
+            bail!(
+                "an SAE of {} inputs and {} features has nothing to encode",
+                parts.d_in,
+                parts.d_sae
+            );
+        }
         if architecture == SaeArchitecture::Jumprelu && parts.threshold.is_none() {
             bail!("a jumprelu SAE needs a `threshold` tensor");
         }
@@ -225,6 +313,7 @@ impl Sae {
             site,
             layer,
             hook_name: hook_name.to_string(),
+            files: None,
             w_enc,
             w_dec: parts.w_dec,
             w_dec_t,
@@ -244,7 +333,8 @@ impl Sae {
                 .with_context(|| format!("reading {}", cfg_path.display()))?,
         )
         .with_context(|| format!("parsing {}", cfg_path.display()))?;
-        let parts = if dir.join("sae_weights.safetensors").exists() {
+        let npz = !dir.join("sae_weights.safetensors").exists();
+        let parts = if !npz {
             SaeParts::from_safetensors(&std::fs::read(dir.join("sae_weights.safetensors"))?)?
         } else if dir.join("params.npz").exists() {
             SaeParts::from_npz(&dir.join("params.npz"))?
@@ -266,7 +356,8 @@ impl Sae {
             name,
             parts,
             arch,
-            cfg.apply_b_dec_to_input.unwrap_or(true),
+            // SAELens' default; Gemma Scope encodes `x · W_enc + b_enc`.
+            cfg.apply_b_dec_to_input.unwrap_or(!npz),
             &hook,
         )
     }
@@ -337,7 +428,7 @@ impl Sae {
             SaeArchitecture::Jumprelu => {
                 let th = self.threshold.as_deref().unwrap_or(&[]);
                 for (z, t) in pre.iter_mut().zip(th) {
-                    if *z <= *t {
+                    if *z <= *t || *z <= 0.0 {
                         *z = 0.0;
                     }
                 }
@@ -392,7 +483,7 @@ impl Sae {
             SaeArchitecture::Standard => z.max(0.0),
             _ => {
                 let t = self.threshold.as_ref().map_or(0.0, |t| t[i]);
-                if z > t {
+                if z > t && z > 0.0 {
                     z
                 } else {
                     0.0
@@ -479,8 +570,9 @@ impl SaeStore {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             match Sae::load_dir(&name, &d) {
-                Ok(sae) => match width_of(sae.site, sae.layer) {
+                Ok(mut sae) => match width_of(sae.site, sae.layer) {
                     Some(w) if w == sae.d_in => {
+                        sae.files = Some(d.clone());
                         self.insert(sae);
                     }
                     Some(w) => skipped.push(format!(
@@ -550,10 +642,78 @@ mod tests {
         assert_eq!(f[0], 0.0);
         assert!((f[1] - 0.1).abs() < 1e-6 && (f[2] - 1.4).abs() < 1e-6);
         assert_eq!(sae.feature_activation(&[2.0, 0.5], 0), 0.0);
+        // JumpReLU is ReLU(z)·H(z - θ): a negative threshold never lets a negative z through.
+        // x - b_dec = (-0.1, 0.1); pre = (-0.1, -0.4, -0.1), all above θ = -1.
+        let sae = tiny(SaeArchitecture::Jumprelu, Some(vec![-1.0; 3]));
+        assert_eq!(sae.encode(&[0.0, 0.0], 1).unwrap(), [0.0; 3]);
+        assert_eq!(sae.feature_activation(&[0.0, 0.0], 1), 0.0);
         let sae = tiny(SaeArchitecture::Topk { k: 1 }, None);
         let f = sae.encode(&[2.0, 0.5], 1).unwrap();
         assert_eq!(f.iter().filter(|v| **v != 0.0).count(), 1);
         assert!((f[0] - 1.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn an_sae_without_features_or_inputs_is_refused() {
+        for (d_in, d_sae) in [(2, 0), (0, 3)] {
+            let parts = SaeParts {
+                w_enc: vec![],
+                w_dec: vec![],
+                b_enc: vec![0.0; d_sae],
+                b_dec: vec![0.0; d_in],
+                threshold: None,
+                d_in,
+                d_sae,
+            };
+            let e = Sae::new(
+                "z",
+                parts,
+                SaeArchitecture::Standard,
+                true,
+                "blocks.1.hook_resid_post",
+            );
+            assert!(e.is_err());
+        }
+    }
+
+    /// An .npz whose array header claims far more data than the file holds is refused before
+    /// anything is allocated (candle would allocate the claimed size and abort the process).
+    #[test]
+    fn forged_npz_headers_are_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("params.npz");
+        let forged = |shape: &str, data: usize| {
+            use std::io::Write;
+            let file = std::fs::File::create(&path).unwrap();
+            let mut z = zip::ZipWriter::new(file);
+            let stored = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored);
+            z.start_file("W_enc.npy", stored).unwrap();
+            let header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+            let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+            npy.extend((header.len() as u16).to_le_bytes());
+            npy.extend(header.as_bytes());
+            npy.extend(vec![0u8; data]);
+            z.write_all(&npy).unwrap();
+            z.finish().unwrap();
+        };
+        forged("(1000000, 1000000)", 16);
+        let e = format!("{:#}", SaeParts::from_npz(&path).unwrap_err());
+        assert!(e.contains("declares 4000000000000 bytes"), "{e}");
+        forged("(18446744073709551615, 2)", 16);
+        assert!(SaeParts::from_npz(&path).is_err());
+        // An honest header passes the check (and then fails only for the missing arrays).
+        forged("(2, 2)", 16);
+        let e = format!("{:#}", SaeParts::from_npz(&path).unwrap_err());
+        assert!(!e.contains("declares"), "{e}");
+        assert_eq!(
+            npy_data_bytes("{'descr': '<f2', 'fortran_order': False, 'shape': (3,), }"),
+            Some(6)
+        );
+        assert_eq!(
+            npy_data_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (), }"),
+            Some(8)
+        );
     }
 
     #[test]

@@ -337,11 +337,14 @@ impl Validator<'_> {
         let (op, vector, coef) = match op_name {
             "add" => {
                 let c = coefficient.unwrap_or(1.0);
-                let scale = if normalize {
-                    c as f32 / norm.max(f32::MIN_POSITIVE)
-                } else {
-                    c as f32
-                };
+                if normalize && norm == 0.0 {
+                    return Err(self.err(
+                        "normalize",
+                        "zero_vector",
+                        format!("feature {index} of `{}` has a zero decoder row", sae.name),
+                    ));
+                }
+                let scale = if normalize { c as f32 / norm } else { c as f32 };
                 let v: Arc<[f32]> = row.iter().map(|x| scale * x).collect();
                 if v.iter().any(|x| !x.is_finite()) {
                     return Err(self.err(
