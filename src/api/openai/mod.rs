@@ -396,15 +396,28 @@ struct Streaming {
     chat: bool,
 }
 
+impl Streaming {
+    fn new(stream: Option<bool>, options: Option<StreamOptions>, chat: bool) -> Self {
+        Self {
+            stream: stream.unwrap_or(false),
+            include_usage: options.and_then(|o| o.include_usage).unwrap_or(false),
+            chat,
+        }
+    }
+}
+
+/// A generation to answer in one response: its settings and plan, and its events.
+struct Collected {
+    p: Prepared,
+    rx: mpsc::UnboundedReceiver<GenerationEvent>,
+    id: String,
+    created: u64,
+}
+
 /// A started generation: already a streamed response, or events to collect into one.
 enum Launched {
     Streamed(Response),
-    Collect {
-        prepared: Prepared,
-        rx: mpsc::UnboundedReceiver<GenerationEvent>,
-        id: String,
-        created: u64,
-    },
+    Collect(Collected),
 }
 
 /// Validates, admits the request to the engine, and for `stream: true` answers with SSE.
@@ -421,12 +434,7 @@ fn launch(
     let id = new_id(if how.chat { "chatcmpl" } else { "cmpl" });
     let created = now();
     if !how.stream {
-        return Ok(Launched::Collect {
-            prepared: p,
-            rx,
-            id,
-            created,
-        });
+        return Ok(Launched::Collect(Collected { p, rx, id, created }));
     }
     let spec = StreamSpec {
         id,
@@ -496,23 +504,12 @@ pub async fn chat_completions(
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
     };
-    let stream = Streaming {
-        stream: req.stream.unwrap_or(false),
-        include_usage: req
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-        chat: true,
-    };
-    let (p, rx, id, created) = match launch(&state, &headers, prompt, &raw, req.steering, stream)? {
-        Launched::Streamed(resp) => return Ok(resp),
-        Launched::Collect {
-            prepared,
-            rx,
-            id,
-            created,
-        } => (prepared, rx, id, created),
-    };
+    let how = Streaming::new(req.stream, req.stream_options, true);
+    let Collected { p, rx, id, created } =
+        match launch(&state, &headers, prompt, &raw, req.steering, how)? {
+            Launched::Streamed(resp) => return Ok(resp),
+            Launched::Collect(c) => c,
+        };
     let (text, reason, usage, lps) = collect_openai(rx).await?;
     let resp = Json(ChatCompletion {
         id,
@@ -612,23 +609,12 @@ pub async fn completions(
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
     };
-    let stream = Streaming {
-        stream: req.stream.unwrap_or(false),
-        include_usage: req
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-        chat: false,
-    };
-    let (p, rx, id, created) = match launch(&state, &headers, prompt, &raw, req.steering, stream)? {
-        Launched::Streamed(resp) => return Ok(resp),
-        Launched::Collect {
-            prepared,
-            rx,
-            id,
-            created,
-        } => (prepared, rx, id, created),
-    };
+    let how = Streaming::new(req.stream, req.stream_options, false);
+    let Collected { p, rx, id, created } =
+        match launch(&state, &headers, prompt, &raw, req.steering, how)? {
+            Launched::Streamed(resp) => return Ok(resp),
+            Launched::Collect(c) => c,
+        };
     let (text, reason, usage, lps) = collect_openai(rx).await?;
     let logprobs = p.settings.logprobs.map(|_| {
         let mut offset = 0;
