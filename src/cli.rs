@@ -536,17 +536,31 @@ pub fn load_suite(cfg: &crate::loadgen::LoadConfig) -> Result<LoadSuite> {
     })
 }
 
-/// Settings of `tiller sae train`.
-#[derive(Debug, Clone)]
+/// Settings of `tiller sae train` (its command-line flags).
+#[derive(Debug, Clone, clap::Args)]
 pub struct SaeTrainArgs {
+    #[arg(long, default_value = "res12_4k")]
     pub name: String,
+    #[arg(long, default_value_t = 12)]
     pub layer: usize,
+    /// Number of features (d_sae).
+    #[arg(long, default_value_t = 4096)]
     pub features: usize,
+    /// Active features per token.
+    #[arg(long, default_value_t = 32)]
     pub k: usize,
+    #[arg(long, default_value_t = 12)]
     pub epochs: usize,
+    /// Sampled replies per prompt.
+    #[arg(long, default_value_t = 3)]
     pub samples: usize,
+    /// Tokens per reply.
+    #[arg(long, default_value_t = 96)]
     pub max_tokens: usize,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Output folder (default saes.dir/NAME).
+    #[arg(long)]
     pub out: Option<std::path::PathBuf>,
 }
 

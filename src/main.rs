@@ -144,29 +144,8 @@ enum SaeCmd {
     Train {
         #[command(flatten)]
         common: Common,
-        #[arg(long, default_value = "res12_4k")]
-        name: String,
-        #[arg(long, default_value_t = 12)]
-        layer: usize,
-        /// Number of features (d_sae).
-        #[arg(long, default_value_t = 4096)]
-        features: usize,
-        /// Active features per token.
-        #[arg(long, default_value_t = 32)]
-        k: usize,
-        #[arg(long, default_value_t = 12)]
-        epochs: usize,
-        /// Sampled replies per prompt.
-        #[arg(long, default_value_t = 3)]
-        samples: usize,
-        /// Tokens per reply.
-        #[arg(long, default_value_t = 96)]
-        max_tokens: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Output folder (default saes.dir/NAME).
-        #[arg(long)]
-        out: Option<PathBuf>,
+        #[command(flatten)]
+        args: tiller::cli::SaeTrainArgs,
     },
 }
 
@@ -302,34 +281,10 @@ fn main() -> Result<()> {
             tiller::cli::extract_from_file(&cfg, &data, out.as_deref(), name.as_deref())
         }
         Cmd::Sae { command } => match command {
-            SaeCmd::Train {
-                common,
-                name,
-                layer,
-                features,
-                k,
-                epochs,
-                samples,
-                max_tokens,
-                seed,
-                out,
-            } => {
+            SaeCmd::Train { common, args } => {
                 let cfg = load_config(&common, &[])?;
                 tiller::telemetry::init("warn", "text");
-                tiller::cli::sae_train(
-                    &cfg,
-                    &tiller::cli::SaeTrainArgs {
-                        name,
-                        layer,
-                        features,
-                        k,
-                        epochs,
-                        samples,
-                        max_tokens,
-                        seed,
-                        out,
-                    },
-                )
+                tiller::cli::sae_train(&cfg, &args)
             }
         },
         Cmd::Vectors { command } => match command {
