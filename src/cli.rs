@@ -641,7 +641,7 @@ pub fn sae_train(cfg: &Config, args: &SaeTrainArgs) -> Result<()> {
         if sched.is_idle() && running.is_empty() {
             break;
         }
-        sched.step(&model)?;
+        sched.step(&model)?.deliver();
         running.retain_mut(|(ids, rx)| {
             while let Ok(ev) = rx.try_recv() {
                 match ev {

@@ -289,7 +289,7 @@ fn run(
             continue;
         }
         match std::panic::catch_unwind(AssertUnwindSafe(|| sched.step(&model))) {
-            Ok(Ok(report)) => {
+            Ok(Ok(mut report)) => {
                 stats.steps.fetch_add(1, Ordering::Relaxed);
                 stats
                     .generated_tokens
@@ -297,6 +297,8 @@ fn run(
                 if let Some(obs) = &observer {
                     obs(&report, &sched);
                 }
+                // Only now may a client see its request end (and read metrics that count it).
+                report.deliver();
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %format!("{e:#}"), "forward pass failed");

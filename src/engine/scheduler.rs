@@ -68,6 +68,28 @@ pub struct StepReport {
     pub interventions: std::collections::BTreeMap<&'static str, u64>,
     /// Wall time of the step.
     pub seconds: f64,
+    /// The final events of the sequences that ended, held back until [`StepReport::deliver`]
+    /// so that whoever records the step does so before any client sees its answer complete.
+    done_events: Vec<(
+        tokio::sync::mpsc::UnboundedSender<GenerationEvent>,
+        Finished,
+    )>,
+}
+
+impl StepReport {
+    /// Sends the held-back final events. Call once the step is recorded.
+    pub fn deliver(&mut self) {
+        for (events, f) in self.done_events.drain(..) {
+            let _ = events.send(GenerationEvent::Done(f));
+        }
+    }
+}
+
+/// A report dropped undelivered (a failed step after a timeout) still ends its sequences.
+impl Drop for StepReport {
+    fn drop(&mut self) {
+        self.deliver();
+    }
 }
 
 /// The active sequences.
@@ -130,11 +152,12 @@ impl Scheduler {
 
     /// Ends every active sequence now with `reason`, sending each its final event.
     pub fn finish_all(&mut self, reason: FinishReason) -> Vec<Finished> {
-        let mut out = Vec::new();
+        let mut report = StepReport::default();
         for mut s in self.active.drain(..) {
-            out.push(finish(&mut s, reason));
+            finish(&mut s, reason, &mut report);
         }
-        out
+        report.deliver();
+        std::mem::take(&mut report.finished)
     }
 
     /// Fails every active sequence (after an unrecoverable error in a step).
@@ -156,8 +179,7 @@ impl Scheduler {
                 return false;
             }
             if s.req.deadline.is_some_and(|d| now >= d) {
-                let f = finish(s, FinishReason::Timeout);
-                report.finished.push(f);
+                finish(s, FinishReason::Timeout, report);
                 return false;
             }
             true
@@ -240,7 +262,7 @@ impl Scheduler {
             let Some(logits) = rows.next() else { break };
             let s = &mut self.active[i];
             if let Some(reason) = advance(model, s, &logits, &mut report)? {
-                report.finished.push(finish(s, reason));
+                finish(s, reason, &mut report);
                 done[i] = true;
             }
         }
@@ -315,8 +337,9 @@ fn advance(
     Ok(None)
 }
 
-/// Sends the final event of a sequence.
-fn finish(s: &mut Sequence, reason: FinishReason) -> Finished {
+/// Ends a sequence: its summary goes into the report, its final event waits for
+/// [`StepReport::deliver`].
+fn finish(s: &mut Sequence, reason: FinishReason, report: &mut StepReport) {
     tracing::debug!(
         request = %s.req.request_id,
         prompt_tokens = s.prompt_len,
@@ -334,6 +357,6 @@ fn finish(s: &mut Sequence, reason: FinishReason) -> Finished {
         completion_tokens: s.generated(),
         tail,
     };
-    let _ = s.req.events.send(GenerationEvent::Done(f.clone()));
-    f
+    report.finished.push(f.clone());
+    report.done_events.push((s.req.events.clone(), f));
 }
