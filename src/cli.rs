@@ -7,8 +7,8 @@ use crate::api::generate::{
 use crate::api::vectors::{batches, ExtractPlan, ExtractRequest};
 use crate::config::Config;
 use crate::model::hooks::NoHooks;
-use crate::model::llama::PackedBatch;
 use crate::model::Model;
+use crate::model::{Logits, Segment};
 use crate::server::{build_state, load_model};
 use crate::steering::extract::ExampleSpec;
 use crate::steering::formats::{self, VectorFormat};
@@ -90,7 +90,7 @@ pub fn bench(
     repeats: usize,
 ) -> Result<BenchReport> {
     let model = load_model(cfg)?;
-    let c = model.llama.config();
+    let c = model.dims();
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(prompt_tokens / 5 + 10);
     let mut prompt = model.encode_prompt(&text)?;
     prompt.truncate(prompt_tokens);
@@ -126,11 +126,11 @@ pub fn bench(
         Runner::new(&model, Some(&plan), prompt.len()),
     ];
     let mut prefill = [0f64; 2];
-    let mut caches = [model.llama.new_cache(), model.llama.new_cache()];
+    let mut caches = [model.new_cache(), model.new_cache()];
     let mut logits: [Vec<f32>; 2] = Default::default();
     for r in 0..repeats.max(1) {
         for k in [r % 2, 1 - r % 2] {
-            caches[k] = model.llama.new_cache();
+            caches[k] = model.new_cache();
             let t = Instant::now();
             logits[k] = runs[k].step(&prompt, &mut caches[k])?;
             prefill[k] = prefill[k].max(prompt.len() as f64 / t.elapsed().as_secs_f64());
@@ -151,9 +151,9 @@ pub fn bench(
     ];
     Ok(BenchReport {
         model: model.id.clone(),
-        weights: model.llama.weight_format_name().into(),
+        weights: model.runtime().weights.into(),
         kernels: crate::model::cpu::matmul::isa().name().into(),
-        threads: model.llama.threads(),
+        threads: model.runtime().threads,
         prompt_tokens: prompt.len(),
         decode_tokens,
         repeats,
@@ -187,24 +187,23 @@ impl<'a> Runner<'a> {
         }
     }
 
-    fn step(&self, tokens: &[u32], cache: &mut crate::model::llama::KvCache) -> Result<Vec<f32>> {
-        let mut batch = PackedBatch::default();
-        batch.push(tokens, cache.len(), true);
-        let n_layers = self.model.llama.config().n_layers;
-        let logits = match self.plan {
+    fn step(&self, tokens: &[u32], cache: &mut crate::model::KvCache) -> Result<Vec<f32>> {
+        let mut segment = [Segment {
+            tokens,
+            cache,
+            logits: Logits::Last,
+        }];
+        let n_layers = self.model.dims().n_layers;
+        let mut rows = match self.plan {
             Some(p) => {
                 let mut hooks = BatchSteering::new(n_layers, vec![(Some(p), self.prompt_len)]);
-                self.model.llama.forward(&batch, &mut [cache], &mut hooks)?
+                self.model.run(&mut segment, &mut hooks)?
             }
-            None => self
-                .model
-                .llama
-                .forward(&batch, &mut [cache], &mut NoHooks)?,
+            None => self.model.run(&mut segment, &mut NoHooks)?,
         };
-        Ok(logits
-            .ok_or_else(|| anyhow!("no logits"))?
-            .squeeze(0)?
-            .to_vec1()?)
+        rows.pop()
+            .and_then(|mut r| r.pop())
+            .ok_or_else(|| anyhow!("no logits"))
     }
 }
 
@@ -306,7 +305,7 @@ pub fn extract_from_file(
                 .extension()
                 .and_then(|e| VectorFormat::parse(&e.to_string_lossy()))
                 .ok_or_else(|| anyhow!("--out must end in .json, .safetensors or .gguf"))?;
-            let bytes = formats::encode(&done.vector, format, &model.llama.config().architecture)?;
+            let bytes = formats::encode(&done.vector, format, &model.dims().architecture)?;
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
@@ -573,7 +572,7 @@ pub fn sae_train(cfg: &Config, args: &SaeTrainArgs) -> Result<()> {
     use crate::engine::{GenerationEvent, GenerationRequest};
     let started = Instant::now();
     let model = load_model(cfg)?;
-    let c = model.llama.config();
+    let c = model.dims();
     if args.layer >= c.n_layers {
         anyhow::bail!(
             "--layer {} is out of range (0-{})",

@@ -231,7 +231,7 @@ fn main() -> Result<()> {
         Cmd::FetchModel { common } => {
             let cfg = load_config(&common, &[])?;
             tiller::telemetry::init(&cfg.log.level, &cfg.log.format);
-            let path = tiller::model::fetch::ensure_default_model(
+            let path = tiller::model::catalogue::ensure_default_model(
                 &cfg.model.cache_dir,
                 &cfg.model.python,
             )?;

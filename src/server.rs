@@ -8,8 +8,8 @@ use crate::engine::scheduler::{Scheduler, SchedulerConfig, StepReport};
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::metrics::Metrics;
 use crate::model::cpu::quant::WeightFormat;
-use crate::model::llama::{Backend, LoadOptions};
-use crate::model::{fetch, Model};
+use crate::model::{catalogue, Model};
+use crate::model::{Backend, LoadOptions};
 use crate::steering::sae::SaeStore;
 use crate::steering::store::{ModelShape, VectorStore};
 use anyhow::{bail, Context, Result};
@@ -50,7 +50,7 @@ pub fn resolve_model_path(cfg: &Config) -> Result<PathBuf> {
     if !cfg.model.path.is_empty() {
         return Ok(PathBuf::from(&cfg.model.path));
     }
-    fetch::ensure_default_model(&cfg.model.cache_dir, &cfg.model.python)
+    catalogue::ensure_default_model(&cfg.model.cache_dir, &cfg.model.python)
 }
 
 /// How to load a model under this configuration.
@@ -76,14 +76,14 @@ pub fn load_model(cfg: &Config) -> Result<Model> {
     let id = (!cfg.model.id.is_empty()).then_some(cfg.model.id.as_str());
     let model =
         Model::load(&path, id, &opts).with_context(|| format!("loading {}", path.display()))?;
-    let c = model.llama.config();
+    let c = model.dims();
     tracing::info!(
         model = %model.id,
         path = %path.display(),
         layers = c.n_layers,
         d_model = c.d_model,
-        weights = model.llama.weight_format_name(),
-        weight_mb = model.llama.weight_bytes() / (1 << 20),
+        weights = model.runtime().weights,
+        weight_mb = model.runtime().weight_bytes / (1 << 20),
         kernels = crate::model::cpu::matmul::isa().name(),
         secs = format!("{:.2}", started.elapsed().as_secs_f64()),
         "model loaded"
@@ -93,7 +93,7 @@ pub fn load_model(cfg: &Config) -> Result<Model> {
 
 /// The shape vectors must have for a model.
 pub fn model_shape(model: &Model) -> ModelShape {
-    let c = model.llama.config();
+    let c = model.dims();
     ModelShape {
         model_id: model.id.clone(),
         d_model: c.d_model,
@@ -133,7 +133,7 @@ pub fn build_state(cfg: Config, model: Model) -> Result<AppState> {
         Some(step_observer(metrics.clone())),
     )?;
     let saes = Arc::new(SaeStore::default());
-    let c = engine.model.llama.config().clone();
+    let c = engine.model.dims().clone();
     for skipped in saes.load_dir(&cfg.saes.dir, |site, layer| {
         (layer < c.n_layers).then(|| {
             if site.is_residual_width() {

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use common::*;
 use serde_json::{json, Value};
 use tiller::model::hooks::{HookSite, NoHooks};
-use tiller::model::llama::PackedBatch;
+use tiller::model::PackedBatch;
 use tiller::AppState;
 
 const D: usize = 64;
@@ -145,11 +145,10 @@ async fn logprobs_match_a_teacher_forced_pass_and_mean_ablation_to_its_own_value
     // By hand: run prompt + target and read each target token's log-probability.
     let mut all = ptoks.clone();
     all.extend(&ttoks);
-    let mut cache = model.llama.new_cache();
+    let mut cache = model.new_cache();
     let mut b = PackedBatch::default();
     b.push_scored(&all, 0);
     let rows: Vec<Vec<f32>> = model
-        .llama
         .forward(&b, &mut [&mut cache], &mut NoHooks)
         .unwrap()
         .unwrap()

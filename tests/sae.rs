@@ -13,7 +13,7 @@ use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use tiller::model::hooks::{BatchRows, HookSite, Hooks};
-use tiller::model::llama::PackedBatch;
+use tiller::model::PackedBatch;
 use tiller::steering::intervention::BatchSteering;
 use tiller::steering::sae::{Sae, SaeArchitecture, SaeParts};
 use tiller::steering::spec::InterventionSpec;
@@ -140,17 +140,14 @@ fn steered_rows(
     let plan = s.steering_plan(specs.as_deref()).unwrap();
     let model = &s.engine.model;
     let mut w = Watch {
-        inner: BatchSteering::new(
-            model.llama.config().n_layers,
-            vec![(plan.as_deref(), tokens.len())],
-        ),
+        inner: BatchSteering::new(model.dims().n_layers, vec![(plan.as_deref(), tokens.len())]),
         before: Vec::new(),
         after: Vec::new(),
     };
-    let mut cache = model.llama.new_cache();
+    let mut cache = model.new_cache();
     let mut b = PackedBatch::default();
     b.push(tokens, 0, false);
-    model.llama.forward(&b, &mut [&mut cache], &mut w).unwrap();
+    model.forward(&b, &mut [&mut cache], &mut w).unwrap();
     (w.before, w.after)
 }
 

@@ -7,8 +7,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use std::collections::BTreeMap;
 use tiller::model::hooks::{BatchRows, HookSite, Hooks, NoHooks};
-use tiller::model::llama::{Backend, PackedBatch};
 use tiller::model::Model;
+use tiller::model::{Backend, PackedBatch};
 use tiller::steering::intervention::BatchSteering;
 use tiller::steering::spec::{validate, InterventionSpec, ModelLimits, SteeringPlan};
 use tiller::steering::store::{ModelShape, VectorStore};
@@ -58,7 +58,7 @@ fn model() -> Model {
 }
 
 fn store_with(model: &Model, layers: &[(usize, Vec<f32>)]) -> VectorStore {
-    let c = model.llama.config();
+    let c = model.dims();
     let store = VectorStore::in_memory(ModelShape {
         model_id: "tiny".into(),
         d_model: c.d_model,
@@ -85,7 +85,7 @@ fn store_with(model: &Model, layers: &[(usize, Vec<f32>)]) -> VectorStore {
 
 fn plan(model: &Model, store: &VectorStore, specs: serde_json::Value) -> SteeringPlan {
     let specs: Vec<InterventionSpec> = serde_json::from_value(specs).unwrap();
-    let c = model.llama.config();
+    let c = model.dims();
     validate(
         &specs,
         &ModelLimits {
@@ -112,15 +112,14 @@ fn run(
 ) -> (Vec<f32>, Recorder<'static>) {
     let plan: Option<&'static SteeringPlan> = plan.map(|p| &*Box::leak(Box::new(p.clone())));
     let mut rec = Recorder {
-        inner: BatchSteering::new(model.llama.config().n_layers, vec![(plan, prompt_len)]),
+        inner: BatchSteering::new(model.dims().n_layers, vec![(plan, prompt_len)]),
         watch,
         seen: BTreeMap::new(),
     };
-    let mut cache = model.llama.new_cache();
+    let mut cache = model.new_cache();
     let mut b = PackedBatch::default();
     b.push(PROMPT, 0, true);
     let l = model
-        .llama
         .forward(&b, &mut [&mut cache], &mut rec)
         .unwrap()
         .unwrap();
@@ -128,11 +127,10 @@ fn run(
 }
 
 fn plain_logits(model: &Model) -> Vec<f32> {
-    let mut cache = model.llama.new_cache();
+    let mut cache = model.new_cache();
     let mut b = PackedBatch::default();
     b.push(PROMPT, 0, true);
     model
-        .llama
         .forward(&b, &mut [&mut cache], &mut NoHooks)
         .unwrap()
         .unwrap()
@@ -235,7 +233,7 @@ fn ablate_leaves_no_component_at_any_hooked_point() {
     }
     // With no layer: the embeddings and every attention and MLP write, so every residual
     // stream is orthogonal to the direction.
-    let n = m.llama.config().n_layers;
+    let n = m.dims().n_layers;
     let watch: Vec<_> = (0..n).map(|l| (HookSite::ResidPost, l)).collect();
     let p = plan(
         &m,

@@ -9,7 +9,7 @@ use axum::http::{Request, StatusCode};
 use common::*;
 use serde_json::{json, Value};
 use tiller::model::hooks::{BatchRows, HookSite, Hooks, NoHooks};
-use tiller::model::llama::PackedBatch;
+use tiller::model::PackedBatch;
 use tiller::steering::formats::{self, VectorFormat};
 use tiller::AppState;
 
@@ -756,7 +756,7 @@ async fn an_imported_control_vector_steers_as_llama_cpp_defines() {
     );
     let scale = 0.8f32;
     let store = &s.store;
-    let c = s.engine.model.llama.config();
+    let c = s.engine.model.dims();
     let plan = tiller::steering::spec::validate(
         &[serde_json::from_value(json!({"vector": "cv", "coefficient": scale})).unwrap()],
         &tiller::steering::spec::ModelLimits {
@@ -776,11 +776,10 @@ async fn an_imported_control_vector_steers_as_llama_cpp_defines() {
         .unwrap();
     let run = |hooks: &mut dyn Hooks| -> Vec<f32> {
         let model = &s.engine.model;
-        let mut cache = model.llama.new_cache();
+        let mut cache = model.new_cache();
         let mut b = PackedBatch::default();
         b.push(&tokens, 0, true);
         model
-            .llama
             .forward(&b, &mut [&mut cache], hooks)
             .unwrap()
             .unwrap()

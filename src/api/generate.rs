@@ -299,7 +299,7 @@ pub fn validate_settings(
     raw: &RawSettings,
 ) -> Result<GenerationSettings, ApiError> {
     let limits = &state.config.limits;
-    let ctx = state.engine.model.llama.config().context_length;
+    let ctx = state.engine.model.dims().context_length;
     let max_prompt = limits.max_prompt_tokens.min(ctx - 1);
     if prompt.len() > max_prompt {
         return Err(ApiError::invalid(

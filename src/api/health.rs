@@ -102,7 +102,8 @@ pub struct ModelInfo {
     responses((status = 200, description = "Model and server facts", body = ModelInfo)))]
 pub async fn info(State(state): State<AppState>) -> Json<ModelInfo> {
     let m = &state.engine.model;
-    let c = m.llama.config();
+    let c = m.dims();
+    let rt = m.runtime();
     Json(ModelInfo {
         model: m.id.clone(),
         architecture: c.architecture.clone(),
@@ -118,14 +119,14 @@ pub async fn info(State(state): State<AppState>) -> Json<ModelInfo> {
             .iter()
             .map(|s| s.to_string())
             .collect(),
-        backend: serde_json::to_value(m.llama.backend())
+        backend: serde_json::to_value(rt.backend)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default(),
-        device: format!("{:?}", m.llama.device().location()).to_lowercase(),
-        weights: m.llama.weight_format_name().to_string(),
+        device: rt.device,
+        weights: rt.weights.to_string(),
         kernels: crate::model::cpu::matmul::isa().name().to_string(),
-        threads: m.llama.threads(),
+        threads: rt.threads,
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_secs: state.started.elapsed().as_secs(),
     })

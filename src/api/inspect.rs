@@ -27,7 +27,7 @@ fn layer_list(
     field: &str,
     layers: Option<&[i64]>,
 ) -> Result<Vec<usize>, ApiError> {
-    let n = state.engine.model.llama.config().n_layers;
+    let n = state.engine.model.dims().n_layers;
     let Some(ls) = layers else {
         return Ok((0..n).collect());
     };
@@ -58,7 +58,7 @@ fn layer_list(
 }
 
 fn neuron(state: &AppState, field: &str, n: NeuronRef) -> Result<(usize, usize), ApiError> {
-    let c = state.engine.model.llama.config();
+    let c = state.engine.model.dims();
     if n.layer < 0 || n.layer as usize >= c.n_layers {
         return Err(ApiError::invalid(
             &format!("{field}.layer"),
@@ -149,7 +149,7 @@ pub(super) fn check_prompt_len(state: &AppState, len: usize) -> Result<(), ApiEr
         .config
         .limits
         .max_prompt_tokens
-        .min(state.engine.model.llama.config().context_length);
+        .min(state.engine.model.dims().context_length);
     if len > max_prompt {
         return Err(ApiError::invalid(
             "prompt",
@@ -383,7 +383,7 @@ pub async fn logprobs(
         }
         targets.push(ids);
     }
-    let ctx = model.llama.config().context_length;
+    let ctx = model.dims().context_length;
     let longest = targets.iter().map(Vec::len).max().unwrap_or(0);
     if prompt.len() + longest > state.config.limits.max_prompt_tokens.min(ctx) {
         return Err(ApiError::invalid(

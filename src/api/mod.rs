@@ -85,7 +85,7 @@ impl AppState {
         let Some(specs) = specs.filter(|s| !s.is_empty()) else {
             return Ok(None);
         };
-        let cfg = self.engine.model.llama.config();
+        let cfg = self.engine.model.dims();
         let plan = validate(
             specs,
             &ModelLimits {

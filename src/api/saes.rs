@@ -12,7 +12,7 @@ use super::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::model::chat::ChatMessage;
 use crate::model::hooks::{ChainHooks, SiteRecorder};
-use crate::model::llama::PackedBatch;
+use crate::model::Logits;
 use crate::steering::extract::ExampleSpec;
 use crate::steering::intervention::BatchSteering;
 use crate::steering::sae::{Sae, SaeArchitecture, SaeConfig, SaeParts};
@@ -242,7 +242,7 @@ pub async fn put_sae(
         .map_err(|e| ApiError::internal("loading the SAE", e))?
         .map_err(bad)?
     };
-    let c = state.engine.model.llama.config();
+    let c = state.engine.model.dims();
     if sae.layer >= c.n_layers {
         return Err(ApiError::invalid(
             "hook",
@@ -421,18 +421,13 @@ pub async fn inspect_features(
         .engine
         .run_job(move |m| -> anyhow::Result<Vec<Vec<f32>>> {
             let mut grab = SiteRecorder::new(s2.site, s2.layer);
-            let mut steer = BatchSteering::new(
-                m.llama.config().n_layers,
-                vec![(plan.as_deref(), toks.len())],
-            );
+            let mut steer =
+                BatchSteering::new(m.dims().n_layers, vec![(plan.as_deref(), toks.len())]);
             let mut hooks = ChainHooks {
                 first: &mut steer,
                 second: &mut grab,
             };
-            let mut cache = m.llama.new_cache();
-            let mut b = PackedBatch::default();
-            b.push(&toks, 0, false);
-            m.llama.forward(&b, &mut [&mut cache], &mut hooks)?;
+            m.run_fresh(&[&toks], Logits::None, usize::MAX, &mut hooks)?;
             Ok(grab.rows)
         })
         .await?

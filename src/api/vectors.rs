@@ -151,7 +151,7 @@ pub async fn get_vector(
             &entry.etag,
         ));
     };
-    let arch = &state.engine.model.llama.config().architecture;
+    let arch = &state.engine.model.dims().architecture;
     let bytes = formats::encode(&entry.vector, format, arch)
         .map_err(|e| ApiError::invalid("format", "unsupported_format", format!("{e:#}")))?;
     let mut resp = bytes.into_response();
@@ -435,7 +435,7 @@ impl ExtractPlan {
                 )
             })?,
         };
-        let cfg = model.llama.config();
+        let cfg = model.dims();
         let layers = match &req.layers {
             None => (0..cfg.n_layers).collect(),
             Some(ls) if ls.is_empty() => {

@@ -10,9 +10,9 @@ use super::{
     FinishReason, Finished, GenerationEvent, GenerationRequest, TokenEvent, TokenLogprob,
     TopLogprob,
 };
-use crate::model::llama::{KvCache, PackedBatch};
 use crate::model::tokenizer::DetokenizeStream;
 use crate::model::Model;
+use crate::model::{KvCache, Logits, Segment};
 use crate::steering::intervention::BatchSteering;
 use std::time::Instant;
 
@@ -128,7 +128,7 @@ impl Scheduler {
             return;
         }
         let prompt_len = req.prompt.len();
-        let ctx = model.llama.config().context_length;
+        let ctx = model.dims().context_length;
         if prompt_len == 0 || prompt_len >= ctx {
             let _ = req.events.send(GenerationEvent::Error(format!(
                 "prompt of {prompt_len} tokens does not fit the context of {ctx}"
@@ -136,7 +136,7 @@ impl Scheduler {
             return;
         }
         self.active.push(Sequence {
-            cache: model.llama.new_cache(),
+            cache: model.new_cache(),
             tokens: req.prompt.clone(),
             prompt_len,
             sampler: Sampler::new(req.sampling.clone()),
@@ -208,20 +208,16 @@ impl Scheduler {
                 budget -= n;
             }
         }
-        let mut batch = PackedBatch::default();
-        let mut members = Vec::new();
-        for (i, s) in self.active.iter().enumerate() {
-            if takes[i] == 0 {
-                continue;
-            }
+        let members: Vec<usize> = (0..self.active.len()).filter(|&i| takes[i] > 0).collect();
+        let mut wants_logits = Vec::with_capacity(members.len());
+        for &i in &members {
+            let s = &self.active[i];
             let start = s.cache.len();
-            let completes = start + takes[i] == s.tokens.len();
-            batch.push(&s.tokens[start..start + takes[i]], start, completes);
-            members.push(i);
+            wants_logits.push(start + takes[i] == s.tokens.len());
             report.prefill_tokens += (start + takes[i]).min(s.prompt_len) - start.min(s.prompt_len);
+            report.rows += takes[i];
         }
         report.sequences = members.len();
-        report.rows = batch.tokens.len();
         let plans: Vec<_> = members
             .iter()
             .map(|&i| {
@@ -232,36 +228,34 @@ impl Scheduler {
             })
             .collect();
         let mut hooks = BatchSteering::new(
-            model.llama.config().n_layers,
+            model.dims().n_layers,
             plans.iter().map(|(p, n)| (p.as_deref(), *n)).collect(),
         );
         let logits = {
-            let mut caches: Vec<&mut KvCache> = Vec::with_capacity(members.len());
+            let mut segments = Vec::with_capacity(members.len());
             let mut rest: &mut [Sequence] = &mut self.active;
             let mut offset = 0;
-            for &i in &members {
+            for (&i, &last) in members.iter().zip(&wants_logits) {
                 let (_, tail) = rest.split_at_mut(i - offset);
                 let (head, tail) = tail.split_at_mut(1);
-                caches.push(&mut head[0].cache);
+                let s = &mut head[0];
+                let start = s.cache.len();
+                segments.push(Segment {
+                    tokens: &s.tokens[start..start + takes[i]],
+                    cache: &mut s.cache,
+                    logits: if last { Logits::Last } else { Logits::None },
+                });
                 rest = tail;
                 offset = i + 1;
             }
-            model.llama.forward(&batch, &mut caches, &mut hooks)?
+            model.run(&mut segments, &mut hooks)?
         };
         report.interventions = std::mem::take(&mut hooks.applied);
-        let rows: Vec<Vec<f32>> = match logits {
-            Some(l) => l.to_vec2()?,
-            None => Vec::new(),
-        };
-        let mut rows = rows.into_iter();
         let mut done = vec![false; self.active.len()];
-        for (k, &i) in members.iter().enumerate() {
-            if !batch.chunks[k].logits {
-                continue;
-            }
-            let Some(logits) = rows.next() else { break };
+        for (&i, rows) in members.iter().zip(&logits) {
+            let Some(logits) = rows.first() else { continue };
             let s = &mut self.active[i];
-            if let Some(reason) = advance(model, s, &logits, &mut report)? {
+            if let Some(reason) = advance(model, s, logits, &mut report)? {
                 finish(s, reason, &mut report);
                 done[i] = true;
             }
@@ -331,7 +325,7 @@ fn advance(
     if check.stopped {
         return Ok(Some(FinishReason::Stop));
     }
-    if s.generated() >= s.req.max_tokens || s.tokens.len() >= model.llama.config().context_length {
+    if s.generated() >= s.req.max_tokens || s.tokens.len() >= model.dims().context_length {
         return Ok(Some(FinishReason::Length));
     }
     Ok(None)

@@ -30,6 +30,15 @@ impl ChatMessage {
     }
 }
 
+/// A chat request to a model that has no chat template. The message says how to give it one.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error(
+    "this model has no chat template: send `prompt` instead, or set `model.chat_template` to a \
+     Jinja template file (tiller ships config/templates/gemma.jinja for instruction-tuned Gemma \
+     and config/templates/chatml.jinja for ChatML models)"
+)]
+pub struct NoChatTemplate;
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,

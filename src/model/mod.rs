@@ -1,29 +1,112 @@
-//! Everything about the language model itself: checkpoints, the Llama-family forward pass with
-//! its hook sites, CPU kernels, tokenizer and chat template. Knows nothing of steering plans,
-//! scheduling or HTTP (DESIGN §1).
+//! Everything about the language model itself: checkpoints, the architectures behind one seam
+//! ([`arch`]), their shared layers and hook sites, CPU kernels, tokenizers and chat templates.
+//! Knows nothing of steering plans, scheduling or HTTP.
+//!
+//! [`Model`] is what the rest of tiller holds: its [`ModelDims`], its tokenizer, and
+//! [`Model::run`], the one way to put tokens through the model with hooks.
 
+pub mod arch;
+pub mod attention;
+pub mod batch;
+pub mod catalogue;
 pub mod chat;
 pub mod checkpoint;
 pub mod cpu;
-pub mod fetch;
 pub mod hooks;
-pub mod llama;
+pub mod layers;
+pub mod pass;
 pub mod tokenizer;
+pub mod weights;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
+pub use arch::ModelDims;
+use arch::{Architecture, Loaded};
+pub use batch::{KvCache, PackedBatch};
+use candle_core::Device;
 use chat::{ChatMessage, ChatTemplate};
 use checkpoint::Checkpoint;
-use llama::{Llama, LoadOptions};
+use cpu::quant::WeightFormat;
+use hooks::Hooks;
+use pass::Pass;
 use std::path::Path;
 use tokenizer::TextTokenizer;
+
+/// Which implementation runs the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// Our CPU kernels over quantized weights.
+    CpuKernels,
+    /// candle ops over f32 weights, on any device.
+    Candle,
+}
+
+/// How to load a checkpoint.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub backend: Backend,
+    pub weight_format: WeightFormat,
+    /// Worker threads for the CPU kernels (0: one per core).
+    pub threads: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            backend: Backend::CpuKernels,
+            weight_format: WeightFormat::Native,
+            threads: 0,
+        }
+    }
+}
+
+/// Where and how the model runs, for `/info` and logs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RuntimeInfo {
+    pub backend: Backend,
+    /// `cpu`, `cuda:0`, ...
+    pub device: String,
+    /// Storage of the linear weights (`q4_1`, `q8_0`, `f32`).
+    pub weights: &'static str,
+    /// Bytes of weight data held.
+    pub weight_bytes: usize,
+    /// Threads of the CPU kernels.
+    pub threads: usize,
+}
+
+/// Which logits a pass returns for one sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    /// After the last new token.
+    Last,
+    /// After every new token (scoring a continuation).
+    Every,
+}
+
+/// One sequence's part of a pass: new tokens continuing `cache`.
+pub struct Segment<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub logits: Logits,
+}
 
 /// A resident model with everything needed to turn text into logits and back.
 pub struct Model {
     /// The id clients use to name this model.
     pub id: String,
-    pub llama: Llama,
     pub tokenizer: TextTokenizer,
     pub chat_template: Option<ChatTemplate>,
+    dims: ModelDims,
+    net: Box<dyn Architecture>,
+    backend: Backend,
+    device: Device,
+    /// Threads for the CPU kernels. The whole forward pass runs inside this pool, so the many
+    /// small parallel sections of a decode step cost a work-stealing hand-off rather than a
+    /// cross-thread wake-up each.
+    pool: rayon::ThreadPool,
 }
 
 impl std::fmt::Debug for Model {
@@ -33,33 +116,227 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Loads a GGUF file or Hugging Face folder.
+    /// Loads a GGUF file or Hugging Face folder, with the architecture it declares.
     pub fn load(path: &Path, id: Option<&str>, opts: &LoadOptions) -> Result<Self> {
+        if opts.backend == Backend::CpuKernels && !opts.device.is_cpu() {
+            bail!(
+                "the CPU kernels backend runs on the CPU only; use the candle backend on {:?}",
+                opts.device
+            );
+        }
         let mut ckpt = Checkpoint::open(path)?;
         let tokenizer = ckpt.tokenizer()?;
         let chat_template = ckpt.chat_template(&tokenizer)?;
-        let llama = Llama::load(&mut ckpt, opts)?;
-        if tokenizer.vocab_size > llama.config().vocab_size {
-            anyhow::bail!(
+        let Loaded { dims, net } = arch::load(&mut weights::Loader {
+            ckpt: &mut ckpt,
+            opts,
+        })?;
+        if tokenizer.vocab_size > dims.vocab_size {
+            bail!(
                 "the tokenizer has {} tokens but the embeddings only {}",
                 tokenizer.vocab_size,
-                llama.config().vocab_size
+                dims.vocab_size
             );
         }
         Ok(Self {
             id: id.map(str::to_string).unwrap_or_else(|| ckpt.default_id()),
-            llama,
             tokenizer,
             chat_template,
+            dims,
+            net,
+            backend: opts.backend,
+            device: opts.device.clone(),
+            pool: rayon::ThreadPoolBuilder::new()
+                .num_threads(opts.threads)
+                .thread_name(|i| format!("tiller-kernel-{i}"))
+                .build()?,
         })
+    }
+
+    /// The model's sizes.
+    pub fn dims(&self) -> &ModelDims {
+        &self.dims
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Backend, device, weight storage and threads.
+    pub fn runtime(&self) -> RuntimeInfo {
+        RuntimeInfo {
+            backend: self.backend,
+            device: device_name(&self.device),
+            weights: self.net.weight_format(),
+            weight_bytes: self.net.weight_bytes(),
+            threads: self.pool.current_num_threads(),
+        }
+    }
+
+    /// An empty cache for a new sequence.
+    pub fn new_cache(&self) -> KvCache {
+        let kv_dim = self.dims.n_kv_heads * self.dims.head_dim;
+        KvCache::new(
+            self.dims.n_layers,
+            self.backend == Backend::CpuKernels,
+            kv_dim,
+        )
+    }
+
+    /// Runs the new tokens of `batch` (chunk `i` continuing the sequence of `caches[i]`),
+    /// appends them to the caches, and returns the next-token logits `[k, vocab]` of the `k`
+    /// chunks that ask for them, in chunk order (`None` if none do); a chunk pushed with
+    /// `push_scored` contributes one row per token.
+    pub fn forward(
+        &self,
+        batch: &PackedBatch,
+        caches: &mut [&mut KvCache],
+        hooks: &mut dyn Hooks,
+    ) -> Result<Option<candle_core::Tensor>> {
+        self.check_batch(batch, caches)?;
+        self.pool.install(|| {
+            let mut p = Pass::new(batch, caches, hooks, self.backend, &self.device);
+            let x = self.net.forward(&mut p)?;
+            for (c, cache) in batch.chunks.iter().zip(p.caches.iter_mut()) {
+                cache.len = c.start_pos + c.len;
+            }
+            let rows = batch.logit_rows();
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            let idx = candle_core::Tensor::new(rows.as_slice(), &self.device)?;
+            Ok(Some(self.net.logits(&x.index_select(&idx, 0)?)?))
+        })
+    }
+
+    fn check_batch(&self, batch: &PackedBatch, caches: &[&mut KvCache]) -> Result<()> {
+        if caches.len() != batch.chunks.len() {
+            bail!(
+                "{} caches for {} sequences",
+                caches.len(),
+                batch.chunks.len()
+            );
+        }
+        for (c, cache) in batch.chunks.iter().zip(caches.iter()) {
+            if cache.len != c.start_pos || cache.layers.len() != self.dims.n_layers {
+                bail!(
+                    "chunk starts at {} but its cache holds {}",
+                    c.start_pos,
+                    cache.len
+                );
+            }
+            if c.start_pos + c.len > self.dims.context_length {
+                bail!(
+                    "sequence of {} tokens exceeds the context length {}",
+                    c.start_pos + c.len,
+                    self.dims.context_length
+                );
+            }
+        }
+        if let Some(&bad) = batch
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.dims.vocab_size)
+        {
+            bail!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.dims.vocab_size
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs each segment's tokens (continuing its cache) through the model in one packed pass
+    /// with `hooks`, which see segment `i`'s rows as sequence `i`. Returns, per segment, the
+    /// logit rows it asked for.
+    pub fn run(
+        &self,
+        segments: &mut [Segment<'_>],
+        hooks: &mut dyn Hooks,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        let mut batch = PackedBatch::default();
+        for s in segments.iter() {
+            match s.logits {
+                Logits::Every => batch.push_scored(s.tokens, s.cache.len()),
+                l => batch.push(s.tokens, s.cache.len(), l == Logits::Last),
+            }
+        }
+        let mut caches: Vec<&mut KvCache> = segments.iter_mut().map(|s| &mut *s.cache).collect();
+        let logits = self.forward(&batch, &mut caches, hooks)?;
+        let mut rows = match logits {
+            Some(l) => l.to_vec2::<f32>()?.into_iter(),
+            None => Vec::new().into_iter(),
+        };
+        Ok(batch
+            .chunks
+            .iter()
+            .map(|c| {
+                let n = match (c.logits && c.len > 0, c.all_logits) {
+                    (false, _) => 0,
+                    (true, true) => c.len,
+                    (true, false) => 1,
+                };
+                rows.by_ref().take(n).collect()
+            })
+            .collect())
+    }
+
+    /// Runs whole sequences from empty caches with `hooks`, packed into passes of about
+    /// `budget` tokens (a longer sequence runs alone). Hooks see sequence `i` of `sequences`
+    /// as sequence `i` in every pass. Returns each sequence's logit rows.
+    pub fn run_fresh(
+        &self,
+        sequences: &[&[u32]],
+        logits: Logits,
+        budget: usize,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        let mut out = Vec::with_capacity(sequences.len());
+        let mut start = 0;
+        while start < sequences.len() {
+            let mut end = start + 1;
+            let mut tokens = sequences[start].len();
+            while end < sequences.len() && tokens + sequences[end].len() <= budget {
+                tokens += sequences[end].len();
+                end += 1;
+            }
+            let mut batch = PackedBatch::default();
+            for (i, s) in sequences[start..end].iter().enumerate() {
+                match logits {
+                    Logits::Every => batch.push_scored(s, 0),
+                    l => batch.push(s, 0, l == Logits::Last),
+                }
+                if let Some(c) = batch.chunks.last_mut() {
+                    c.sequence = start + i;
+                }
+            }
+            let mut caches: Vec<KvCache> = (start..end).map(|_| self.new_cache()).collect();
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            let result = self.forward(&batch, &mut refs, hooks)?;
+            let mut rows = match result {
+                Some(l) => l.to_vec2::<f32>()?.into_iter(),
+                None => Vec::new().into_iter(),
+            };
+            for c in &batch.chunks {
+                let n = match logits {
+                    Logits::None => 0,
+                    Logits::Last => usize::from(c.len > 0),
+                    Logits::Every => c.len,
+                };
+                out.push(rows.by_ref().take(n).collect());
+            }
+            start = end;
+        }
+        Ok(out)
     }
 
     /// Token ids of a chat conversation rendered with the model's template, ending where the
     /// assistant's reply begins.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let template = self.chat_template.as_ref().ok_or_else(|| {
-            anyhow::anyhow!("this model has no chat template; send `prompt` instead")
-        })?;
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| anyhow::Error::new(chat::NoChatTemplate))?;
         let text = template.render(messages, true)?;
         self.tokenizer.encode(&text, true)
     }
@@ -67,5 +344,14 @@ impl Model {
     /// Token ids of a raw prompt.
     pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
         self.tokenizer.encode(prompt, true)
+    }
+}
+
+/// `cpu`, `cuda:N` or `metal:N`.
+fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }

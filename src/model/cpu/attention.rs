@@ -2,8 +2,9 @@
 //!
 //! One call handles the new tokens of one sequence: it rotates their queries and keys, appends
 //! keys and values to the cache, and attends each query to every cached key at or before its
-//! position (grouped-query attention: query head `h` reads KV head `h / (n_heads / n_kv)`).
-//! Each output row is computed in a fixed order that depends only on its own position, so
+//! position (grouped-query attention: query head `h` reads KV head `h / (n_heads / n_kv)`),
+//! or only to the last `window` of them on a local (sliding-window) layer, optionally
+//! soft-capping the scores (Gemma 2). Each output row is computed in a fixed order that depends only on its own position, so
 //! results do not change with how a prompt is chunked or batched.
 
 use super::matmul::{isa, Isa};
@@ -20,74 +21,79 @@ pub enum RopeLayout {
     HalfSplit,
 }
 
-/// `cos` and `sin` of every position's rotation angles, `[positions, head_dim / 2]`.
+/// A rotary embedding: the inverse frequency of each rotated pair, computed in f64 once;
+/// the angles of a position are computed when it is rotated (no per-position tables, so a
+/// long context costs no memory).
 #[derive(Debug, Clone)]
-pub struct RopeTable {
+pub struct Rope {
     pub layout: RopeLayout,
-    pub half: usize,
-    pub cos: Vec<f32>,
-    pub sin: Vec<f32>,
+    inv_freq: Vec<f64>,
 }
 
-impl RopeTable {
-    /// `inv_freq[i] = 1 / base^(2i/d)`, optionally divided by per-frequency factors (Llama 3's
-    /// `rope_freqs`), computed in f64.
+impl Rope {
+    /// `inv_freq[i] = 1 / base^(2i/d)`, divided by per-frequency factors (Llama 3's
+    /// `rope_freqs`) and by a linear position-scaling factor, if given.
     pub fn new(
         layout: RopeLayout,
         head_dim: usize,
         base: f64,
-        positions: usize,
         freq_factors: Option<&[f32]>,
+        linear_scale: f64,
     ) -> Self {
         let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
-        let inv_freq: Vec<f64> = (0..half)
+        let inv_freq = (0..half)
             .map(|i| {
                 let f = 1.0 / base.powf(2.0 * i as f64 / head_dim as f64);
-                f / freq_factors
+                let factor = freq_factors
                     .and_then(|ff| ff.get(i))
-                    .map_or(1.0, |&x| x as f64)
+                    .map_or(1.0, |&x| x as f64);
+                f / factor / linear_scale
             })
             .collect();
-        for p in 0..positions {
-            for &f in &inv_freq {
-                let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-        Self {
-            layout,
-            half,
-            cos,
-            sin,
+        Self { layout, inv_freq }
+    }
+
+    /// Rotated pairs per head.
+    pub fn half(&self) -> usize {
+        self.inv_freq.len()
+    }
+
+    /// `cos` and `sin` of position `pos`'s angles, `half` each.
+    pub fn angles(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
+        for ((c, s), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(&self.inv_freq) {
+            let a = pos as f64 * f;
+            *c = a.cos() as f32;
+            *s = a.sin() as f32;
         }
     }
 
-    pub fn positions(&self) -> usize {
-        self.cos.len() / self.half.max(1)
+    /// `[len, half]` cos and sin tables for positions `start..start + len`.
+    pub fn tables(&self, start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.half();
+        let (mut cos, mut sin) = (vec![0f32; len * half], vec![0f32; len * half]);
+        for i in 0..len {
+            let r = i * half..(i + 1) * half;
+            self.angles(start + i, &mut cos[r.clone()], &mut sin[r]);
+        }
+        (cos, sin)
     }
 
-    /// Rotates one head vector `x` (`2 * half` long) to position `pos`.
-    pub fn rotate(&self, x: &mut [f32], pos: usize) {
-        let (c, s) = (
-            &self.cos[pos * self.half..(pos + 1) * self.half],
-            &self.sin[pos * self.half..(pos + 1) * self.half],
-        );
+    /// Rotates one head vector `x` (`2 * half` long) by the angles `(c, s)` of its position.
+    pub fn rotate(&self, x: &mut [f32], c: &[f32], s: &[f32]) {
+        let half = self.half();
         match self.layout {
             RopeLayout::Interleaved => {
-                for i in 0..self.half {
+                for i in 0..half {
                     let (a, b) = (x[2 * i], x[2 * i + 1]);
                     x[2 * i] = a * c[i] - b * s[i];
                     x[2 * i + 1] = a * s[i] + b * c[i];
                 }
             }
             RopeLayout::HalfSplit => {
-                for i in 0..self.half {
-                    let (a, b) = (x[i], x[i + self.half]);
+                for i in 0..half {
+                    let (a, b) = (x[i], x[i + half]);
                     x[i] = a * c[i] - b * s[i];
-                    x[i + self.half] = a * s[i] + b * c[i];
+                    x[i + half] = a * s[i] + b * c[i];
                 }
             }
         }
@@ -111,6 +117,30 @@ impl HeadShape {
     }
 }
 
+/// How one layer attends: its heads, rotary embedding, score scale, optional sliding window
+/// and optional soft-capping of the scores.
+#[derive(Debug, Clone)]
+pub struct AttentionSpec {
+    pub shape: HeadShape,
+    pub rope: std::sync::Arc<Rope>,
+    /// Multiplies `q · k` (usually `1 / sqrt(head_dim)`).
+    pub scale: f32,
+    /// A query at position `p` sees keys at `p - window + 1 ..= p` only (local layers).
+    pub window: Option<usize>,
+    /// Scores become `cap * tanh(score / cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
+}
+
+impl AttentionSpec {
+    /// The first key position a query at `pos` attends to.
+    pub fn first_key(&self, pos: usize) -> usize {
+        match self.window {
+            Some(w) => (pos + 1).saturating_sub(w.max(1)),
+            None => 0,
+        }
+    }
+}
+
 /// One layer's cached keys (rotated) and values, `[len, kv_dim]` each.
 #[derive(Debug, Clone, Default)]
 pub struct HostKv {
@@ -126,39 +156,53 @@ pub fn attend(
     n_new: usize,
     start: usize,
     cache: &mut HostKv,
-    shape: HeadShape,
-    rope: &RopeTable,
+    spec: &AttentionSpec,
     out: &mut [f32],
 ) {
+    let shape = spec.shape;
     let (q_dim, kv_dim, hd) = (shape.q_dim(), shape.kv_dim(), shape.head_dim);
     let width = q_dim + 2 * kv_dim;
     debug_assert_eq!(qkv.len(), n_new * width);
     debug_assert_eq!(cache.k.len(), start * kv_dim);
+    let rope = &spec.rope;
+    let half = rope.half();
+    let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
     let mut q = vec![0f32; n_new * q_dim];
     for i in 0..n_new {
         let row = &qkv[i * width..(i + 1) * width];
-        let pos = start + i;
+        rope.angles(start + i, &mut cos, &mut sin);
         let qi = &mut q[i * q_dim..(i + 1) * q_dim];
         qi.copy_from_slice(&row[..q_dim]);
         for h in qi.chunks_mut(hd) {
-            rope.rotate(h, pos);
+            rope.rotate(h, &cos, &sin);
         }
         let k0 = cache.k.len();
         cache.k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
         for h in cache.k[k0..].chunks_mut(hd) {
-            rope.rotate(h, pos);
+            rope.rotate(h, &cos, &sin);
         }
         cache.v.extend_from_slice(&row[q_dim + kv_dim..]);
     }
-    let scale = 1.0 / (hd as f32).sqrt();
     let group = shape.n_heads / shape.n_kv_heads;
     let (k, v) = (&cache.k[..], &cache.v[..]);
     let one = |(i, h): (usize, usize), dst: &mut [f32]| {
         let pos = start + i;
+        let first = spec.first_key(pos);
         let qh = &q[i * q_dim + h * hd..i * q_dim + (h + 1) * hd];
         let kvh = (h / group) * hd;
-        let mut scores = vec![0f32; pos + 1];
-        key_scores(qh, &k[kvh..], kv_dim, scale, &mut scores);
+        let mut scores = vec![0f32; pos + 1 - first];
+        key_scores(
+            qh,
+            &k[first * kv_dim + kvh..],
+            kv_dim,
+            spec.scale,
+            &mut scores,
+        );
+        if let Some(cap) = spec.softcap {
+            for s in scores.iter_mut() {
+                *s = cap * (*s / cap).tanh();
+            }
+        }
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut sum = 0f32;
         for s in scores.iter_mut() {
@@ -169,7 +213,7 @@ pub fn attend(
         for s in scores.iter_mut() {
             *s *= inv;
         }
-        weighted_sum(&scores, &v[kvh..], kv_dim, dst);
+        weighted_sum(&scores, &v[first * kv_dim + kvh..], kv_dim, dst);
     };
     let work = n_new * shape.n_heads * (start + n_new);
     let out = &mut out[..n_new * q_dim];
@@ -276,31 +320,46 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
-    fn naive(qkv: &[f32], n: usize, shape: HeadShape, rope: &RopeTable) -> Vec<f32> {
+    fn rotated(rope: &Rope, v: &[f32], pos: usize) -> Vec<f32> {
+        let (c, s) = rope.tables(pos, 1);
+        let mut v = v.to_vec();
+        rope.rotate(&mut v, &c, &s);
+        v
+    }
+
+    /// Attention written out plainly in f64, with the window and soft-cap of `spec`.
+    fn naive(qkv: &[f32], n: usize, spec: &AttentionSpec) -> Vec<f32> {
+        let shape = spec.shape;
         let (q_dim, kv_dim, hd) = (shape.q_dim(), shape.kv_dim(), shape.head_dim);
         let width = q_dim + 2 * kv_dim;
-        let rot = |v: &[f32], pos: usize| {
-            let mut v = v.to_vec();
-            rope.rotate(&mut v, pos);
-            v
-        };
         let mut out = vec![0f32; n * q_dim];
         for i in 0..n {
             for h in 0..shape.n_heads {
                 let g = h / (shape.n_heads / shape.n_kv_heads);
-                let q = rot(&qkv[i * width + h * hd..i * width + (h + 1) * hd], i);
-                let s: Vec<f64> = (0..=i)
-                    .map(|j| {
+                let q = rotated(
+                    &spec.rope,
+                    &qkv[i * width + h * hd..i * width + (h + 1) * hd],
+                    i,
+                );
+                let keys: Vec<usize> = (spec.first_key(i)..=i).collect();
+                let s: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| {
                         let k0 = j * width + q_dim + g * hd;
-                        let k = rot(&qkv[k0..k0 + hd], j);
-                        q.iter().zip(&k).map(|(a, b)| (*a * *b) as f64).sum::<f64>()
-                            / (hd as f64).sqrt()
+                        let k = rotated(&spec.rope, &qkv[k0..k0 + hd], j);
+                        let dot = q.iter().zip(&k).map(|(a, b)| (*a * *b) as f64).sum::<f64>()
+                            * spec.scale as f64;
+                        match spec.softcap {
+                            Some(cap) => cap as f64 * (dot / cap as f64).tanh(),
+                            None => dot,
+                        }
                     })
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                for (j, sj) in s.iter().enumerate() {
+                for (&j, sj) in keys.iter().zip(&s) {
                     let v0 = j * width + q_dim + kv_dim + g * hd;
                     for d in 0..hd {
                         out[i * q_dim + h * hd + d] +=
@@ -324,35 +383,70 @@ mod tests {
         let qkv: Vec<f32> = (0..n * width)
             .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
             .collect();
+        let variants = [
+            (None, None),
+            (Some(3), None),
+            (None, Some(0.7)),
+            (Some(4), Some(1.5)),
+        ];
         for layout in [RopeLayout::Interleaved, RopeLayout::HalfSplit] {
-            let rope = RopeTable::new(layout, 8, 10000.0, 32, None);
-            let expected = naive(&qkv, n, shape, &rope);
-            // All at once.
-            let mut cache = HostKv::default();
-            let mut all = vec![0f32; n * shape.q_dim()];
-            attend(&qkv, n, 0, &mut cache, shape, &rope, &mut all);
-            for (a, b) in all.iter().zip(&expected) {
-                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-            }
-            // In chunks of 4, 1, 4: bit-identical to all at once.
-            let mut cache = HostKv::default();
-            let mut chunked = vec![0f32; n * shape.q_dim()];
-            let mut start = 0;
-            for len in [4, 1, 4] {
-                let (a, b) = (start * width, (start + len) * width);
-                let (o0, o1) = (start * shape.q_dim(), (start + len) * shape.q_dim());
-                attend(
-                    &qkv[a..b],
-                    len,
-                    start,
-                    &mut cache,
+            for (window, softcap) in variants {
+                let spec = AttentionSpec {
                     shape,
-                    &rope,
-                    &mut chunked[o0..o1],
-                );
-                start += len;
+                    rope: Arc::new(Rope::new(layout, 8, 10000.0, None, 1.0)),
+                    scale: 1.0 / (8f32).sqrt(),
+                    window,
+                    softcap,
+                };
+                let expected = naive(&qkv, n, &spec);
+                // All at once.
+                let mut cache = HostKv::default();
+                let mut all = vec![0f32; n * shape.q_dim()];
+                attend(&qkv, n, 0, &mut cache, &spec, &mut all);
+                for (a, b) in all.iter().zip(&expected) {
+                    assert!((a - b).abs() < 1e-5, "{window:?} {softcap:?}: {a} vs {b}");
+                }
+                // In chunks of 4, 1, 4: bit-identical to all at once.
+                let mut cache = HostKv::default();
+                let mut chunked = vec![0f32; n * shape.q_dim()];
+                let mut start = 0;
+                for len in [4, 1, 4] {
+                    let (a, b) = (start * width, (start + len) * width);
+                    let (o0, o1) = (start * shape.q_dim(), (start + len) * shape.q_dim());
+                    attend(
+                        &qkv[a..b],
+                        len,
+                        start,
+                        &mut cache,
+                        &spec,
+                        &mut chunked[o0..o1],
+                    );
+                    start += len;
+                }
+                assert_eq!(all, chunked);
             }
-            assert_eq!(all, chunked);
+        }
+    }
+
+    #[test]
+    fn a_window_of_one_attends_only_to_itself() {
+        let shape = HeadShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 4,
+        };
+        let spec = AttentionSpec {
+            shape,
+            rope: Arc::new(Rope::new(RopeLayout::HalfSplit, 4, 10000.0, None, 1.0)),
+            scale: 0.5,
+            window: Some(1),
+            softcap: None,
+        };
+        let qkv: Vec<f32> = (0..3 * 12).map(|i| i as f32 * 0.1).collect();
+        let mut out = vec![0f32; 3 * 4];
+        attend(&qkv, 3, 0, &mut HostKv::default(), &spec, &mut out);
+        for i in 0..3 {
+            assert_eq!(&out[i * 4..(i + 1) * 4], &qkv[i * 12 + 8..i * 12 + 12]);
         }
     }
 }

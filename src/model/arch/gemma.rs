@@ -1,0 +1,341 @@
+//! The Gemma family: Gemma 2 (Gemma Team 2024, <https://arxiv.org/abs/2408.00118>) and Gemma 3
+//! (Gemma Team 2025, <https://arxiv.org/abs/2503.19786>). References: Hugging Face
+//! `modeling_gemma2.py` / `modeling_gemma3.py`, llama.cpp `src/models/gemma2.cpp` /
+//! `gemma3.cpp`.
+//!
+//! Both differ from Llama in the same ways: RMSNorm weights are `(1 + w)` (llama.cpp's GGUF
+//! converter stores the sum), every sub-layer has a norm before *and* after it (the
+//! post-norm's output is what enters the residual stream, so that is what `attn_out` and
+//! `mlp_out` hooks see), the MLP is GeGLU with tanh-approximated GELU, embeddings are scaled
+//! by `sqrt(d_model)`, the head is tied to the embeddings, and local (sliding-window) layers
+//! alternate with global ones. Gemma 2 soft-caps attention scores and final logits; Gemma 3
+//! normalises each query and key head instead, has five local layers per global one, and
+//! gives local layers their own RoPE base.
+//!
+//! Read top-down: configuration, tensor names, block, model.
+
+use super::{Architecture, HyperParams, Loaded, ModelDims};
+use crate::model::attention::Attention;
+use crate::model::cpu::attention::{AttentionSpec, HeadShape, Rope, RopeLayout};
+use crate::model::hooks::HookSite;
+use crate::model::layers::{Activation, Embedding, Linear, Mlp, RmsNorm};
+use crate::model::pass::Pass;
+use crate::model::weights::{name, At, Loader, TensorName};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use std::sync::Arc;
+
+/// Which Gemma.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    Gemma2,
+    Gemma3,
+}
+
+/// Hyper-parameters of a Gemma checkpoint.
+#[derive(Debug, Clone)]
+struct Config {
+    version: Version,
+    n_layers: usize,
+    d_model: usize,
+    intermediate_size: usize,
+    heads: HeadShape,
+    context_length: usize,
+    rms_eps: f64,
+    /// Multiplies `q · k`: `query_pre_attn_scalar^-1/2`.
+    attn_scale: f32,
+    /// Whether each layer is local (sliding-window).
+    local: Vec<bool>,
+    window: usize,
+    global_rope_base: f64,
+    /// Linear position scaling of the global layers' RoPE (Gemma 3 4B and larger).
+    global_rope_scale: f64,
+    local_rope_base: f64,
+    attn_softcap: Option<f32>,
+    final_softcap: Option<f32>,
+}
+
+impl Config {
+    fn read(hp: &HyperParams, version: Version) -> Result<Self> {
+        let d_model = hp.usize("embedding_length", "hidden_size")?;
+        let n_heads = hp.usize("attention.head_count", "num_attention_heads")?;
+        if n_heads == 0 {
+            bail!("the checkpoint declares no attention heads");
+        }
+        let head_dim = hp
+            .opt_usize("attention.key_length", "head_dim")?
+            .unwrap_or(d_model / n_heads);
+        let n_layers = hp.usize("block_count", "num_hidden_layers")?;
+        let pattern = hp
+            .opt_usize("attention.sliding_window_pattern", "sliding_window_pattern")?
+            .unwrap_or(match version {
+                Version::Gemma2 => 2,
+                Version::Gemma3 => 6,
+            });
+        let window = hp
+            .opt_usize("attention.sliding_window", "sliding_window")?
+            .unwrap_or(match version {
+                Version::Gemma2 => 4096,
+                Version::Gemma3 => 0,
+            });
+        let local = match hp.hf_raw("layer_types").and_then(|v| v.as_array()) {
+            Some(types) => types
+                .iter()
+                .map(|t| t.as_str() == Some("sliding_attention"))
+                .collect(),
+            // Every `pattern`-th layer is global, the others local (llama.cpp's
+            // `set_swa_pattern`; Hugging Face's `sliding_window_pattern`).
+            None => (0..n_layers)
+                .map(|l| window > 0 && (pattern == 0 || l % pattern < pattern - 1))
+                .collect::<Vec<_>>(),
+        };
+        if local.len() != n_layers {
+            bail!(
+                "config.json `layer_types` lists {} layers, the model has {n_layers}",
+                local.len()
+            );
+        }
+        // Gemma 3 27B scales by d_model / n_heads, every other size by head_dim; both ship
+        // the value as `query_pre_attn_scalar`. llama.cpp recognises 27B by its depth.
+        let default_scalar = match (version, n_layers) {
+            (Version::Gemma3, 62) | (Version::Gemma2, 46) => d_model / n_heads,
+            _ => head_dim,
+        };
+        let scalar = hp.f64_or("", "query_pre_attn_scalar", default_scalar as f64);
+        let global_rope_base = hp.f64_or("rope.freq_base", "rope_theta", 10_000.0);
+        let linear_scaling = hp
+            .hf_raw("rope_scaling")
+            .filter(|s| {
+                s.get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(|t| t.as_str())
+                    == Some("linear")
+            })
+            .and_then(|s| s.get("factor").and_then(|f| f.as_f64()));
+        let softcap = |gguf: &str, hf: &str, default: Option<f64>| -> Option<f32> {
+            match hp.opt_f64(gguf, hf).or(default) {
+                Some(c) if c > 0.0 => Some(c as f32),
+                _ => None,
+            }
+        };
+        let is_v2 = version == Version::Gemma2;
+        Ok(Self {
+            version,
+            intermediate_size: hp.usize("feed_forward_length", "intermediate_size")?,
+            heads: HeadShape {
+                n_heads,
+                n_kv_heads: hp
+                    .opt_usize("attention.head_count_kv", "num_key_value_heads")?
+                    .unwrap_or(n_heads),
+                head_dim,
+            },
+            context_length: hp
+                .opt_usize("context_length", "max_position_embeddings")?
+                .unwrap_or(8192),
+            rms_eps: hp.f64_or("attention.layer_norm_rms_epsilon", "rms_norm_eps", 1e-6),
+            attn_scale: (1.0 / scalar.sqrt()) as f32,
+            global_rope_scale: hp
+                .opt_f64("rope.scaling.factor", "")
+                .or(linear_scaling)
+                .filter(|f| *f > 0.0)
+                .unwrap_or(1.0),
+            local_rope_base: match version {
+                Version::Gemma2 => global_rope_base,
+                Version::Gemma3 => {
+                    hp.f64_or("rope.freq_base_swa", "rope_local_base_freq", 10_000.0)
+                }
+            },
+            attn_softcap: softcap(
+                "attn_logit_softcapping",
+                "attn_logit_softcapping",
+                is_v2.then_some(50.0),
+            ),
+            final_softcap: softcap(
+                "final_logit_softcapping",
+                "final_logit_softcapping",
+                is_v2.then_some(30.0),
+            ),
+            global_rope_base,
+            window,
+            local,
+            n_layers,
+            d_model,
+        })
+    }
+}
+
+const EMBED: TensorName = name("token_embd.weight", "model.embed_tokens.weight");
+const FINAL_NORM: TensorName = name("output_norm.weight", "model.norm.weight");
+const ATTN_NORM: TensorName = name("attn_norm.weight", "input_layernorm.weight");
+const Q: TensorName = name("attn_q.weight", "self_attn.q_proj.weight");
+const K: TensorName = name("attn_k.weight", "self_attn.k_proj.weight");
+const V: TensorName = name("attn_v.weight", "self_attn.v_proj.weight");
+const Q_NORM: TensorName = name("attn_q_norm.weight", "self_attn.q_norm.weight");
+const K_NORM: TensorName = name("attn_k_norm.weight", "self_attn.k_norm.weight");
+const O: TensorName = name("attn_output.weight", "self_attn.o_proj.weight");
+const POST_ATTN_NORM: TensorName = name(
+    "post_attention_norm.weight",
+    "post_attention_layernorm.weight",
+);
+const FFN_NORM: TensorName = name("ffn_norm.weight", "pre_feedforward_layernorm.weight");
+const GATE: TensorName = name("ffn_gate.weight", "mlp.gate_proj.weight");
+const UP: TensorName = name("ffn_up.weight", "mlp.up_proj.weight");
+const DOWN: TensorName = name("ffn_down.weight", "mlp.down_proj.weight");
+const POST_FFW_NORM: TensorName = name("post_ffw_norm.weight", "post_feedforward_layernorm.weight");
+
+/// One block: `x += post_norm(attn(norm(x)))`, then `x += post_norm(mlp(norm(x)))`.
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    post_attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+    post_ffw_norm: RmsNorm,
+}
+
+impl Block {
+    fn load(ld: &mut Loader, cfg: &Config, rope: &Arc<Rope>, l: usize) -> Result<Self> {
+        let at = At::Layer(l);
+        let (d, eps, hd) = (cfg.d_model, cfg.rms_eps, cfg.heads.head_dim);
+        let head_norm = |n: TensorName, ld: &mut Loader| -> Result<Option<RmsNorm>> {
+            match cfg.version {
+                Version::Gemma3 => Ok(Some(ld.norm(n, at, hd, eps, true)?)),
+                Version::Gemma2 => Ok(None),
+            }
+        };
+        Ok(Self {
+            attn_norm: ld.norm(ATTN_NORM, at, d, eps, true)?,
+            attn: Attention {
+                qkv: ld.linear(&[Q, K, V], None, at, d)?,
+                o: ld.linear(&[O], None, at, cfg.heads.q_dim())?,
+                q_norm: head_norm(Q_NORM, ld)?,
+                k_norm: head_norm(K_NORM, ld)?,
+                spec: AttentionSpec {
+                    shape: cfg.heads,
+                    rope: rope.clone(),
+                    scale: cfg.attn_scale,
+                    window: cfg.local[l].then_some(cfg.window),
+                    softcap: cfg.attn_softcap,
+                },
+            },
+            post_attn_norm: ld.norm(POST_ATTN_NORM, at, d, eps, true)?,
+            ffn_norm: ld.norm(FFN_NORM, at, d, eps, true)?,
+            mlp: Mlp {
+                gate_up: ld.linear(&[GATE, UP], None, at, d)?,
+                down: ld.linear(&[DOWN], None, at, cfg.intermediate_size)?,
+                act: Activation::GeluTanh,
+                width: cfg.intermediate_size,
+            },
+            post_ffw_norm: ld.norm(POST_FFW_NORM, at, d, eps, true)?,
+        })
+    }
+
+    fn forward(&self, p: &mut Pass, l: usize, x: Tensor) -> Result<Tensor> {
+        let x = p.hook(HookSite::ResidPre, l, x)?;
+        let a = self.attn.forward(p, l, &self.attn_norm.forward(&x)?)?;
+        let x = p.add_to_residual(HookSite::AttnOut, l, &x, self.post_attn_norm.forward(&a)?)?;
+        let m = self.mlp.forward(p, l, &self.ffn_norm.forward(&x)?)?;
+        let x = p.add_to_residual(HookSite::MlpOut, l, &x, self.post_ffw_norm.forward(&m)?)?;
+        p.hook(HookSite::ResidPost, l, x)
+    }
+}
+
+/// A loaded Gemma model.
+struct Gemma {
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    final_softcap: Option<f32>,
+}
+
+/// Loads a Gemma checkpoint (`arch`: `gemma2`, `gemma3` or Hugging Face's `gemma3_text`).
+pub fn load(ld: &mut Loader, arch: &str) -> Result<Loaded> {
+    let version = if arch == "gemma2" {
+        Version::Gemma2
+    } else {
+        Version::Gemma3
+    };
+    let cfg = Config::read(&ld.hyper_params(arch)?, version)?;
+    let hd = cfg.heads.head_dim;
+    // Gemma's rotary embedding rotates the two halves of each head (NeoX style) in both
+    // checkpoint formats.
+    let global = Arc::new(Rope::new(
+        RopeLayout::HalfSplit,
+        hd,
+        cfg.global_rope_base,
+        None,
+        cfg.global_rope_scale,
+    ));
+    let local = Arc::new(Rope::new(
+        RopeLayout::HalfSplit,
+        hd,
+        cfg.local_rope_base,
+        None,
+        1.0,
+    ));
+    let scale = (cfg.d_model as f32).sqrt();
+    let (embed, vocab_size) = ld.embedding(EMBED, cfg.d_model, Some(scale))?;
+    let blocks = (0..cfg.n_layers)
+        .map(|l| Block::load(ld, &cfg, if cfg.local[l] { &local } else { &global }, l))
+        .collect::<Result<Vec<_>>>()?;
+    let net = Gemma {
+        lm_head: embed.as_head()?,
+        norm: ld.norm(FINAL_NORM, At::Global, cfg.d_model, cfg.rms_eps, true)?,
+        final_softcap: cfg.final_softcap,
+        embed,
+        blocks,
+    };
+    Ok(Loaded {
+        dims: ModelDims {
+            architecture: arch.to_string(),
+            n_layers: cfg.n_layers,
+            d_model: cfg.d_model,
+            intermediate_size: cfg.intermediate_size,
+            n_heads: cfg.heads.n_heads,
+            n_kv_heads: cfg.heads.n_kv_heads,
+            head_dim: hd,
+            vocab_size,
+            context_length: cfg.context_length,
+        },
+        net: Box::new(net),
+    })
+}
+
+impl Architecture for Gemma {
+    fn forward(&self, p: &mut Pass) -> Result<Tensor> {
+        let mut x = self.embed.forward(&p.batch.tokens, p.device)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            x = block.forward(p, l, x)?;
+        }
+        Ok(x)
+    }
+
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(&self.norm.forward(x)?)?;
+        Ok(match self.final_softcap {
+            Some(cap) => ((logits / cap as f64)?.tanh()? * cap as f64)?,
+            None => logits,
+        })
+    }
+
+    fn weight_bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| b.attn.weight_bytes() + b.mlp.weight_bytes())
+            .sum();
+        let head = if self.embed.head_is_shared() {
+            0
+        } else {
+            self.lm_head.weight_bytes()
+        };
+        blocks + self.embed.weight_bytes() + head
+    }
+
+    fn weight_format(&self) -> &'static str {
+        self.blocks
+            .first()
+            .map_or("f32", |b| b.mlp.down.format_name())
+    }
+}

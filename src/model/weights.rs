@@ -1,0 +1,238 @@
+//! Reading an architecture's weights from a checkpoint into the shared layers: linear layers in
+//! the CPU kernels' formats (or f32 tensors for the candle backend), norms, embeddings. Tensor
+//! names are the checkpoint's own (`blk.3.attn_q.weight` in GGUF,
+//! `model.layers.3.self_attn.q_proj.weight` in Hugging Face folders); [`TensorName`] gives
+//! an architecture both spellings of each.
+
+use super::arch::HyperParams;
+use super::checkpoint::{Checkpoint, CheckpointFormat};
+use super::cpu::quant::WeightMatrix;
+use super::layers::{Embedding, EmbeddingTable, Linear, RmsNorm};
+use super::{Backend, LoadOptions};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::sync::Arc;
+
+/// A tensor's name in both checkpoint formats.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorName {
+    pub gguf: &'static str,
+    pub hf: &'static str,
+}
+
+/// Both spellings of a tensor name.
+pub const fn name(gguf: &'static str, hf: &'static str) -> TensorName {
+    TensorName { gguf, hf }
+}
+
+impl TensorName {
+    /// The name of a tensor outside the blocks.
+    pub fn global(self, fmt: CheckpointFormat) -> String {
+        match fmt {
+            CheckpointFormat::Gguf => self.gguf.to_string(),
+            CheckpointFormat::HfFolder => self.hf.to_string(),
+        }
+    }
+
+    /// The name of block `l`'s tensor.
+    pub fn layer(self, fmt: CheckpointFormat, l: usize) -> String {
+        match fmt {
+            CheckpointFormat::Gguf => format!("blk.{l}.{}", self.gguf),
+            CheckpointFormat::HfFolder => format!("model.layers.{l}.{}", self.hf),
+        }
+    }
+}
+
+/// Where a tensor sits: outside the blocks, or in block `l`.
+#[derive(Debug, Clone, Copy)]
+pub enum At {
+    Global,
+    Layer(usize),
+}
+
+/// Reads tensors for the layers of one model.
+pub struct Loader<'a> {
+    pub ckpt: &'a mut Checkpoint,
+    pub opts: &'a LoadOptions,
+}
+
+impl Loader<'_> {
+    pub fn format(&self) -> CheckpointFormat {
+        self.ckpt.format()
+    }
+
+    fn full_name(&self, n: TensorName, at: At) -> String {
+        match at {
+            At::Global => n.global(self.format()),
+            At::Layer(l) => n.layer(self.format(), l),
+        }
+    }
+
+    /// GGUF `general.architecture`, or Hugging Face `model_type` (default `llama`).
+    pub fn architecture_name(&self) -> Result<String> {
+        if let Some(md) = self.ckpt.gguf_metadata() {
+            return md
+                .get("general.architecture")
+                .and_then(|v| v.to_string().ok())
+                .cloned()
+                .context("GGUF metadata has no `general.architecture`");
+        }
+        let cfg = self.ckpt.hf_config().context("config.json")?;
+        Ok(cfg
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("llama")
+            .to_string())
+    }
+
+    /// The hyper-parameters of architecture `arch`.
+    pub fn hyper_params(&self, arch: &str) -> Result<HyperParams<'_>> {
+        if let Some(md) = self.ckpt.gguf_metadata() {
+            return Ok(HyperParams::Gguf {
+                arch: arch.to_string(),
+                md,
+            });
+        }
+        let cfg = self.ckpt.hf_config().context("config.json")?;
+        Ok(HyperParams::Hf(cfg.get("text_config").unwrap_or(cfg)))
+    }
+
+    pub fn has(&self, n: TensorName, at: At) -> bool {
+        self.ckpt.has_tensor(&self.full_name(n, at))
+    }
+
+    /// A tensor as f32, on the model's device.
+    pub fn dense(&mut self, n: TensorName, at: At) -> Result<Tensor> {
+        let name = self.full_name(n, at);
+        let q = self.ckpt.tensor(&name, &Device::Cpu)?;
+        Ok(q.dequantize(&Device::Cpu)?.to_device(&self.opts.device)?)
+    }
+
+    /// A 1-D tensor as floats on the host.
+    pub fn floats(&mut self, n: TensorName, at: At) -> Result<Vec<f32>> {
+        let name = self.full_name(n, at);
+        let q = self.ckpt.tensor(&name, &Device::Cpu)?;
+        Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+    }
+
+    /// An RMSNorm of width `width`; `plus_one` adds 1 to a Hugging Face weight (Gemma's
+    /// `(1 + w)` norms: llama.cpp's converter already adds it to GGUF weights).
+    pub fn norm(
+        &mut self,
+        n: TensorName,
+        at: At,
+        width: usize,
+        eps: f64,
+        plus_one: bool,
+    ) -> Result<RmsNorm> {
+        let mut weight = self.dense(n, at)?;
+        if weight.dims() != [width] {
+            bail!(
+                "`{}` has shape {:?}, expected [{width}]",
+                self.full_name(n, at),
+                weight.dims()
+            );
+        }
+        if plus_one && self.format() == CheckpointFormat::HfFolder {
+            weight = (weight + 1.0)?;
+        }
+        Ok(RmsNorm {
+            weight,
+            eps: eps as f32,
+        })
+    }
+
+    /// Several weights with the same input (q, k, v; gate, up), stacked into one linear layer
+    /// of `[Σ rows, cols]`, with their biases if `biases` is given.
+    pub fn linear(
+        &mut self,
+        parts: &[TensorName],
+        biases: Option<&[TensorName]>,
+        at: At,
+        cols: usize,
+    ) -> Result<Linear> {
+        let bias = match biases {
+            Some(bs) => {
+                let vs = bs
+                    .iter()
+                    .map(|&b| self.dense(b, at))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Tensor::cat(&vs, 0)?)
+            }
+            None => None,
+        };
+        let linear = match self.opts.backend {
+            Backend::CpuKernels => {
+                let ms = parts
+                    .iter()
+                    .map(|&p| {
+                        let name = self.full_name(p, at);
+                        let q = self.ckpt.tensor(&name, &Device::Cpu)?;
+                        WeightMatrix::from_qtensor(&q, self.opts.weight_format)
+                            .map_err(|e| anyhow!("`{name}`: {e}"))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let w = if ms.len() == 1 {
+                    ms.into_iter().next().context("no weight")?
+                } else {
+                    WeightMatrix::concat_rows(&ms)?
+                };
+                if w.cols != cols {
+                    bail!(
+                        "`{}` takes {} inputs, expected {cols}",
+                        self.full_name(parts[0], at),
+                        w.cols
+                    );
+                }
+                Linear::Kernel {
+                    w: Arc::new(w),
+                    bias,
+                }
+            }
+            Backend::Candle => {
+                let ts = parts
+                    .iter()
+                    .map(|&p| self.dense(p, at))
+                    .collect::<Result<Vec<_>>>()?;
+                let w = Tensor::cat(&ts, 0)?;
+                if w.dim(1)? != cols {
+                    bail!(
+                        "`{}` takes {} inputs, expected {cols}",
+                        self.full_name(parts[0], at),
+                        w.dim(1)?
+                    );
+                }
+                Linear::Dense {
+                    wt: w.t()?.contiguous()?,
+                    bias,
+                }
+            }
+        };
+        Ok(linear)
+    }
+
+    /// The token embeddings `[vocab, d_model]`; returns them with the vocabulary size.
+    pub fn embedding(
+        &mut self,
+        n: TensorName,
+        d_model: usize,
+        scale: Option<f32>,
+    ) -> Result<(Embedding, usize)> {
+        let name = self.full_name(n, At::Global);
+        let q = self.ckpt.tensor(&name, &Device::Cpu)?;
+        let (vocab, d) = q.shape().dims2()?;
+        if d != d_model {
+            bail!("token embeddings are {d} wide, the config says {d_model}");
+        }
+        let table = match self.opts.backend {
+            Backend::CpuKernels => EmbeddingTable::Kernel(Arc::new(
+                WeightMatrix::from_qtensor(&q, self.opts.weight_format)
+                    .map_err(|e| anyhow!("`{name}`: {e}"))?,
+            )),
+            Backend::Candle => {
+                EmbeddingTable::Dense(q.dequantize(&Device::Cpu)?.to_device(&self.opts.device)?)
+            }
+        };
+        Ok((Embedding { table, scale }, vocab))
+    }
+}
