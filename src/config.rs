@@ -38,6 +38,7 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub path: String,
+    pub chat_template: String,
     pub id: String,
     pub cache_dir: PathBuf,
     pub python: String,

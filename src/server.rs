@@ -44,13 +44,24 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
-/// The model file or folder to serve: the configured path, or the default model (fetched and
-/// cached on first use).
+/// The model file or folder to serve: the configured path, a model named in the catalogue
+/// (fetched and cached on first use), or the default model when none is configured.
 pub fn resolve_model_path(cfg: &Config) -> Result<PathBuf> {
-    if !cfg.model.path.is_empty() {
-        return Ok(PathBuf::from(&cfg.model.path));
+    let spec = cfg.model.path.as_str();
+    if spec.is_empty() {
+        return catalogue::ensure_default_model(&cfg.model.cache_dir, &cfg.model.python);
     }
-    catalogue::ensure_default_model(&cfg.model.cache_dir, &cfg.model.python)
+    let path = PathBuf::from(spec);
+    if path.exists() {
+        return Ok(path);
+    }
+    match catalogue::find(spec) {
+        Some(m) => m.ensure(&cfg.model.cache_dir, &cfg.model.python),
+        None => bail!(
+            "model `{spec}` is neither a file or folder nor a model name (known names: {})",
+            catalogue::names()
+        ),
+    }
 }
 
 /// How to load a model under this configuration.
@@ -74,8 +85,16 @@ pub fn load_model(cfg: &Config) -> Result<Model> {
     let opts = load_options(cfg)?;
     let started = std::time::Instant::now();
     let id = (!cfg.model.id.is_empty()).then_some(cfg.model.id.as_str());
-    let model =
+    let mut model =
         Model::load(&path, id, &opts).with_context(|| format!("loading {}", path.display()))?;
+    if !cfg.model.chat_template.is_empty() {
+        let file = &cfg.model.chat_template;
+        let source = std::fs::read_to_string(file)
+            .with_context(|| format!("reading the chat template {file} (model.chat_template)"))?;
+        model
+            .set_chat_template(&source)
+            .with_context(|| format!("the chat template {file} (model.chat_template)"))?;
+    }
     let c = model.dims();
     tracing::info!(
         model = %model.id,

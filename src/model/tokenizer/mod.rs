@@ -1,36 +1,45 @@
 //! Text ⇄ token ids, built from a GGUF file's `tokenizer.ggml.*` metadata or a Hugging Face
 //! `tokenizer.json`, plus streaming detokenization.
 //!
-//! SmolLM2's GGUF declares `tokenizer.ggml.pre = smollm`, which candle's GGUF builder does not
-//! know (it falls back to plain GPT-2 rules and gets most ids wrong). We build that one
-//! ourselves, as its Hugging Face `tokenizer.json` does: digits split one by one, then GPT-2
-//! byte-level BPE with no prefix space; token types 3 (control) and 4 (user-defined) are
-//! special. Other `gpt2`-family pre-tokenizers go through candle's builder.
+//! GGUF vocabularies come in two kinds, each built to give the ids llama.cpp gives:
+//! byte-level BPE (`tokenizer.ggml.model = gpt2`: SmolLM2, Qwen2, Llama 3; see [`bpe`]) and
+//! SentencePiece (`llama`: Gemma, Llama 2; see [`spm`]). Hugging Face folders use their own
+//! `tokenizer.json` through the `tokenizers` crate.
+
+pub mod bpe;
+pub mod spm;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
-use candle_core::quantized::tokenizer::TokenizerFromGguf;
-use std::collections::HashMap;
+use spm::{SpmTokenizer, TokenType};
 use std::path::Path;
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, Tokenizer};
+use tokenizers::Tokenizer;
+
+/// The tokenizer proper.
+#[derive(Clone)]
+enum Engine {
+    /// The `tokenizers` crate: GGUF byte-level BPE, or a Hugging Face `tokenizer.json`.
+    Hf(Box<Tokenizer>),
+    /// GGUF SentencePiece.
+    Spm(Box<SpmTokenizer>),
+}
 
 /// A tokenizer with the facts about special tokens that generation needs.
 #[derive(Clone)]
 pub struct TextTokenizer {
-    inner: Tokenizer,
-    /// Prepended to raw prompts (Llama 2/3); SmolLM2 adds none.
+    engine: Engine,
+    /// Prepended to raw prompts when `add_bos` (Llama, Gemma); SmolLM2 adds none.
     pub bos: Option<SpecialToken>,
     pub add_bos: bool,
     /// Token ids that end generation.
     pub eos_ids: Vec<u32>,
     pub eos: Option<SpecialToken>,
+    /// The padding token, if the model names one.
+    pub pad: Option<SpecialToken>,
     /// Size of the model's vocabulary (including special tokens).
     pub vocab_size: usize,
+    /// `gpt2` (byte-level BPE), `llama` (SentencePiece) or `huggingface` (a tokenizer.json).
+    pub kind: &'static str,
 }
 
 #[derive(Debug, Clone)]
@@ -42,6 +51,7 @@ pub struct SpecialToken {
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TextTokenizer")
+            .field("kind", &self.kind)
             .field("vocab_size", &self.vocab_size)
             .field("bos", &self.bos)
             .field("eos_ids", &self.eos_ids)
@@ -61,7 +71,11 @@ fn meta_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
     })
 }
 
-fn meta_strings(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
+fn meta_bool(ct: &gguf_file::Content, key: &str) -> Option<bool> {
+    meta(ct, key).and_then(|v| v.to_bool().ok())
+}
+
+pub(crate) fn meta_strings(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
     let arr = meta(ct, key)
         .with_context(|| format!("GGUF metadata has no `{key}`"))?
         .to_vec()
@@ -71,6 +85,26 @@ fn meta_strings(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
         .collect()
 }
 
+fn meta_floats(ct: &gguf_file::Content, key: &str) -> Result<Vec<f32>> {
+    let arr = meta(ct, key)
+        .with_context(|| format!("GGUF metadata has no `{key}`"))?
+        .to_vec()
+        .map_err(|e| anyhow!("`{key}`: {e}"))?;
+    arr.iter()
+        .map(|v| v.to_f32().map_err(|e| anyhow!("`{key}`: {e}")))
+        .collect()
+}
+
+/// End-of-turn markers of chat templates: generation stops at them even when the file names
+/// another EOS (Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`).
+const END_OF_TURN_MARKERS: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+];
+
 impl TextTokenizer {
     /// Builds the tokenizer described by a GGUF file's metadata.
     pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
@@ -78,24 +112,42 @@ impl TextTokenizer {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_default();
-        if kind != "gpt2" {
+        let tokens = meta_strings(ct, "tokenizer.ggml.tokens")?;
+        let types = bpe::token_types(ct, tokens.len())?;
+        if types.len() != tokens.len() {
             bail!(
-                "GGUF tokenizer model `{kind}` is not supported (only byte-level BPE, `gpt2`); \
-                 load the model from a Hugging Face folder with tokenizer.json instead"
+                "GGUF vocabulary has {} tokens but {} token types",
+                tokens.len(),
+                types.len()
             );
         }
-        let tokens = meta_strings(ct, "tokenizer.ggml.tokens")?;
-        let pre = meta(ct, "tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_else(|| "default".into());
-        let mut inner = if pre == "smollm" {
-            smollm_tokenizer(ct, &tokens)?
-        } else {
-            Tokenizer::from_gguf(ct).map_err(|e| anyhow!("building the GGUF tokenizer: {e}"))?
+        let (engine, kind) = match kind.as_str() {
+            "gpt2" => {
+                let mut t = bpe::from_gguf(ct, &tokens, &types)?;
+                t.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
+                (Engine::Hf(Box::new(t)), "gpt2")
+            }
+            "llama" => {
+                let scores = match meta(ct, "tokenizer.ggml.scores") {
+                    Some(_) => meta_floats(ct, "tokenizer.ggml.scores")?,
+                    None => vec![0.0; tokens.len()],
+                };
+                let spm = SpmTokenizer::new(
+                    tokens.clone(),
+                    scores,
+                    types.iter().map(|&t| TokenType::from_gguf(t)).collect(),
+                    meta_u32(ct, "tokenizer.ggml.unknown_token_id"),
+                    meta_bool(ct, "tokenizer.ggml.add_space_prefix").unwrap_or(true),
+                )
+                .map_err(|e| anyhow!("GGUF SentencePiece vocabulary: {e}"))?;
+                (Engine::Spm(Box::new(spm)), "llama")
+            }
+            other => bail!(
+                "GGUF tokenizer model `{other}` is not supported (supported: `gpt2`, byte-level \
+                 BPE; `llama`, SentencePiece); load the model from a Hugging Face folder with \
+                 tokenizer.json instead"
+            ),
         };
-        // candle's builder may attach a post-processor that adds BOS; we add it ourselves.
-        inner.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
         let special = |key: &str| {
             meta_u32(ct, key).and_then(|id| {
                 tokens.get(id as usize).map(|t| SpecialToken {
@@ -106,29 +158,31 @@ impl TextTokenizer {
         };
         let bos = special("tokenizer.ggml.bos_token_id");
         let eos = special("tokenizer.ggml.eos_token_id");
-        let add_bos = meta(ct, "tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+        let pad = special("tokenizer.ggml.padding_token_id");
+        // llama.cpp's default: SentencePiece vocabularies add BOS unless told otherwise.
+        let add_bos = meta_bool(ct, "tokenizer.ggml.add_bos_token").unwrap_or(kind == "llama");
         let mut eos_ids: Vec<u32> = eos.iter().map(|t| t.id).collect();
         if let Some(eot) = meta_u32(ct, "tokenizer.ggml.eot_token_id") {
             eos_ids.push(eot);
         }
-        // Chat models end a turn with their template's end marker even when the file names
-        // another EOS (e.g. Llama 3's <|eot_id|>).
-        for marker in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
+        for marker in END_OF_TURN_MARKERS {
             if let Some(id) = tokens.iter().position(|t| t == marker) {
-                eos_ids.push(id as u32);
+                if matches!(types.get(id), Some(3 | 4)) {
+                    eos_ids.push(id as u32);
+                }
             }
         }
         eos_ids.sort_unstable();
         eos_ids.dedup();
         Ok(Self {
             vocab_size: tokens.len(),
-            inner,
+            engine,
             bos,
             add_bos,
             eos_ids,
             eos,
+            pad,
+            kind,
         })
     }
 
@@ -156,18 +210,13 @@ impl TextTokenizer {
         };
         let bos = special("bos_token");
         let eos = special("eos_token");
+        let pad = special("pad_token");
         let add_bos = tokenizer_config
             .and_then(|c| c.get("add_bos_token"))
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
         let mut eos_ids: Vec<u32> = eos.iter().map(|t| t.id).collect();
-        for marker in [
-            "<|im_end|>",
-            "<|eot_id|>",
-            "<|end|>",
-            "<end_of_turn>",
-            "</s>",
-        ] {
+        for marker in END_OF_TURN_MARKERS.iter().chain(&["</s>"]) {
             if let Some(id) = inner.token_to_id(marker) {
                 eos_ids.push(id);
             }
@@ -176,22 +225,27 @@ impl TextTokenizer {
         eos_ids.dedup();
         Ok(Self {
             vocab_size: inner.get_vocab_size(true),
-            inner,
+            engine: Engine::Hf(Box::new(inner)),
             bos,
             add_bos,
             eos_ids,
             eos,
+            pad,
+            kind: "huggingface",
         })
     }
 
     /// Encodes text; special-token text (`<|im_start|>`) becomes its special id. `add_bos`
     /// prepends the BOS token when the model wants one and the text does not start with it.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| anyhow!("tokenizing: {e}"))?;
-        let mut ids = enc.get_ids().to_vec();
+        let mut ids = match &self.engine {
+            Engine::Hf(t) => t
+                .encode_fast(text, false)
+                .map_err(|e| anyhow!("tokenizing: {e}"))?
+                .get_ids()
+                .to_vec(),
+            Engine::Spm(t) => t.encode(text),
+        };
         if add_bos && self.add_bos {
             if let Some(bos) = &self.bos {
                 if ids.first() != Some(&bos.id) {
@@ -204,81 +258,47 @@ impl TextTokenizer {
 
     /// Decodes ids to text, leaving out special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| anyhow!("detokenizing: {e}"))
+        match &self.engine {
+            Engine::Hf(t) => t
+                .decode(ids, true)
+                .map_err(|e| anyhow!("detokenizing: {e}")),
+            Engine::Spm(t) => Ok(t.decode(ids, false)),
+        }
     }
 
     /// The text of one token as the model sees it, special tokens included (`<|im_end|>`).
     pub fn token_text(&self, id: u32) -> String {
-        match self.inner.decode(&[id], false) {
-            Ok(s) if !s.is_empty() => s,
-            _ => self.inner.id_to_token(id).unwrap_or_default(),
+        match &self.engine {
+            Engine::Hf(t) => match t.decode(&[id], false) {
+                Ok(s) if !s.is_empty() => s,
+                _ => t.id_to_token(id).unwrap_or_default(),
+            },
+            Engine::Spm(t) => t.token_text(id),
         }
     }
 
-    /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json` (byte-level BPE only).
     pub fn save_json(&self, path: &Path) -> Result<()> {
-        self.inner
-            .save(path, false)
-            .map_err(|e| anyhow!("writing {}: {e}", path.display()))
+        match &self.engine {
+            Engine::Hf(t) => t
+                .save(path, false)
+                .map_err(|e| anyhow!("writing {}: {e}", path.display())),
+            Engine::Spm(_) => {
+                bail!("a SentencePiece vocabulary cannot be written as tokenizer.json")
+            }
+        }
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.engine {
+            Engine::Hf(t) => t.token_to_id(token),
+            Engine::Spm(t) => t.token_to_id(token),
+        }
     }
 
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos_ids.contains(&id)
     }
-}
-
-fn smollm_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<Tokenizer> {
-    let merges: Vec<(String, String)> = meta_strings(ct, "tokenizer.ggml.merges")?
-        .into_iter()
-        .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| anyhow!("invalid merge `{m}`"))
-        })
-        .collect::<Result<_>>()?;
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), i as u32))
-        .collect::<HashMap<_, _>>()
-        .into_iter()
-        .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| anyhow!("building BPE: {e}"))?;
-    let mut tok = Tokenizer::new(bpe);
-    tok.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
-        PreTokenizerWrapper::Digits(Digits::new(true)),
-        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
-    ]))));
-    tok.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::default())));
-    let types = meta(ct, "tokenizer.ggml.token_type")
-        .and_then(|v| v.to_vec().ok())
-        .context("GGUF metadata has no `tokenizer.ggml.token_type`")?;
-    let specials: Vec<AddedToken> = types
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| {
-            matches!(
-                t.to_i32()
-                    .ok()
-                    .or_else(|| t.to_u32().ok().map(|x| x as i32)),
-                Some(3 | 4)
-            )
-        })
-        .filter_map(|(i, _)| tokens.get(i))
-        .map(|t| AddedToken::from(t.clone(), true).normalized(false))
-        .collect();
-    tok.add_special_tokens(specials)
-        .map_err(|e| anyhow!("adding special tokens: {e}"))?;
-    Ok(tok)
 }
 
 /// Turns a growing list of token ids into text deltas, holding back bytes that do not yet form
