@@ -65,6 +65,7 @@ pub struct Limits {
     pub max_interventions: usize,
     pub max_stop_sequences: usize,
     pub max_logprobs: usize,
+    pub max_tokenize_tokens: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -417,14 +417,40 @@ fn check_oracle(model: &Model, path: &Path, name: &str) {
     }
 }
 
+/// The fixture through `POST /tokenize` and `POST /detokenize`: the same ids and text.
+async fn check_tokenizer_over_http(state: &tiller::AppState, name: &str) {
+    let f = fixture("tokenizer", name);
+    for c in f["cases"].as_array().unwrap() {
+        let r = common::post_json(
+            state,
+            "/tokenize",
+            serde_json::json!({"prompt": c["text"], "add_special_tokens": false}),
+        )
+        .await;
+        assert_eq!(r.json()["tokens"], c["ids"], "{name}: {}", c["text"]);
+        let r = common::post_json(
+            state,
+            "/detokenize",
+            serde_json::json!({"tokens": c["ids"]}),
+        )
+        .await;
+        assert_eq!(r.json()["prompt"], c["decoded"], "{name}: {}", c["text"]);
+    }
+}
+
 fn check_model(name: &str, fetch: bool) {
     let Some(path) = model_path(name, fetch) else {
         return;
     };
     let model = Model::load(&path, None, &LoadOptions::default()).unwrap();
-    check_tokenizer(&model, name);
-    check_agreement(&model, name);
-    check_oracle(&model, &path, name);
+    let state = tiller::server::build_state(common::test_config(None), model).unwrap();
+    let model = &state.engine.model;
+    check_tokenizer(model, name);
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(check_tokenizer_over_http(&state, name));
+    check_agreement(model, name);
+    check_oracle(model, &path, name);
 }
 
 #[test]

@@ -253,34 +253,7 @@ pub fn encode_input(
                 .encode_prompt(p)
                 .map_err(|e| ApiError::invalid("prompt", "tokenization_failed", e))?
         }
-        (None, Some(ms)) => {
-            if ms.is_empty() {
-                return Err(ApiError::invalid(
-                    "messages",
-                    "empty_messages",
-                    "must hold at least one message",
-                ));
-            }
-            for (i, m) in ms.iter().enumerate() {
-                if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-                    return Err(ApiError::invalid(
-                        &format!("messages[{i}].role"),
-                        "invalid_role",
-                        format!("`{}` is not a role; use system, user or assistant", m.role),
-                    ));
-                }
-            }
-            if model.chat_template.is_none() {
-                return Err(ApiError::invalid(
-                    "messages",
-                    "no_chat_template",
-                    crate::model::chat::NoChatTemplate.to_string(),
-                ));
-            }
-            model.encode_chat(ms).map_err(|e| {
-                ApiError::invalid("messages", "chat_template_failed", format!("{e:#}"))
-            })?
-        }
+        (None, Some(ms)) => encode_chat_messages(model, ms)?,
     };
     if ids.is_empty() {
         return Err(ApiError::invalid(
@@ -290,6 +263,40 @@ pub fn encode_input(
         ));
     }
     Ok(ids)
+}
+
+/// A conversation's token ids, rendered with the model's chat template; errors name the
+/// message that failed, or how to give a model without a template one.
+pub fn encode_chat_messages(
+    model: &crate::model::Model,
+    ms: &[ChatMessage],
+) -> Result<Vec<u32>, ApiError> {
+    if ms.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "empty_messages",
+            "must hold at least one message",
+        ));
+    }
+    for (i, m) in ms.iter().enumerate() {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            return Err(ApiError::invalid(
+                &format!("messages[{i}].role"),
+                "invalid_role",
+                format!("`{}` is not a role; use system, user or assistant", m.role),
+            ));
+        }
+    }
+    if model.chat_template.is_none() {
+        return Err(ApiError::invalid(
+            "messages",
+            "no_chat_template",
+            crate::model::chat::NoChatTemplate.to_string(),
+        ));
+    }
+    model
+        .encode_chat(ms)
+        .map_err(|e| ApiError::invalid("messages", "chat_template_failed", format!("{e:#}")))
 }
 
 /// Validates sampling and length settings for an encoded prompt.

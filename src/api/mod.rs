@@ -10,6 +10,7 @@ pub mod json;
 pub mod openai;
 pub mod playground;
 pub mod saes;
+pub mod tokenize;
 pub mod vectors;
 
 use crate::config::Config;
@@ -213,6 +214,9 @@ fn api_router() -> OpenApiRouter<AppState> {
             vectors::put_vector,
             vectors::delete_vector
         ))
+        .routes(routes!(tokenize::tokenize))
+        .routes(routes!(tokenize::detokenize))
+        .routes(routes!(tokenize::tokenizer_info))
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
         .routes(routes!(health::info))
