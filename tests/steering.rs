@@ -1,5 +1,6 @@
-//! Steering maths inside a real forward pass (tiny model): each op changes exactly what it
-//! should at exactly the hooked points, and nothing else.
+//! Steering maths inside a real forward pass, on a tiny model of every architecture in both
+//! checkpoint formats: each op changes exactly what it should at exactly the hooked points,
+//! and nothing else; every site of every block is reached.
 
 mod common;
 
@@ -13,7 +14,7 @@ use tiller::steering::intervention::BatchSteering;
 use tiller::steering::spec::{validate, InterventionSpec, ModelLimits, SteeringPlan};
 use tiller::steering::store::{ModelShape, VectorStore};
 use tiller::steering::vector::{SteeringVector, VectorKind, VectorMeta};
-use tiller::testing::{pseudo_random, TinySpec};
+use tiller::testing::{pseudo_random, write_tiny_hf, TinyArch, TinySpec};
 
 /// Rows of an activation before and after the hooks.
 type BeforeAfter = (Vec<Vec<f32>>, Vec<Vec<f32>>);
@@ -53,8 +54,23 @@ impl Hooks for Recorder<'_> {
     }
 }
 
-fn model() -> Model {
-    common::tiny_model(&TinySpec::default(), GgmlDType::Q8_0, Backend::CpuKernels)
+/// A tiny model of every architecture, from a GGUF file and from a Hugging Face folder.
+fn models() -> Vec<(String, Model)> {
+    let mut out = Vec::new();
+    for arch in TinyArch::ALL {
+        let spec = TinySpec::of(arch);
+        out.push((
+            format!("{arch:?} gguf"),
+            common::tiny_model(&spec, GgmlDType::Q8_0, Backend::CpuKernels),
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let hf = write_tiny_hf(dir.path(), &spec).unwrap();
+        out.push((
+            format!("{arch:?} hf"),
+            Model::load(&hf, Some("tiny"), &Default::default()).unwrap(),
+        ));
+    }
+    out
 }
 
 fn store_with(model: &Model, layers: &[(usize, Vec<f32>)]) -> VectorStore {
@@ -151,158 +167,173 @@ fn unit(v: &[f32]) -> Vec<f32> {
 
 #[test]
 fn coefficient_zero_leaves_logits_bit_identical() {
-    let m = model();
-    let v = pseudo_random(64, 3, 1.0);
-    let store = store_with(&m, &[(1, v)]);
-    let p = plan(
-        &m,
-        &store,
-        serde_json::json!([{"vector": "dir", "layers": [0, 1, 2], "coefficient": 0.0}]),
-    );
-    let (steered, _) = run(&m, Some(&p), vec![], PROMPT.len());
-    assert_eq!(steered, plain_logits(&m));
-    // While a non-zero coefficient does change them.
-    let p = plan(
-        &m,
-        &store,
-        serde_json::json!([{"vector": "dir", "layer": 1, "coefficient": 4.0}]),
-    );
-    assert_ne!(run(&m, Some(&p), vec![], PROMPT.len()).0, plain_logits(&m));
+    for (name, m) in models() {
+        let v = pseudo_random(64, 3, 1.0);
+        let store = store_with(&m, &[(1, v)]);
+        let p = plan(
+            &m,
+            &store,
+            serde_json::json!([{"vector": "dir", "layers": [0, 1, 2], "coefficient": 0.0}]),
+        );
+        let (steered, _) = run(&m, Some(&p), vec![], PROMPT.len());
+        assert_eq!(steered, plain_logits(&m), "{name}");
+        // While a non-zero coefficient does change them.
+        let p = plan(
+            &m,
+            &store,
+            serde_json::json!([{"vector": "dir", "layer": 1, "coefficient": 4.0}]),
+        );
+        assert_ne!(
+            run(&m, Some(&p), vec![], PROMPT.len()).0,
+            plain_logits(&m),
+            "{name}"
+        );
+    }
 }
 
 #[test]
 fn add_changes_the_hooked_residual_by_exactly_c_times_v() {
-    let m = model();
-    let v = pseudo_random(64, 4, 1.0);
-    let store = store_with(&m, &[(1, v.clone())]);
-    let c = 2.5f32;
-    let p = plan(
-        &m,
-        &store,
-        serde_json::json!([{"vector": "dir", "layer": 1, "coefficient": c}]),
-    );
-    let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
-    let (before, after) = &rec.seen[&(HookSite::ResidPost, 1)];
-    for (b, a) in before.iter().zip(after) {
-        for j in 0..64 {
-            assert_eq!(a[j], b[j] + c * v[j]);
+    for (name, m) in models() {
+        let v = pseudo_random(64, 4, 1.0);
+        let store = store_with(&m, &[(1, v.clone())]);
+        let c = 2.5f32;
+        let p = plan(
+            &m,
+            &store,
+            serde_json::json!([{"vector": "dir", "layer": 1, "coefficient": c}]),
+        );
+        let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+        let (before, after) = &rec.seen[&(HookSite::ResidPost, 1)];
+        for (b, a) in before.iter().zip(after) {
+            for j in 0..64 {
+                assert_eq!(a[j], b[j] + c * v[j], "{name}");
+            }
         }
-    }
-    // With normalize, the shift is c times the unit vector.
-    let p = plan(
-        &m,
-        &store,
-        serde_json::json!([{"vector": "dir", "layer": 1, "coefficient": c, "normalize": true}]),
-    );
-    let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
-    let (before, after) = &rec.seen[&(HookSite::ResidPost, 1)];
-    let n = dot(&v, &v).sqrt() as f32;
-    for (b, a) in before.iter().zip(after) {
-        let shift: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
-        assert!((dot(&shift, &shift).sqrt() - c as f64).abs() < 1e-4);
-        assert!((shift[0] - c / n * v[0]).abs() < 1e-5);
+        // With normalize, the shift is c times the unit vector.
+        let p = plan(
+            &m,
+            &store,
+            serde_json::json!([{"vector": "dir", "layer": 1, "coefficient": c, "normalize": true}]),
+        );
+        let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+        let (before, after) = &rec.seen[&(HookSite::ResidPost, 1)];
+        let n = dot(&v, &v).sqrt() as f32;
+        for (b, a) in before.iter().zip(after) {
+            let shift: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+            assert!(
+                (dot(&shift, &shift).sqrt() - c as f64).abs() < 1e-4,
+                "{name}"
+            );
+            assert!((shift[0] - c / n * v[0]).abs() < 1e-5);
+        }
     }
 }
 
 #[test]
 fn ablate_leaves_no_component_at_any_hooked_point() {
-    let m = model();
-    let v = pseudo_random(64, 5, 1.0);
-    let u = unit(&v);
-    let store = store_with(&m, &[(0, v.clone())]);
-    // At chosen layers of resid_post.
-    let p = plan(
-        &m,
-        &store,
-        serde_json::json!([{"vector": "dir", "op": "ablate", "layers": [0, 2]}]),
-    );
-    let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
-    for l in [0, 2] {
-        let (before, after) = &rec.seen[&(HookSite::ResidPost, l)];
-        assert!(
-            before.iter().any(|h| dot(h, &u).abs() > 0.1),
-            "the test needs a component to remove"
+    for (name, m) in models() {
+        let v = pseudo_random(64, 5, 1.0);
+        let u = unit(&v);
+        let store = store_with(&m, &[(0, v.clone())]);
+        // At chosen layers of resid_post.
+        let p = plan(
+            &m,
+            &store,
+            serde_json::json!([{"vector": "dir", "op": "ablate", "layers": [0, 2]}]),
         );
-        for h in after {
+        let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+        for l in [0, 2] {
+            let (before, after) = &rec.seen[&(HookSite::ResidPost, l)];
             assert!(
-                dot(h, &u).abs() < 1e-4 * dot(h, h).sqrt().max(1.0),
-                "layer {l}: {}",
-                dot(h, &u)
+                before.iter().any(|h| dot(h, &u).abs() > 0.1),
+                "{name}: the test needs a component to remove"
             );
-        }
-    }
-    // With no layer: the embeddings and every attention and MLP write, so every residual
-    // stream is orthogonal to the direction.
-    let n = m.dims().n_layers;
-    let watch: Vec<_> = (0..n).map(|l| (HookSite::ResidPost, l)).collect();
-    let p = plan(
-        &m,
-        &store,
-        serde_json::json!([{"vector": "dir", "op": "ablate"}]),
-    );
-    let (_, rec) = run(&m, Some(&p), watch, PROMPT.len());
-    assert!(rec.seen.contains_key(&(HookSite::ResidPre, 0)));
-    for l in 0..n {
-        for site in [HookSite::AttnOut, HookSite::MlpOut] {
-            for h in &rec.seen[&(site, l)].1 {
-                assert!(dot(h, &u).abs() < 1e-4 * dot(h, h).sqrt().max(1.0));
+            for h in after {
+                assert!(
+                    dot(h, &u).abs() < 1e-4 * dot(h, h).sqrt().max(1.0),
+                    "{name} layer {l}: {}",
+                    dot(h, &u)
+                );
             }
         }
-        for h in &rec.seen[&(HookSite::ResidPost, l)].1 {
-            assert!(
-                dot(h, &u).abs() < 1e-3 * dot(h, h).sqrt().max(1.0),
-                "resid_post {l}: {}",
-                dot(h, &u)
-            );
+        // With no layer: the embeddings and every attention and MLP write, so every residual
+        // stream is orthogonal to the direction.
+        let n = m.dims().n_layers;
+        let watch: Vec<_> = (0..n).map(|l| (HookSite::ResidPost, l)).collect();
+        let p = plan(
+            &m,
+            &store,
+            serde_json::json!([{"vector": "dir", "op": "ablate"}]),
+        );
+        let (_, rec) = run(&m, Some(&p), watch, PROMPT.len());
+        assert!(rec.seen.contains_key(&(HookSite::ResidPre, 0)), "{name}");
+        for l in 0..n {
+            for site in [HookSite::AttnOut, HookSite::MlpOut] {
+                for h in &rec.seen[&(site, l)].1 {
+                    assert!(
+                        dot(h, &u).abs() < 1e-4 * dot(h, h).sqrt().max(1.0),
+                        "{name}"
+                    );
+                }
+            }
+            for h in &rec.seen[&(HookSite::ResidPost, l)].1 {
+                assert!(
+                    dot(h, &u).abs() < 1e-3 * dot(h, h).sqrt().max(1.0),
+                    "{name} resid_post {l}: {}",
+                    dot(h, &u)
+                );
+            }
         }
     }
 }
 
 #[test]
 fn clamp_sets_the_projection() {
-    let m = model();
-    let v = pseudo_random(64, 6, 1.0);
-    let u = unit(&v);
-    let store = store_with(&m, &[(1, v)]);
-    let p = plan(
-        &m,
-        &store,
-        serde_json::json!([{"vector": "dir", "op": "clamp", "layer": 1, "coefficient": 7.5}]),
-    );
-    let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
-    let (before, after) = &rec.seen[&(HookSite::ResidPost, 1)];
-    for (b, a) in before.iter().zip(after) {
-        assert!((dot(a, &u) - 7.5).abs() < 1e-4);
-        // Only the component along u moved.
-        let shift: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
-        let along = dot(&shift, &u);
-        assert!((dot(&shift, &shift) - along * along).abs() < 1e-6 * (1.0 + along * along));
+    for (name, m) in models() {
+        let v = pseudo_random(64, 6, 1.0);
+        let u = unit(&v);
+        let store = store_with(&m, &[(1, v)]);
+        let p = plan(
+            &m,
+            &store,
+            serde_json::json!([{"vector": "dir", "op": "clamp", "layer": 1, "coefficient": 7.5}]),
+        );
+        let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+        let (before, after) = &rec.seen[&(HookSite::ResidPost, 1)];
+        for (b, a) in before.iter().zip(after) {
+            assert!((dot(a, &u) - 7.5).abs() < 1e-4, "{name}");
+            // Only the component along u moved.
+            let shift: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+            let along = dot(&shift, &u);
+            assert!((dot(&shift, &shift) - along * along).abs() < 1e-6 * (1.0 + along * along));
+        }
     }
 }
 
 #[test]
 fn neuron_ops_change_exactly_that_neuron() {
-    let m = model();
-    let store = store_with(&m, &[(0, pseudo_random(64, 7, 1.0))]);
-    for (op, coef, expect) in [
-        ("zero", None, Some(0.0f32)),
-        ("set", Some(3.25), Some(3.25)),
-        ("scale", Some(-2.0), None),
-    ] {
-        let mut spec = serde_json::json!({"neuron": {"layer": 1, "index": 17}, "op": op});
-        if let Some(c) = coef {
-            spec["coefficient"] = c.into();
-        }
-        let p = plan(&m, &store, serde_json::json!([spec]));
-        let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
-        let (before, after) = &rec.seen[&(HookSite::MlpAct, 1)];
-        for (b, a) in before.iter().zip(after) {
-            for j in 0..b.len() {
-                if j == 17 {
-                    let want = expect.unwrap_or(b[j] * -2.0);
-                    assert_eq!(a[j], want, "{op}");
-                } else {
-                    assert_eq!(a[j], b[j], "{op} touched neuron {j}");
+    for (name, m) in models() {
+        let store = store_with(&m, &[(0, pseudo_random(64, 7, 1.0))]);
+        for (op, coef, expect) in [
+            ("zero", None, Some(0.0f32)),
+            ("set", Some(3.25), Some(3.25)),
+            ("scale", Some(-2.0), None),
+        ] {
+            let mut spec = serde_json::json!({"neuron": {"layer": 1, "index": 17}, "op": op});
+            if let Some(c) = coef {
+                spec["coefficient"] = c.into();
+            }
+            let p = plan(&m, &store, serde_json::json!([spec]));
+            let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+            let (before, after) = &rec.seen[&(HookSite::MlpAct, 1)];
+            for (b, a) in before.iter().zip(after) {
+                for j in 0..b.len() {
+                    if j == 17 {
+                        let want = expect.unwrap_or(b[j] * -2.0);
+                        assert_eq!(a[j], want, "{name} {op}");
+                    } else {
+                        assert_eq!(a[j], b[j], "{name}: {op} touched neuron {j}");
+                    }
                 }
             }
         }
@@ -311,26 +342,72 @@ fn neuron_ops_change_exactly_that_neuron() {
 
 #[test]
 fn positions_select_rows() {
-    let m = model();
-    let v = pseudo_random(64, 8, 1.0);
-    let store = store_with(&m, &[(1, v)]);
-    // Pretend the first 4 tokens are the prompt and the rest were generated.
-    for (positions, touched) in [
-        (serde_json::json!("prompt"), vec![0, 1, 2, 3]),
-        (serde_json::json!("generated"), vec![4, 5, 6]),
-        (serde_json::json!({"last": 2}), vec![2, 3, 4, 5, 6]),
-        (serde_json::json!("all"), vec![0, 1, 2, 3, 4, 5, 6]),
-    ] {
-        let p = plan(
-            &m,
-            &store,
-            serde_json::json!([{"vector": "dir", "layer": 1, "coefficient": 1.0, "positions": positions}]),
-        );
-        let (_, rec) = run(&m, Some(&p), vec![], 4);
-        let (before, after) = &rec.seen[&(HookSite::ResidPost, 1)];
-        let got: Vec<usize> = (0..before.len())
-            .filter(|&r| before[r] != after[r])
+    for (name, m) in models() {
+        let v = pseudo_random(64, 8, 1.0);
+        let store = store_with(&m, &[(1, v)]);
+        // Pretend the first 4 tokens are the prompt and the rest were generated.
+        for (positions, touched) in [
+            (serde_json::json!("prompt"), vec![0, 1, 2, 3]),
+            (serde_json::json!("generated"), vec![4, 5, 6]),
+            (serde_json::json!({"last": 2}), vec![2, 3, 4, 5, 6]),
+            (serde_json::json!("all"), vec![0, 1, 2, 3, 4, 5, 6]),
+        ] {
+            let p = plan(
+                &m,
+                &store,
+                serde_json::json!([{"vector": "dir", "layer": 1, "coefficient": 1.0, "positions": positions}]),
+            );
+            let (_, rec) = run(&m, Some(&p), vec![], 4);
+            let (before, after) = &rec.seen[&(HookSite::ResidPost, 1)];
+            let got: Vec<usize> = (0..before.len())
+                .filter(|&r| before[r] != after[r])
+                .collect();
+            assert_eq!(got, touched, "{name} {positions}");
+        }
+    }
+}
+
+#[test]
+fn every_site_of_every_block_is_hooked_and_add_acts_there() {
+    for (name, m) in models() {
+        let d = m.dims().clone();
+        let v = pseudo_random(d.d_model, 9, 1.0);
+        let store = store_with(&m, &[(0, v.clone())]);
+        let all: Vec<(HookSite, usize)> = (0..d.n_layers)
+            .flat_map(|l| HookSite::ALL.into_iter().map(move |s| (s, l)))
             .collect();
-        assert_eq!(got, touched, "{positions}");
+        let (_, rec) = run(&m, None, all.clone(), PROMPT.len());
+        for &(site, l) in &all {
+            let (before, _) = &rec.seen[&(site, l)];
+            let width = if site.is_residual_width() {
+                d.d_model
+            } else {
+                d.intermediate_size
+            };
+            assert_eq!(before.len(), PROMPT.len(), "{name} {site} {l}");
+            assert!(before.iter().all(|r| r.len() == width), "{name} {site} {l}");
+        }
+        let plain = plain_logits(&m);
+        for site in [
+            HookSite::ResidPre,
+            HookSite::AttnOut,
+            HookSite::MlpOut,
+            HookSite::ResidPost,
+        ] {
+            let l = d.n_layers / 2;
+            let p = plan(
+                &m,
+                &store,
+                serde_json::json!([{"vector": "dir", "layer": l, "site": site.as_str(), "coefficient": 3.0}]),
+            );
+            let (logits, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+            let (before, after) = &rec.seen[&(site, l)];
+            for (b, a) in before.iter().zip(after) {
+                for j in 0..d.d_model {
+                    assert_eq!(a[j], b[j] + 3.0 * v[j], "{name} {site}");
+                }
+            }
+            assert_ne!(logits, plain, "{name}: add at {site} {l} changed nothing");
+        }
     }
 }
