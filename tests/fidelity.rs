@@ -443,8 +443,13 @@ fn check_model(name: &str, fetch: bool) {
         return;
     };
     let model = Model::load(&path, None, &LoadOptions::default()).unwrap();
-    let state = tiller::server::build_state(common::test_config(None), model).unwrap();
+    let mut cfg = common::test_config(None);
+    cfg.vectors.builtin_dir = tiller::config::Config::default().vectors.builtin_dir;
+    let state = tiller::server::build_state(cfg, model).unwrap();
     let model = &state.engine.model;
+    if name == "gemma3-270m" {
+        common::rebuild_demo_vectors(&state, &["golden_gate"]);
+    }
     check_tokenizer(model, name);
     tokio::runtime::Runtime::new()
         .unwrap()

@@ -98,44 +98,7 @@ async fn a_client_that_disconnects_stops_its_generation() {
 
 #[test]
 fn demo_vectors_rebuild_from_their_data_files() {
-    let s = state();
-    let model = &s.engine.model;
-    for name in ["golden_gate", "refusal", "sycophancy"] {
-        let req = tiller::cli::read_data_file(std::path::Path::new(&format!(
-            "data/contrastive/{name}.jsonl"
-        )))
-        .unwrap();
-        assert_eq!(req.name, name);
-        let plan = tiller::api::vectors::ExtractPlan::validate(model, &s.config, req).unwrap();
-        let n_pos = plan.positive.len();
-        let mut acts = Vec::new();
-        for batch in tiller::api::vectors::batches(plan.examples(), 512) {
-            acts.extend(
-                tiller::steering::extract::collect(model, &batch, &plan.layers, plan.site).unwrap(),
-            );
-        }
-        let rebuilt = plan.finish(&model.id, acts, n_pos).vector;
-        let shipped = s
-            .store
-            .get(name)
-            .unwrap_or_else(|| panic!("config/vectors/{name}.safetensors is not loaded"));
-        assert_eq!(
-            shipped.origin,
-            tiller::steering::store::VectorOrigin::Builtin
-        );
-        assert_eq!(
-            rebuilt.layers.keys().collect::<Vec<_>>(),
-            shipped.vector.layers.keys().collect::<Vec<_>>()
-        );
-        for (l, v) in &rebuilt.layers {
-            let diff = v
-                .iter()
-                .zip(shipped.vector.layers[l].iter())
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(diff < 1e-4, "{name} layer {l}: rebuilt differs by {diff}");
-        }
-    }
+    rebuild_demo_vectors(state(), &["golden_gate", "refusal", "sycophancy"]);
 }
 
 #[tokio::test]

@@ -655,11 +655,25 @@ function setupTabs() {
   if (wanted) selectTab(wanted);
 }
 
+/// A model without a chat template (a base model) takes raw text: the chat choices go.
+function rawPromptsOnly() {
+  for (const id of ["compare-mode", "sweep-mode", "heatmap-mode"]) {
+    const sel = $(id);
+    if (!sel) continue;
+    sel.value = "raw";
+    const chat = sel.querySelector('option[value="chat"]');
+    if (chat) { chat.disabled = true; chat.textContent = "chat (this model has no chat template)"; }
+  }
+  const asChat = $("extract-chat");
+  if (asChat) { asChat.checked = false; asChat.disabled = true; asChat.title = "this model has no chat template"; }
+}
+
 async function start() {
   setupTabs();
   app.info = await api("/info");
   $("model-line").textContent = `${app.info.model} · ${app.info.n_layers} layers · d_model ${app.info.d_model} · ${app.info.device} (${app.info.kernels}) · tiller ${app.info.version}`;
   try { app.saes = (await api("/saes")).saes; } catch (_) { app.saes = []; }
+  if (!app.info.chat_template) rawPromptsOnly();
   await refreshVectors();
   setupCompare();
   setupSweep();

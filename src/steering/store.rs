@@ -45,6 +45,12 @@ pub struct ModelShape {
 impl ModelShape {
     /// Why `v` cannot be used with this model, if it cannot.
     pub fn mismatch(&self, v: &SteeringVector) -> Option<String> {
+        if self.made_for_another_model(v) {
+            return Some(format!(
+                "vector `{}` was made for model `{}`, this server runs `{}`",
+                v.name, v.meta.model, self.model_id
+            ));
+        }
         let width = match v.meta.kind {
             VectorKind::Direction => self.d_model,
             VectorKind::NeuronMeans => self.n_neurons,
@@ -57,13 +63,12 @@ impl ModelShape {
                 v.meta.kind.as_str()
             ));
         }
-        if !v.meta.model.is_empty() && v.meta.model != self.model_id {
-            return Some(format!(
-                "vector `{}` was made for model `{}`, this server runs `{}`",
-                v.name, v.meta.model, self.model_id
-            ));
-        }
         None
+    }
+
+    /// Whether `v` names a model, and not this one.
+    pub fn made_for_another_model(&self, v: &SteeringVector) -> bool {
+        !v.meta.model.is_empty() && v.meta.model != self.model_id
     }
 }
 
@@ -228,9 +233,24 @@ impl VectorStore {
         self.dir.as_deref()
     }
 
-    /// Loads the built-in vectors of `dir`, read-only. Returns one line per file skipped.
+    /// Loads the built-in vectors of `dir` and of its subfolders (one per model, e.g.
+    /// `gemma3-270m/`), read-only. A vector made for another model is passed over quietly:
+    /// built-in folders ship vectors for several models. Returns one line per file skipped
+    /// for any other reason.
     pub fn load_builtin_dir(&self, dir: &Path) -> Vec<String> {
-        self.load_dir(dir, VectorOrigin::Builtin)
+        let mut folders = vec![dir.to_path_buf()];
+        if let Ok(read) = std::fs::read_dir(dir) {
+            let mut subs: Vec<_> = read
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir())
+                .collect();
+            subs.sort();
+            folders.extend(subs);
+        }
+        folders
+            .iter()
+            .flat_map(|f| self.load_dir(f, VectorOrigin::Builtin))
+            .collect()
     }
 
     fn load_dir(&self, dir: &Path, origin: VectorOrigin) -> Vec<String> {
@@ -268,6 +288,11 @@ impl VectorStore {
                     Ok((v, bytes))
                 });
             match loaded {
+                Ok((v, _))
+                    if origin == VectorOrigin::Builtin && self.shape.made_for_another_model(&v) =>
+                {
+                    tracing::debug!(path = %path.display(), model = %v.meta.model, "built-in vector for another model");
+                }
                 Ok((v, bytes)) => match self.shape.mismatch(&v) {
                     Some(why) => skipped.push(format!("{}: {why}", path.display())),
                     None => {

@@ -207,15 +207,19 @@ pub struct Server {
 impl Server {
     /// Starts the server binary on the default model with a scratch vector store.
     pub fn start(extra_env: &[(&str, &str)]) -> Server {
-        let model = default_model_path();
+        Self::start_model(&default_model_path().display().to_string(), extra_env)
+    }
+
+    /// Starts the server binary on `model` (a path or a model name) with a scratch vector
+    /// store.
+    pub fn start_model(model: &str, extra_env: &[(&str, &str)]) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tiller"));
-        cmd.args(["serve", "--port", &port.to_string(), "--model"])
-            .arg(&model)
+        cmd.args(["serve", "--port", &port.to_string(), "--model", model])
             .env("TILLER_VECTORS_DIR", scratch_dir())
             .env("TILLER_SAES_DIR", scratch_dir())
             .env("TILLER_LOG_LEVEL", "warn");
@@ -270,4 +274,50 @@ pub fn record(
     let mut rec = tiller::model::hooks::SiteRecorder::new(site, layer);
     model.forward(&b, &mut [&mut cache], &mut rec).unwrap();
     rec.rows
+}
+
+/// Rebuilds each named demo vector from `data/contrastive/NAME.jsonl` on the state's model and
+/// checks it matches the shipped built-in one (to 1e-5 of its largest value).
+pub fn rebuild_demo_vectors(s: &AppState, names: &[&str]) {
+    let model = &s.engine.model;
+    for name in names {
+        let req = tiller::cli::read_data_file(std::path::Path::new(&format!(
+            "data/contrastive/{name}.jsonl"
+        )))
+        .unwrap();
+        assert_eq!(req.name, *name);
+        let plan = tiller::api::vectors::ExtractPlan::validate(model, &s.config, req).unwrap();
+        let n_pos = plan.positive.len();
+        let mut acts = Vec::new();
+        for batch in tiller::api::vectors::batches(plan.examples(), 512) {
+            acts.extend(
+                tiller::steering::extract::collect(model, &batch, &plan.layers, plan.site).unwrap(),
+            );
+        }
+        let rebuilt = plan.finish(&model.id, acts, n_pos).vector;
+        let shipped = s
+            .store
+            .get(name)
+            .unwrap_or_else(|| panic!("the built-in vector {name} is not loaded"));
+        assert_eq!(
+            shipped.origin,
+            tiller::steering::store::VectorOrigin::Builtin
+        );
+        assert_eq!(
+            rebuilt.layers.keys().collect::<Vec<_>>(),
+            shipped.vector.layers.keys().collect::<Vec<_>>()
+        );
+        for (l, v) in &rebuilt.layers {
+            let scale = v.iter().map(|x| x.abs()).fold(0f32, f32::max);
+            let diff = v
+                .iter()
+                .zip(shipped.vector.layers[l].iter())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "{name} layer {l}: rebuilt differs by {diff} (largest value {scale})"
+            );
+        }
+    }
 }
