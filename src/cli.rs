@@ -425,17 +425,13 @@ pub fn vectors_export(cfg: &Config, name: &str, out: &Path) -> Result<()> {
         ..Default::default()
     };
     let v = SteeringVector::from_safetensors(&std::fs::read(&path)?, &defaults)?;
-    // The architecture hint: the configured model's, without loading its weights.
+    // The architecture hint: the configured model's, without loading its weights (empty
+    // when it cannot be read).
     let arch = crate::server::resolve_model_path(cfg)
         .ok()
         .and_then(|p| crate::model::checkpoint::Checkpoint::open(&p).ok())
-        .and_then(|c| {
-            c.gguf_metadata()
-                .and_then(|m| m.get("general.architecture"))
-                .and_then(|v| v.to_string().ok())
-                .cloned()
-        })
-        .unwrap_or_else(|| "llama".to_string());
+        .and_then(|c| c.architecture_name().ok())
+        .unwrap_or_default();
     write_atomic(out, &formats::encode(&v, format, &arch)?)?;
     println!("{}", out.display());
     Ok(())

@@ -116,6 +116,24 @@ impl Checkpoint {
             .unwrap_or_else(|| "model".into())
     }
 
+    /// GGUF `general.architecture`, or Hugging Face `model_type` (`llama` when a config.json
+    /// names none, as the oldest Llama checkpoints do).
+    pub fn architecture_name(&self) -> Result<String> {
+        match &self.source {
+            Source::Gguf { content, .. } => content
+                .metadata
+                .get("general.architecture")
+                .and_then(|v| v.to_string().ok())
+                .cloned()
+                .context("GGUF metadata has no `general.architecture`"),
+            Source::Hf { config, .. } => Ok(config
+                .get("model_type")
+                .and_then(|v| v.as_str())
+                .unwrap_or("llama")
+                .to_string()),
+        }
+    }
+
     pub fn gguf_metadata(&self) -> Option<&std::collections::HashMap<String, gguf_file::Value>> {
         match &self.source {
             Source::Gguf { content, .. } => Some(&content.metadata),

@@ -68,21 +68,9 @@ impl Loader<'_> {
         }
     }
 
-    /// GGUF `general.architecture`, or Hugging Face `model_type` (default `llama`).
+    /// The checkpoint's architecture name.
     pub fn architecture_name(&self) -> Result<String> {
-        if let Some(md) = self.ckpt.gguf_metadata() {
-            return md
-                .get("general.architecture")
-                .and_then(|v| v.to_string().ok())
-                .cloned()
-                .context("GGUF metadata has no `general.architecture`");
-        }
-        let cfg = self.ckpt.hf_config().context("config.json")?;
-        Ok(cfg
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("llama")
-            .to_string())
+        self.ckpt.architecture_name()
     }
 
     /// The hyper-parameters of architecture `arch`.
