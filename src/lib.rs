@@ -1,11 +1,12 @@
 //! tiller: an HTTP inference server for activation steering.
 //!
-//! Dependencies run one way: `api` -> `engine` -> `steering` -> `model` (DESIGN §1).
+//! Dependencies run one way: `api` -> `engine` -> `steering` -> `model` (docs/architecture.md).
 //! [`app`] is the seam tests use: the whole HTTP surface over a given state, no port.
 
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod device_check;
 pub mod engine;
 pub mod error;
 pub mod loadgen;

@@ -64,7 +64,7 @@ enum Cmd {
         temperature: f64,
         #[arg(long)]
         seed: Option<u64>,
-        /// Steering as the JSON list of DESIGN §3.
+        /// Steering as a JSON list of interventions (the `steering` field of POST /generate).
         #[arg(long)]
         steering: Option<String>,
     },
@@ -131,6 +131,13 @@ enum Cmd {
     Openapi {
         #[arg(long, default_value = "openapi/openapi.json")]
         out: PathBuf,
+    },
+    /// On an accelerator: load the model there, answer the France question, compare a
+    /// steered answer with the CPU kernels', time decode at batch 1 and 8, and confirm the
+    /// hooks saw the device's activations (JSON). `--device cpu` checks the candle backend.
+    DeviceCheck {
+        #[command(flatten)]
+        common: Common,
     },
     /// Measure prefill and decode tokens/s, unsteered and with `add` on every layer.
     Bench {
@@ -361,6 +368,13 @@ fn main() -> Result<()> {
             }
             std::fs::write(&out, tiller::api::openapi_json())?;
             println!("{}", out.display());
+            Ok(())
+        }
+        Cmd::DeviceCheck { common } => {
+            let cfg = load_config(&common, &[])?;
+            tiller::telemetry::init("warn", "text");
+            let report = tiller::device_check::check(&cfg, &cfg.model.device)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
         Cmd::Bench {

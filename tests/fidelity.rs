@@ -109,6 +109,8 @@ struct Agreement {
     agree: usize,
     total: usize,
     logprob_diffs: Vec<f32>,
+    /// At each disagreement: llama.cpp's and tiller's margins between their two top tokens.
+    near_ties: Vec<(f64, f32)>,
 }
 
 fn agreement(model: &Model, run: &Value, hooks: &mut dyn Hooks) -> Agreement {
@@ -123,11 +125,19 @@ fn agreement(model: &Model, run: &Value, hooks: &mut dyn Hooks) -> Agreement {
         agree: 0,
         total: cont.len(),
         logprob_diffs: Vec::new(),
+        near_ties: Vec::new(),
     };
     for (k, &t) in cont.iter().enumerate() {
         let logits = &rows[prompt.len() - 1 + k];
-        a.agree += usize::from(argmax(logits) == t);
         let lp = tiller::engine::sampling::log_softmax(logits);
+        if argmax(logits) == t {
+            a.agree += 1;
+        } else {
+            let mut sorted = lp.clone();
+            sorted.sort_by(|x, y| y.total_cmp(x));
+            let theirs = run["margins"][k].as_f64().unwrap();
+            a.near_ties.push((theirs, sorted[0] - sorted[1]));
+        }
         for pair in run["top_logprobs"][k].as_array().unwrap() {
             let (id, theirs) = (
                 pair[0].as_u64().unwrap() as usize,
@@ -149,12 +159,14 @@ fn total_agreement<'a>(
         agree: 0,
         total: 0,
         logprob_diffs: Vec::new(),
+        near_ties: Vec::new(),
     };
     for run in runs {
         let a = agreement(model, run, hooks_for(run).as_mut());
         sum.agree += a.agree;
         sum.total += a.total;
         sum.logprob_diffs.extend(a.logprob_diffs);
+        sum.near_ties.extend(a.near_ties);
     }
     sum
 }
@@ -207,10 +219,11 @@ fn check_agreement(model: &Model, name: &str) {
     let unsteered_runs = f["unsteered"].as_array().unwrap();
     let plain = total_agreement(model, unsteered_runs, |_| Box::new(NoHooks));
     println!(
-        "{name}: unsteered, {}/{} next tokens agree with llama.cpp; mean |log-prob difference| {:.4}",
+        "{name}: unsteered, {}/{} next tokens agree with llama.cpp; mean |log-prob difference| {:.4}; top-2 margins (llama.cpp, tiller) where they differ: {:?}",
         plain.agree,
         plain.total,
-        plain.mean_logprob_diff()
+        plain.mean_logprob_diff(),
+        plain.near_ties
     );
     assert!(
         plain.rate() >= MIN_AGREEMENT,
@@ -233,10 +246,11 @@ fn check_agreement(model: &Model, name: &str) {
     // tiller steers as llama.cpp does, not that the vector does nothing.
     let unsteered_on_steered = total_agreement(model, steered_runs, |_| Box::new(NoHooks));
     println!(
-        "{name}: steered, {}/{} agree; mean |log-prob difference| {:.4}; unsteered on the same text {}/{} and {:.4}",
+        "{name}: steered, {}/{} agree; mean |log-prob difference| {:.4}; margins where they differ {:?}; unsteered on the same text {}/{} and {:.4}",
         steered.agree,
         steered.total,
         steered.mean_logprob_diff(),
+        steered.near_ties,
         unsteered_on_steered.agree,
         unsteered_on_steered.total,
         unsteered_on_steered.mean_logprob_diff()
@@ -417,6 +431,33 @@ fn check_oracle(model: &Model, path: &Path, name: &str) {
     }
 }
 
+/// Greedy `POST /generate` on the fixture's prompts gives the tokens a plain greedy loop over
+/// the model gives (whose agreement with llama.cpp `check_agreement` measures): the engine's
+/// path on real weights.
+async fn check_generate_over_http(state: &tiller::AppState, name: &str) {
+    let model = &state.engine.model;
+    let f = fixture("fidelity", name);
+    for run in f["unsteered"].as_array().unwrap() {
+        let mut tokens = ids(&run["prompt_ids"]);
+        let prompt_len = tokens.len();
+        for _ in 0..8 {
+            let rows = model
+                .run_fresh(&[&tokens], Logits::Last, usize::MAX, &mut NoHooks)
+                .unwrap();
+            tokens.push(argmax(&rows[0][0]));
+        }
+        let want = model.tokenizer.decode(&tokens[prompt_len..]).unwrap();
+        let r = common::post_json(
+            state,
+            "/generate",
+            serde_json::json!({"prompt": run["prompt"], "max_tokens": 8, "temperature": 0,
+                               "ignore_eos": true}),
+        )
+        .await;
+        assert_eq!(r.json()["text"], want, "{name}: {}", run["prompt"]);
+    }
+}
+
 /// The fixture through `POST /tokenize` and `POST /detokenize`: the same ids and text.
 async fn check_tokenizer_over_http(state: &tiller::AppState, name: &str) {
     let f = fixture("tokenizer", name);
@@ -451,9 +492,9 @@ fn check_model(name: &str, fetch: bool) {
         common::rebuild_demo_vectors(&state, &["golden_gate"]);
     }
     check_tokenizer(model, name);
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(check_tokenizer_over_http(&state, name));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(check_tokenizer_over_http(&state, name));
+    rt.block_on(check_generate_over_http(&state, name));
     check_agreement(model, name);
     check_oracle(model, &path, name);
 }

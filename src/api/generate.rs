@@ -70,7 +70,7 @@ pub struct GenerateRequest {
     #[serde(default)]
     pub stream: Option<bool>,
     #[schema(example = json!([{"vector": "golden_gate", "layer": 12, "coefficient": 2.5}]))]
-    /// Interventions applied during the forward pass (DESIGN §3).
+    /// Interventions applied during the forward pass: a list of `{vector | values | neuron | feature, layer(s), coefficient, op, site, positions, normalize}`.
     #[serde(default)]
     pub steering: Option<Vec<InterventionSpec>>,
     #[schema(example = true)]

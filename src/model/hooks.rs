@@ -9,7 +9,7 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-/// Where in block `L` a hook reads or writes (DESIGN §2).
+/// Where in block `L` a hook reads or writes (the table in docs/architecture.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HookSite {

@@ -1,6 +1,6 @@
 //! A named feature vector: one direction per layer (or, for `neuron_means`, one mean activation
 //! per MLP neuron per layer), with the metadata that says what it was made for. Stored as a
-//! safetensors file: tensors `layer.L` of shape `[width]`, metadata in the header (DESIGN §5).
+//! safetensors file: tensors `layer.L` of shape `[width]`, metadata in the header.
 
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};

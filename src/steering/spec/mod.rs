@@ -1,4 +1,4 @@
-//! What a request may ask: the steering spec on the wire (DESIGN §3), and its validation into a
+//! What a request may ask: the steering spec on the wire, and its validation into a
 //! [`SteeringPlan`] that names every hook point, direction and operation. Errors name the field
 //! that failed (`steering[1].layer`).
 //!
