@@ -6,6 +6,7 @@
 //! itself is tested where no GPU is.
 
 use crate::config::Config;
+use crate::engine::sampling::argmax;
 use crate::model::hooks::{BatchRows, ChainHooks, HookSite, Hooks};
 use crate::model::{Backend, LoadOptions, Logits, Model, Segment};
 use crate::steering::intervention::BatchSteering;
@@ -70,16 +71,6 @@ impl Hooks for DeviceProbe {
         self.on_device += usize::from(!matches!(x.device().location(), DeviceLocation::Cpu));
         Ok(None)
     }
-}
-
-fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Greedy continuation of `prompt` for `n` tokens, steered by `plan` if given, with `probe`

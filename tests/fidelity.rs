@@ -13,6 +13,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use tiller::engine::sampling::argmax;
 use tiller::model::hooks::{Hooks, NoHooks};
 use tiller::model::{LoadOptions, Logits, Model};
 use tiller::steering::intervention::BatchSteering;
@@ -50,16 +51,6 @@ fn fixture(kind: &str, name: &str) -> Value {
 
 fn ids(v: &Value) -> Vec<u32> {
     serde_json::from_value(v.clone()).unwrap()
-}
-
-fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Every fixture string encodes to llama.cpp's ids and decodes to llama.cpp's text.

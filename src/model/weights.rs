@@ -43,6 +43,24 @@ impl TensorName {
     }
 }
 
+/// The tensor names most architectures share (llama.cpp's names in GGUF, Llama's in Hugging
+/// Face folders); each architecture adds its own.
+pub mod names {
+    use super::{name, TensorName};
+
+    pub const EMBED: TensorName = name("token_embd.weight", "model.embed_tokens.weight");
+    pub const FINAL_NORM: TensorName = name("output_norm.weight", "model.norm.weight");
+    pub const LM_HEAD: TensorName = name("output.weight", "lm_head.weight");
+    pub const ATTN_NORM: TensorName = name("attn_norm.weight", "input_layernorm.weight");
+    pub const Q: TensorName = name("attn_q.weight", "self_attn.q_proj.weight");
+    pub const K: TensorName = name("attn_k.weight", "self_attn.k_proj.weight");
+    pub const V: TensorName = name("attn_v.weight", "self_attn.v_proj.weight");
+    pub const O: TensorName = name("attn_output.weight", "self_attn.o_proj.weight");
+    pub const GATE: TensorName = name("ffn_gate.weight", "mlp.gate_proj.weight");
+    pub const UP: TensorName = name("ffn_up.weight", "mlp.up_proj.weight");
+    pub const DOWN: TensorName = name("ffn_down.weight", "mlp.down_proj.weight");
+}
+
 /// Where a tensor sits: outside the blocks, or in block `l`.
 #[derive(Debug, Clone, Copy)]
 pub enum At {

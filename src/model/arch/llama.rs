@@ -13,6 +13,7 @@ use crate::model::cpu::attention::{AttentionSpec, HeadShape, Rope, RopeLayout};
 use crate::model::hooks::HookSite;
 use crate::model::layers::{Activation, Embedding, Linear, Mlp, RmsNorm};
 use crate::model::pass::Pass;
+use crate::model::weights::names::*;
 use crate::model::weights::{name, At, Loader, TensorName};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -121,22 +122,11 @@ fn llama3_freq_factors(s: &serde_json::Value, head_dim: usize, theta: f64) -> Re
         .collect())
 }
 
-const EMBED: TensorName = name("token_embd.weight", "model.embed_tokens.weight");
-const FINAL_NORM: TensorName = name("output_norm.weight", "model.norm.weight");
-const LM_HEAD: TensorName = name("output.weight", "lm_head.weight");
 const ROPE_FREQS: TensorName = name("rope_freqs.weight", "rope_freqs.weight");
-const ATTN_NORM: TensorName = name("attn_norm.weight", "input_layernorm.weight");
-const Q: TensorName = name("attn_q.weight", "self_attn.q_proj.weight");
-const K: TensorName = name("attn_k.weight", "self_attn.k_proj.weight");
-const V: TensorName = name("attn_v.weight", "self_attn.v_proj.weight");
 const Q_BIAS: TensorName = name("attn_q.bias", "self_attn.q_proj.bias");
 const K_BIAS: TensorName = name("attn_k.bias", "self_attn.k_proj.bias");
 const V_BIAS: TensorName = name("attn_v.bias", "self_attn.v_proj.bias");
-const O: TensorName = name("attn_output.weight", "self_attn.o_proj.weight");
 const FFN_NORM: TensorName = name("ffn_norm.weight", "post_attention_layernorm.weight");
-const GATE: TensorName = name("ffn_gate.weight", "mlp.gate_proj.weight");
-const UP: TensorName = name("ffn_up.weight", "mlp.up_proj.weight");
-const DOWN: TensorName = name("ffn_down.weight", "mlp.down_proj.weight");
 
 /// One block: `x += attn(norm(x))`, then `x += mlp(norm(x))`.
 struct Block {
@@ -226,17 +216,13 @@ pub fn load(ld: &mut Loader, arch: &str) -> Result<Loaded> {
         tied,
     };
     Ok(Loaded {
-        dims: ModelDims {
-            architecture: arch.to_string(),
-            n_layers: cfg.n_layers,
-            d_model: cfg.d_model,
-            intermediate_size: cfg.intermediate_size,
-            n_heads: cfg.heads.n_heads,
-            n_kv_heads: cfg.heads.n_kv_heads,
-            head_dim: cfg.heads.head_dim,
+        dims: ModelDims::new(
+            arch,
+            (cfg.n_layers, cfg.d_model, cfg.intermediate_size),
+            cfg.heads,
             vocab_size,
-            context_length: cfg.context_length,
-        },
+            cfg.context_length,
+        ),
         net: Box::new(net),
     })
 }
@@ -255,17 +241,9 @@ impl Architecture for Llama {
     }
 
     fn weight_bytes(&self) -> usize {
-        let blocks: usize = self
-            .blocks
-            .iter()
-            .map(|b| b.attn.weight_bytes() + b.mlp.weight_bytes())
-            .sum();
-        let head = if self.tied && self.embed.head_is_shared() {
-            0
-        } else {
-            self.lm_head.weight_bytes()
-        };
-        blocks + self.embed.weight_bytes() + head
+        let blocks = self.blocks.iter();
+        let block_bytes = blocks.map(|b| b.attn.weight_bytes() + b.mlp.weight_bytes());
+        super::model_weight_bytes(&self.embed, &self.lm_head, self.tied, block_bytes.sum())
     }
 
     fn weight_format(&self) -> &'static str {

@@ -33,6 +33,29 @@ pub struct ModelDims {
     pub context_length: usize,
 }
 
+impl ModelDims {
+    /// The dims of a model with `heads` in every layer.
+    pub fn new(
+        architecture: &str,
+        (n_layers, d_model, intermediate_size): (usize, usize, usize),
+        heads: crate::model::cpu::attention::HeadShape,
+        vocab_size: usize,
+        context_length: usize,
+    ) -> Self {
+        Self {
+            architecture: architecture.to_string(),
+            n_layers,
+            d_model,
+            intermediate_size,
+            n_heads: heads.n_heads,
+            n_kv_heads: heads.n_kv_heads,
+            head_dim: heads.head_dim,
+            vocab_size,
+            context_length,
+        }
+    }
+}
+
 /// A loaded architecture: immutable, shared by every request.
 pub trait Architecture: Send + Sync {
     /// Embeds the batch's tokens and runs every block, calling the pass's hooks at each site;
@@ -47,6 +70,22 @@ pub trait Architecture: Send + Sync {
 
     /// Storage of the linear weights (`q4_1`, `q8_0`, `f32`).
     fn weight_format(&self) -> &'static str;
+}
+
+/// Bytes of a model's weights: the embedding table, the blocks' `block_bytes`, and the head
+/// unless it is the table itself (tied, on the CPU kernels' packed table).
+pub fn model_weight_bytes(
+    embed: &crate::model::layers::Embedding,
+    head: &crate::model::layers::Linear,
+    tied: bool,
+    block_bytes: usize,
+) -> usize {
+    let head = if tied && embed.head_is_shared() {
+        0
+    } else {
+        head.weight_bytes()
+    };
+    embed.weight_bytes() + head + block_bytes
 }
 
 /// What a family's loader returns.
