@@ -151,7 +151,7 @@ pub fn bench(
     ];
     Ok(BenchReport {
         model: model.id.clone(),
-        weights: model.runtime().weights.into(),
+        weights: model.runtime().weights,
         kernels: crate::model::cpu::matmul::isa().name().into(),
         threads: model.runtime().threads,
         prompt_tokens: prompt.len(),

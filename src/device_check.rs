@@ -1,9 +1,10 @@
-//! `tiller device-check`: what to confirm when tiller runs on an accelerator. For each model:
-//! load it on the device, answer "the capital of France" greedily, generate a steered answer
-//! and compare its tokens with the same run on the CPU kernels, time decode at batch 1 and 8,
-//! and count how many hook calls saw activations on the device. Prints one JSON report per
-//! model. With `--device cpu` the device side is candle's backend on the CPU, so the check
-//! itself is tested where no GPU is.
+//! `tiller device-check`: what to confirm when tiller runs on an accelerator. For the
+//! configured model (`scripts/gpu_check.sh` runs it once per model): load it on the device,
+//! answer "the capital of France" greedily, generate a steered answer and compare its tokens
+//! with the same run on the CPU (candle on f32 weights, the same maths, and the CPU kernels),
+//! time decode at batch 1 and 8, and count how many hook calls saw activations on the
+//! device. Prints one JSON report. With `--device cpu` the device side is candle's backend on
+//! the CPU, so the check itself is tested where no GPU is.
 
 use crate::config::Config;
 use crate::engine::sampling::argmax;

@@ -286,12 +286,12 @@ async fn concurrent_requests_with_different_plans_match_their_solo_runs_on_every
         ];
         let prompts = ["the theater", "a cat sat", "over the bay"];
         let body = |i: usize| {
-            json!({"prompt": prompts[i % 3], "max_tokens": 10, "ignore_eos": true,
+            json!({"prompt": prompts[i % 3], "max_tokens": 10, "ignore_eos": true, "logprobs": 1,
                    "steering": plans[i]})
         };
         let mut solo = Vec::new();
         for i in 0..plans.len() {
-            solo.push(ok(&s, "/generate", body(i), &name).await["text"].clone());
+            solo.push(tokens(&ok(&s, "/generate", body(i), &name).await));
         }
         let together = futures_util::future::join_all(
             (0..plans.len()).map(|i| post_json(&s, "/generate", body(i))),
@@ -299,7 +299,7 @@ async fn concurrent_requests_with_different_plans_match_their_solo_runs_on_every
         .await;
         for (i, r) in together.iter().enumerate() {
             assert_eq!(
-                r.json()["text"],
+                tokens(&r.json()),
                 solo[i],
                 "{name}: plan {i} changed in a batch"
             );

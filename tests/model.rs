@@ -78,12 +78,14 @@ fn gguf_and_safetensors_give_the_same_logits_in_every_architecture() {
 /// the same tiny Hugging Face folder, after `tokens`. The tokens go in one at a time: then
 /// candle's local layers keep exactly `sliding_window` keys in their rotating caches, as
 /// Hugging Face and llama.cpp attend (its prefill mask lets one more key in).
-fn candle_gemma_logits(folder: &std::path::Path, arch: TinyArch, tokens: &[u32]) -> Vec<f32> {
+fn candle_gemma_logits(
+    folder: &std::path::Path,
+    cfg: serde_json::Value,
+    arch: TinyArch,
+    tokens: &[u32],
+) -> Vec<f32> {
     use candle_transformers::models::{gemma2, gemma3};
     let dev = candle_core::Device::Cpu;
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap())
-            .unwrap();
     let vb = unsafe {
         candle_nn::VarBuilder::from_mmaped_safetensors(
             &[folder.join("model.safetensors")],
@@ -121,14 +123,35 @@ fn candle_gemma_logits(folder: &std::path::Path, arch: TinyArch, tokens: &[u32])
 fn gemma_matches_candle_transformers_on_tiny_random_weights() {
     // Gemma 3: more tokens than the window, so local layers differ from global ones. candle's
     // Gemma 2 has no sliding window, so its prompt stays within the window.
-    for (arch, len) in [(TinyArch::Gemma3, 14), (TinyArch::Gemma2, 6)] {
-        let spec = TinySpec::of(arch);
+    // The third case leaves the Gemma 3 layer pattern to the default (five local layers, then
+    // a global one) over seven layers.
+    let cases = [
+        (TinyArch::Gemma3, 14, 4),
+        (TinyArch::Gemma2, 6, 4),
+        (TinyArch::Gemma3, 14, 7),
+    ];
+    for (arch, len, n_layers) in cases {
+        let spec = TinySpec {
+            n_layers,
+            ..TinySpec::of(arch)
+        };
         let dir = tempfile::tempdir().unwrap();
         let hf = write_tiny_hf(dir.path(), &spec).unwrap();
+        let path = hf.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        if n_layers == 7 {
+            cfg["sliding_window_pattern"] = 6.into();
+            let mut ours = cfg.clone();
+            ours.as_object_mut()
+                .unwrap()
+                .remove("sliding_window_pattern");
+            std::fs::write(&path, ours.to_string()).unwrap();
+        }
         let model = Model::load(&hf, None, &LoadOptions::default()).unwrap();
         let tokens: Vec<u32> = (0..len).map(|i| 40 + 7 * i).collect();
         let ours = run(&model, &[&tokens]).remove(0);
-        let theirs = candle_gemma_logits(&hf, arch, &tokens);
+        let theirs = candle_gemma_logits(&hf, cfg, arch, &tokens);
         let d = max_abs_diff(std::slice::from_ref(&ours), &[theirs]);
         let scale = ours.iter().map(|x| x.abs()).fold(0.0, f32::max);
         assert!(scale > 0.1, "{arch:?}: logits are degenerate ({scale})");

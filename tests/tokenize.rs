@@ -75,9 +75,12 @@ async fn tokenize_speaks_vllm_and_llama_server() {
 async fn bos_is_added_as_the_model_says_on_a_sentencepiece_model() {
     let s = state_of(TinyArch::Gemma3);
     let r = post_json(&s, "/tokenize", json!({"prompt": "the cat"})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let ids = r.json()["tokens"].as_array().unwrap().clone();
     assert_eq!(ids[0], 2, "vLLM's default adds BOS on Gemma");
     let r = post_json(&s, "/tokenize", json!({"content": "the cat"})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(r.json()["tokens"][0].is_u64());
     assert_ne!(r.json()["tokens"][0], 2, "llama-server's default does not");
     let r = post_json(
         &s,

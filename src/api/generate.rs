@@ -219,6 +219,30 @@ pub struct RawSettings<'a> {
     pub frequency_penalty: Option<f64>,
 }
 
+/// Bytes of text one token may stand for, at the most, when a text is checked against a
+/// token limit before it is tokenized (a token is rarely over 16 bytes; runs of spaces or
+/// newlines reach 31).
+pub const MAX_BYTES_PER_TOKEN: usize = 64;
+
+/// Refuses text too long to fit `max_tokens` tokens (`limit` names the setting), before the
+/// tokenizer spends time and memory on it.
+pub fn check_text_size(
+    field: &str,
+    bytes: usize,
+    max_tokens: usize,
+    limit: &str,
+) -> Result<(), ApiError> {
+    let max = max_tokens.saturating_mul(MAX_BYTES_PER_TOKEN);
+    if bytes > max {
+        return Err(ApiError::invalid(
+            field,
+            "text_too_long",
+            format!("{bytes} bytes cannot fit {limit} = {max_tokens} tokens (at most {max} bytes)"),
+        ));
+    }
+    Ok(())
+}
+
 /// Tokenizes `prompt` or `messages` (exactly one).
 pub fn encode_input(
     state: &AppState,
@@ -226,6 +250,18 @@ pub fn encode_input(
     messages: Option<&[ChatMessage]>,
 ) -> Result<Vec<u32>, ApiError> {
     let model = &state.engine.model;
+    let bytes = prompt.map_or(0, str::len)
+        + messages.map_or(0, |ms| ms.iter().map(|m| m.content.len()).sum());
+    check_text_size(
+        if prompt.is_some() {
+            "prompt"
+        } else {
+            "messages"
+        },
+        bytes,
+        state.config.limits.max_prompt_tokens,
+        "limits.max_prompt_tokens",
+    )?;
     let ids = match (prompt, messages) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(

@@ -193,6 +193,16 @@ pub async fn tokenize(
         .add_special_tokens
         .or(req.add_special)
         .unwrap_or(req.prompt.is_some());
+    let limit = state.config.limits.max_tokenize_tokens;
+    let bytes = [&req.prompt, &req.content]
+        .iter()
+        .map(|t| t.as_ref().map_or(0, String::len))
+        .sum::<usize>()
+        + req
+            .messages
+            .as_ref()
+            .map_or(0, |ms| ms.iter().map(|m| m.content.len()).sum());
+    super::generate::check_text_size("prompt", bytes, limit, "limits.max_tokenize_tokens")?;
     let model = state.engine.model.clone();
     let (prompt, content, messages) = (req.prompt, req.content, req.messages);
     let ids = tokio::task::spawn_blocking(move || match (prompt.or(content), messages) {
@@ -205,7 +215,6 @@ pub async fn tokenize(
     })
     .await
     .map_err(|e| ApiError::internal("tokenizing", e))??;
-    let limit = state.config.limits.max_tokenize_tokens;
     if ids.len() > limit {
         return Err(ApiError::invalid(
             "prompt",

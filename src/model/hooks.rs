@@ -181,6 +181,8 @@ pub struct SiteRecorder {
     pub rows: Vec<Vec<f32>>,
     /// The token position of each recorded row.
     pub positions: Vec<usize>,
+    /// Rows at earlier positions are not kept.
+    pub from_position: usize,
 }
 
 impl SiteRecorder {
@@ -190,6 +192,7 @@ impl SiteRecorder {
             layer,
             rows: Vec::new(),
             positions: Vec::new(),
+            from_position: 0,
         }
     }
 }
@@ -206,8 +209,12 @@ impl Hooks for SiteRecorder {
         x: &Tensor,
         rows: &BatchRows,
     ) -> Result<Option<Tensor>> {
-        self.rows.extend(x.to_vec2::<f32>()?);
-        self.positions.extend_from_slice(&rows.position);
+        for (row, &pos) in x.to_vec2::<f32>()?.into_iter().zip(&rows.position) {
+            if pos >= self.from_position {
+                self.rows.push(row);
+                self.positions.push(pos);
+            }
+        }
         Ok(None)
     }
 }

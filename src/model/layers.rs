@@ -75,19 +75,11 @@ impl Linear {
         }
     }
 
-    /// Bytes of weight data held.
-    pub fn weight_bytes(&self) -> usize {
+    /// Reports the bytes of weight data held in each format.
+    pub fn visit_weights(&self, f: &mut dyn FnMut(&'static str, usize)) {
         match self {
-            Linear::Kernel { w, .. } => w.size_in_bytes(),
-            Linear::Dense { wt, .. } => wt.elem_count() * 4,
-        }
-    }
-
-    /// The storage format (`q4_1`, `q8_0`, `f32`).
-    pub fn format_name(&self) -> &'static str {
-        match self {
-            Linear::Kernel { w, .. } => w.format_name(),
-            Linear::Dense { .. } => "f32",
+            Linear::Kernel { w, .. } => w.formats().into_iter().for_each(|(b, n)| f(b.name(), n)),
+            Linear::Dense { wt, .. } => f("f32", wt.elem_count() * 4),
         }
     }
 }
@@ -165,10 +157,11 @@ impl Embedding {
         matches!(self.table, EmbeddingTable::Kernel(_))
     }
 
-    pub fn weight_bytes(&self) -> usize {
+    /// Reports the bytes of the table in each format.
+    pub fn visit_weights(&self, f: &mut dyn FnMut(&'static str, usize)) {
         match &self.table {
-            EmbeddingTable::Kernel(w) => w.size_in_bytes(),
-            EmbeddingTable::Dense(t) => t.elem_count() * 4,
+            EmbeddingTable::Kernel(w) => w.formats().into_iter().for_each(|(b, n)| f(b.name(), n)),
+            EmbeddingTable::Dense(t) => f("f32", t.elem_count() * 4),
         }
     }
 }
@@ -205,8 +198,9 @@ impl Mlp {
         Ok(self.down.forward(&act)?)
     }
 
-    pub fn weight_bytes(&self) -> usize {
-        self.gate_up.weight_bytes() + self.down.weight_bytes()
+    pub fn visit_weights(&self, f: &mut dyn FnMut(&'static str, usize)) {
+        self.gate_up.visit_weights(f);
+        self.down.visit_weights(f);
     }
 }
 

@@ -68,8 +68,9 @@ pub struct RuntimeInfo {
     pub backend: Backend,
     /// `cpu`, `cuda:0`, ...
     pub device: String,
-    /// Storage of the linear weights (`q4_1`, `q8_0`, `f32`).
-    pub weights: &'static str,
+    /// Storage of the weights: the formats by share of bytes (`q5_0 62%, q8_0 25%, ...`,
+    /// or one name).
+    pub weights: String,
     /// Bytes of weight data held.
     pub weight_bytes: usize,
     /// Threads of the CPU kernels.
@@ -164,11 +165,14 @@ impl Model {
 
     /// Backend, device, weight storage and threads.
     pub fn runtime(&self) -> RuntimeInfo {
+        let mut by_format = std::collections::BTreeMap::new();
+        self.net
+            .visit_weights(&mut |name, bytes| *by_format.entry(name).or_insert(0) += bytes);
         RuntimeInfo {
             backend: self.backend,
             device: device_name(&self.device),
-            weights: self.net.weight_format(),
-            weight_bytes: self.net.weight_bytes(),
+            weights: weights_summary(&by_format),
+            weight_bytes: by_format.values().sum(),
             threads: self.pool.current_num_threads(),
         }
     }
@@ -357,6 +361,22 @@ impl Model {
     /// Token ids of a raw prompt.
     pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
         self.tokenizer.encode(prompt, true)
+    }
+}
+
+/// The formats by share of bytes, largest first (`q5_0 62%, q8_0 25%, ...`), or the one
+/// format's name.
+fn weights_summary(by_format: &std::collections::BTreeMap<&'static str, usize>) -> String {
+    let total: usize = by_format.values().sum();
+    let mut v: Vec<_> = by_format.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1));
+    match v.as_slice() {
+        [(name, _)] => name.to_string(),
+        _ => v
+            .iter()
+            .map(|(name, bytes)| format!("{name} {}%", (**bytes * 100 + total / 2) / total.max(1)))
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }
 

@@ -6,10 +6,11 @@
 
 use super::arch::HyperParams;
 use super::checkpoint::{Checkpoint, CheckpointFormat};
-use super::cpu::quant::WeightMatrix;
+use super::cpu::quant::{BlockFormat, WeightData, WeightFormat, WeightMatrix};
 use super::layers::{Embedding, EmbeddingTable, Linear, RmsNorm};
 use super::{Backend, LoadOptions};
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use std::sync::Arc;
 
@@ -100,7 +101,13 @@ impl Loader<'_> {
             });
         }
         let cfg = self.ckpt.hf_config().context("config.json")?;
-        Ok(HyperParams::Hf(cfg.get("text_config").unwrap_or(cfg)))
+        if cfg.get("text_config").is_some() {
+            bail!(
+                "config.json describes a multimodal checkpoint (`text_config`), which tiller does \
+                 not load; use the text-only model (e.g. Gemma3ForCausalLM)"
+            );
+        }
+        Ok(HyperParams::Hf(cfg))
     }
 
     pub fn has(&self, n: TensorName, at: At) -> bool {
@@ -171,18 +178,9 @@ impl Loader<'_> {
             Backend::CpuKernels => {
                 let ms = parts
                     .iter()
-                    .map(|&p| {
-                        let name = self.full_name(p, at);
-                        let q = self.ckpt.tensor(&name, &Device::Cpu)?;
-                        WeightMatrix::from_qtensor(&q, self.opts.weight_format)
-                            .map_err(|e| anyhow!("`{name}`: {e}"))
-                    })
+                    .map(|&p| self.kernel_matrix(&self.full_name(p, at)))
                     .collect::<Result<Vec<_>>>()?;
-                let w = if ms.len() == 1 {
-                    ms.into_iter().next().context("no weight")?
-                } else {
-                    WeightMatrix::concat_rows(&ms)?
-                };
+                let w = WeightMatrix::stack(ms)?;
                 if w.cols != cols {
                     bail!(
                         "`{}` takes {} inputs, expected {cols}",
@@ -225,20 +223,56 @@ impl Loader<'_> {
         scale: Option<f32>,
     ) -> Result<(Embedding, usize)> {
         let name = self.full_name(n, At::Global);
-        let q = self.ckpt.tensor(&name, &Device::Cpu)?;
-        let (vocab, d) = q.shape().dims2()?;
+        let (table, (vocab, d)) = match self.opts.backend {
+            Backend::CpuKernels => {
+                let w = self.kernel_matrix(&name)?;
+                let shape = (w.rows, w.cols);
+                (EmbeddingTable::Kernel(Arc::new(w)), shape)
+            }
+            Backend::Candle => {
+                let t = self
+                    .ckpt
+                    .tensor(&name, &Device::Cpu)?
+                    .dequantize(&Device::Cpu)?
+                    .to_device(&self.opts.device)?;
+                let shape = t.dims2()?;
+                (EmbeddingTable::Dense(t), shape)
+            }
+        };
         if d != d_model {
             bail!("token embeddings are {d} wide, the config says {d_model}");
         }
-        let table = match self.opts.backend {
-            Backend::CpuKernels => EmbeddingTable::Kernel(Arc::new(
-                WeightMatrix::from_qtensor(&q, self.opts.weight_format)
-                    .map_err(|e| anyhow!("`{name}`: {e}"))?,
-            )),
-            Backend::Candle => {
-                EmbeddingTable::Dense(q.dequantize(&Device::Cpu)?.to_device(&self.opts.device)?)
-            }
-        };
         Ok((Embedding { table, scale }, vocab))
+    }
+
+    /// A 2-D tensor as a matrix for the CPU kernels. A GGUF tensor in a block format they run
+    /// is read straight into its blocks (with `model.weights = "native"`); anything else goes
+    /// through a dequantized copy into the configured format. A format the kernels cannot run
+    /// is refused with what to do about it.
+    fn kernel_matrix(&mut self, name: &str) -> Result<WeightMatrix> {
+        let format = self.opts.weight_format;
+        if let Some((dtype, dims, mut reader)) = self.ckpt.gguf_tensor(name)? {
+            let [rows, cols] = dims[..] else {
+                bail!("`{name}` has shape {dims:?}, expected a matrix");
+            };
+            let Some(block) = BlockFormat::of(dtype).or(match dtype {
+                GgmlDType::F16 | GgmlDType::BF16 => Some(BlockFormat::F32),
+                _ => None,
+            }) else {
+                bail!(
+                    "tensor `{name}` is stored as {dtype:?}, a block format tiller cannot run; \
+                     requantize the file with llama.cpp's llama-quantize to Q4_K_M, Q5_K_M, \
+                     Q6_K or Q8_0"
+                );
+            };
+            if format == WeightFormat::Native && block != BlockFormat::F32 {
+                let n = rows * cols / block.block_elems();
+                let data = WeightData::read(block, n, &mut reader)
+                    .map_err(|e| anyhow!("reading `{name}`: {e}"))?;
+                return Ok(WeightMatrix::new(rows, cols, data)?);
+            }
+        }
+        let q = self.ckpt.tensor(name, &Device::Cpu)?;
+        WeightMatrix::from_qtensor(&q, format).map_err(|e| anyhow!("`{name}`: {e}"))
     }
 }

@@ -61,19 +61,15 @@ pub fn collect_rows(
     layer: usize,
     budget: usize,
 ) -> Result<(Vec<f32>, usize)> {
-    let mut rec = SiteRecorder::new(site, layer);
+    // Each sequence's first token (an attention sink with an outsized norm) is left out.
+    let mut rec = SiteRecorder {
+        from_position: 1,
+        ..SiteRecorder::new(site, layer)
+    };
     let seqs: Vec<&[u32]> = sequences.iter().map(Vec::as_slice).collect();
     model.run_fresh(&seqs, Logits::None, budget, &mut rec)?;
-    let mut out = Vec::new();
-    let mut count = 0;
-    // Each sequence's first token (an attention sink with an outsized norm) is left out.
-    for (row, pos) in rec.rows.into_iter().zip(rec.positions) {
-        if pos > 0 {
-            out.extend(row);
-            count += 1;
-        }
-    }
-    Ok((out, count))
+    let count = rec.rows.len();
+    Ok((rec.rows.into_iter().flatten().collect(), count))
 }
 
 struct Params {

@@ -73,16 +73,17 @@ impl Config {
                 Version::Gemma2 => 2,
                 Version::Gemma3 => 6,
             });
+        // Hugging Face's defaults; a Gemma 3 GGUF without a window has none (llama.cpp).
         let window = hp
             .opt_usize("attention.sliding_window", "sliding_window")?
-            .unwrap_or(match version {
-                Version::Gemma2 => 4096,
-                Version::Gemma3 => 0,
+            .unwrap_or(match (version, hp.is_gguf()) {
+                (Version::Gemma3, true) => 0,
+                _ => 4096,
             });
         let local = match hp.hf_raw("layer_types").and_then(|v| v.as_array()) {
             Some(types) => types
                 .iter()
-                .map(|t| t.as_str() == Some("sliding_attention"))
+                .map(|t| window > 0 && t.as_str() == Some("sliding_attention"))
                 .collect(),
             // Every `pattern`-th layer is global, the others local (llama.cpp's
             // `set_swa_pattern`; Hugging Face's `sliding_window_pattern`).
@@ -103,21 +104,16 @@ impl Config {
             _ => head_dim,
         };
         let scalar = hp.f64_or("", "query_pre_attn_scalar", default_scalar as f64);
-        let global_rope_base = hp.f64_or("rope.freq_base", "rope_theta", 10_000.0);
-        let linear_scaling = hp
-            .hf_raw("rope_scaling")
-            .filter(|s| {
-                s.get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(|t| t.as_str())
-                    == Some("linear")
-            })
-            .and_then(|s| s.get("factor").and_then(|f| f.as_f64()));
+        let ropes = Ropes::read(hp, version)?;
+        // Soft-caps: a value, or an explicit `null` in config.json for none; when absent,
+        // Gemma 2's defaults.
         let softcap = |gguf: &str, hf: &str, default: Option<f64>| -> Option<f32> {
-            match hp.opt_f64(gguf, hf).or(default) {
-                Some(c) if c > 0.0 => Some(c as f32),
-                _ => None,
-            }
+            let value = if hp.hf_is_null(hf) {
+                None
+            } else {
+                hp.opt_f64(gguf, hf).or(default)
+            };
+            value.filter(|c| *c > 0.0).map(|c| c as f32)
         };
         let is_v2 = version == Version::Gemma2;
         Ok(Self {
@@ -135,17 +131,9 @@ impl Config {
                 .unwrap_or(8192),
             rms_eps: hp.f64_or("attention.layer_norm_rms_epsilon", "rms_norm_eps", 1e-6),
             attn_scale: (1.0 / scalar.sqrt()) as f32,
-            global_rope_scale: hp
-                .opt_f64("rope.scaling.factor", "")
-                .or(linear_scaling)
-                .filter(|f| *f > 0.0)
-                .unwrap_or(1.0),
-            local_rope_base: match version {
-                Version::Gemma2 => global_rope_base,
-                Version::Gemma3 => {
-                    hp.f64_or("rope.freq_base_swa", "rope_local_base_freq", 10_000.0)
-                }
-            },
+            global_rope_base: ropes.global_base,
+            global_rope_scale: ropes.global_scale,
+            local_rope_base: ropes.local_base,
             attn_softcap: softcap(
                 "attn_logit_softcapping",
                 "attn_logit_softcapping",
@@ -156,11 +144,66 @@ impl Config {
                 "final_logit_softcapping",
                 is_v2.then_some(30.0),
             ),
-            global_rope_base,
             window,
             local,
             n_layers,
             d_model,
+        })
+    }
+}
+
+/// The rotary embeddings of global and local layers.
+struct Ropes {
+    global_base: f64,
+    /// Linear position scaling of the global layers (Gemma 3 4B and larger).
+    global_scale: f64,
+    local_base: f64,
+}
+
+impl Ropes {
+    /// From GGUF metadata, Hugging Face's `rope_theta` / `rope_local_base_freq` /
+    /// `rope_scaling`, or the newer `rope_parameters` per layer type.
+    fn read(hp: &HyperParams, version: Version) -> Result<Self> {
+        let hf_default = match version {
+            Version::Gemma2 => 10_000.0,
+            Version::Gemma3 => 1_000_000.0,
+        };
+        let default_base = if hp.is_gguf() { 10_000.0 } else { hf_default };
+        let global_base = hp.f64_or("rope.freq_base", "rope_theta", default_base);
+        let scaling = |s: &serde_json::Value| -> Result<f64> {
+            let kind = s.get("rope_type").or_else(|| s.get("type"));
+            match kind.and_then(|t| t.as_str()) {
+                None | Some("default") => Ok(1.0),
+                Some("linear") => Ok(s.get("factor").and_then(|f| f.as_f64()).unwrap_or(1.0)),
+                Some(other) => bail!("RoPE scaling `{other}` is not supported for Gemma"),
+            }
+        };
+        if let Some(per_type) = hp.hf_raw("rope_parameters").filter(|p| p.is_object()) {
+            let theta = |kind: &str, default: f64| {
+                per_type
+                    .get(kind)
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(|t| t.as_f64())
+                    .unwrap_or(default)
+            };
+            let full = per_type.get("full_attention");
+            return Ok(Self {
+                global_base: theta("full_attention", global_base),
+                global_scale: full.map(scaling).transpose()?.unwrap_or(1.0),
+                local_base: theta("sliding_attention", 10_000.0),
+            });
+        }
+        let gguf_scale = hp.opt_f64("rope.scaling.factor", "");
+        let hf_scale = hp.hf_raw("rope_scaling").map(scaling).transpose()?;
+        Ok(Self {
+            global_base,
+            global_scale: gguf_scale.or(hf_scale).filter(|f| *f > 0.0).unwrap_or(1.0),
+            local_base: match version {
+                Version::Gemma2 => global_base,
+                Version::Gemma3 => {
+                    hp.f64_or("rope.freq_base_swa", "rope_local_base_freq", 10_000.0)
+                }
+            },
         })
     }
 }
@@ -306,15 +349,76 @@ impl Architecture for Gemma {
         })
     }
 
-    fn weight_bytes(&self) -> usize {
-        let blocks = self.blocks.iter();
-        let block_bytes = blocks.map(|b| b.attn.weight_bytes() + b.mlp.weight_bytes());
-        super::model_weight_bytes(&self.embed, &self.lm_head, true, block_bytes.sum())
+    fn visit_weights(&self, f: &mut dyn FnMut(&'static str, usize)) {
+        let blocks = self.blocks.iter().map(|b| (&b.attn, &b.mlp));
+        super::visit_model_weights(&self.embed, &self.lm_head, true, blocks, f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(cfg: serde_json::Value, version: Version) -> Config {
+        let mut base = serde_json::json!({
+            "hidden_size": 64, "num_attention_heads": 4, "head_dim": 16,
+            "num_hidden_layers": 12, "intermediate_size": 96,
+        });
+        base.as_object_mut()
+            .unwrap()
+            .extend(cfg.as_object().unwrap().clone());
+        Config::read(&HyperParams::Hf(&base), version).unwrap()
     }
 
-    fn weight_format(&self) -> &'static str {
-        self.blocks
-            .first()
-            .map_or("f32", |b| b.mlp.down.format_name())
+    #[test]
+    fn hugging_face_defaults_are_gemmas() {
+        let c = read(serde_json::json!({}), Version::Gemma3);
+        // Five local layers per global one, a window of 4096, RoPE bases 1e6 and 1e4.
+        let globals: Vec<usize> = (0..12).filter(|&l| !c.local[l]).collect();
+        assert_eq!(globals, vec![5, 11]);
+        assert_eq!(c.window, 4096);
+        assert_eq!((c.global_rope_base, c.local_rope_base), (1e6, 1e4));
+        assert_eq!((c.attn_softcap, c.final_softcap), (None, None));
+        let c = read(serde_json::json!({}), Version::Gemma2);
+        assert_eq!((0..12).filter(|&l| c.local[l]).count(), 6);
+        assert!(c.local[0] && !c.local[1]);
+        assert_eq!((c.attn_softcap, c.final_softcap), (Some(50.0), Some(30.0)));
+        // An explicit null turns a soft-cap off.
+        let c = read(
+            serde_json::json!({"attn_logit_softcapping": null, "final_logit_softcapping": 20.0}),
+            Version::Gemma2,
+        );
+        assert_eq!((c.attn_softcap, c.final_softcap), (None, Some(20.0)));
+    }
+
+    #[test]
+    fn layer_types_rope_parameters_and_scaling_are_read() {
+        let mut types = vec!["sliding_attention"; 12];
+        types[3] = "full_attention";
+        let c = read(
+            serde_json::json!({"layer_types": types, "sliding_window": 512,
+                "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+            Version::Gemma3,
+        );
+        assert!(!c.local[3] && c.local[0] && c.local[11]);
+        assert_eq!(
+            (c.global_rope_base, c.global_rope_scale, c.local_rope_base),
+            (1e6, 8.0, 1e4)
+        );
+        // No window: no local layers, whatever the types say.
+        let c = read(
+            serde_json::json!({"layer_types": types, "sliding_window": 0}),
+            Version::Gemma3,
+        );
+        assert!(c.local.iter().all(|l| !l));
+        let c = read(
+            serde_json::json!({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+            Version::Gemma3,
+        );
+        assert_eq!(c.global_rope_scale, 4.0);
+        let bad = serde_json::json!({"hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "intermediate_size": 8, "rope_scaling": {"rope_type": "yarn"}});
+        assert!(Config::read(&HyperParams::Hf(&bad), Version::Gemma3).is_err());
     }
 }

@@ -33,6 +33,10 @@ struct Config {
     /// Llama 3.1-style per-frequency divisors (GGUF `rope_freqs.weight`, or computed from a
     /// Hugging Face `rope_scaling` of type `llama3`).
     rope_freq_factors: Option<Vec<f32>>,
+    /// Linear position scaling (`rope_scaling` of type `linear`).
+    rope_linear_scale: f64,
+    /// Mistral's sliding window, on every layer.
+    window: Option<usize>,
 }
 
 impl Config {
@@ -53,16 +57,14 @@ impl Config {
             }
         }
         let rope_theta = hp.f64_or("rope.freq_base", "rope_theta", 10_000.0);
-        let rope_freq_factors = hp
-            .hf_raw("rope_scaling")
-            .filter(|s| {
-                s.get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(|t| t.as_str())
-                    == Some("llama3")
-            })
-            .map(|s| llama3_freq_factors(s, head_dim, rope_theta))
-            .transpose()?;
+        let (rope_freq_factors, rope_linear_scale) = rope_scaling(hp, head_dim, rope_theta)?;
+        if hp.hf_bool("use_sliding_window") == Some(true) && arch != "mistral" {
+            bail!("sliding-window attention (`use_sliding_window`) is not supported for {arch}");
+        }
+        let window = match arch {
+            "mistral" => hp.opt_usize("", "sliding_window")?,
+            _ => None,
+        };
         Ok(Self {
             n_layers: hp.usize("block_count", "num_hidden_layers")?,
             intermediate_size: hp.usize("feed_forward_length", "intermediate_size")?,
@@ -86,8 +88,38 @@ impl Config {
             },
             rope_theta,
             rope_freq_factors,
+            rope_linear_scale,
+            window,
             d_model,
         })
+    }
+}
+
+/// The RoPE scaling a checkpoint asks for: Llama 3.1's per-frequency factors or a linear
+/// factor; other kinds (YaRN, dynamic NTK, ...) are refused rather than ignored.
+fn rope_scaling(hp: &HyperParams, head_dim: usize, theta: f64) -> Result<(Option<Vec<f32>>, f64)> {
+    if hp.is_gguf() {
+        return match hp.opt_string("rope.scaling.type").as_deref() {
+            None | Some("none") => Ok((None, 1.0)),
+            Some("linear") => Ok((None, hp.f64_or("rope.scaling.factor", "", 1.0).max(1e-6))),
+            Some(other) => bail!("RoPE scaling `{other}` is not supported"),
+        };
+    }
+    let Some(s) = hp.hf_raw("rope_scaling") else {
+        return Ok((None, 1.0));
+    };
+    let kind = s.get("rope_type").or_else(|| s.get("type"));
+    match kind.and_then(|t| t.as_str()) {
+        None | Some("default") => Ok((None, 1.0)),
+        Some("linear") => Ok((
+            None,
+            s.get("factor")
+                .and_then(|f| f.as_f64())
+                .unwrap_or(1.0)
+                .max(1e-6),
+        )),
+        Some("llama3") => Ok((Some(llama3_freq_factors(s, head_dim, theta)?), 1.0)),
+        Some(other) => bail!("RoPE scaling `{other}` is not supported"),
     }
 }
 
@@ -126,6 +158,7 @@ const ROPE_FREQS: TensorName = name("rope_freqs.weight", "rope_freqs.weight");
 const Q_BIAS: TensorName = name("attn_q.bias", "self_attn.q_proj.bias");
 const K_BIAS: TensorName = name("attn_k.bias", "self_attn.k_proj.bias");
 const V_BIAS: TensorName = name("attn_v.bias", "self_attn.v_proj.bias");
+const O_BIAS: TensorName = name("attn_output.bias", "self_attn.o_proj.bias");
 const FFN_NORM: TensorName = name("ffn_norm.weight", "post_attention_layernorm.weight");
 
 /// One block: `x += attn(norm(x))`, then `x += mlp(norm(x))`.
@@ -145,14 +178,19 @@ impl Block {
             attn_norm: ld.norm(ATTN_NORM, at, d, eps, false)?,
             attn: Attention {
                 qkv: ld.linear(&[Q, K, V], biases, at, d)?,
-                o: ld.linear(&[O], None, at, cfg.heads.q_dim())?,
+                o: ld.linear(
+                    &[O],
+                    ld.has(O_BIAS, at).then_some(&[O_BIAS][..]),
+                    at,
+                    cfg.heads.q_dim(),
+                )?,
                 q_norm: None,
                 k_norm: None,
                 spec: AttentionSpec {
                     shape: cfg.heads,
                     rope: rope.clone(),
                     scale: 1.0 / (cfg.heads.head_dim as f32).sqrt(),
-                    window: None,
+                    window: cfg.window,
                     softcap: None,
                 },
             },
@@ -196,7 +234,7 @@ pub fn load(ld: &mut Loader, arch: &str) -> Result<Loaded> {
         cfg.heads.head_dim,
         cfg.rope_theta,
         cfg.rope_freq_factors.as_deref(),
-        1.0,
+        cfg.rope_linear_scale,
     ));
     let (embed, vocab_size) = ld.embedding(EMBED, cfg.d_model, None)?;
     let blocks = (0..cfg.n_layers)
@@ -240,15 +278,62 @@ impl Architecture for Llama {
         Ok(self.lm_head.forward(&self.norm.forward(x)?)?)
     }
 
-    fn weight_bytes(&self) -> usize {
-        let blocks = self.blocks.iter();
-        let block_bytes = blocks.map(|b| b.attn.weight_bytes() + b.mlp.weight_bytes());
-        super::model_weight_bytes(&self.embed, &self.lm_head, self.tied, block_bytes.sum())
+    fn visit_weights(&self, f: &mut dyn FnMut(&'static str, usize)) {
+        let blocks = self.blocks.iter().map(|b| (&b.attn, &b.mlp));
+        super::visit_model_weights(&self.embed, &self.lm_head, self.tied, blocks, f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_keeps_high_frequencies_and_divides_low_ones() {
+        let s = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let f = llama3_freq_factors(&s, 128, 500_000.0).unwrap();
+        assert_eq!(f.len(), 64);
+        // Wavelengths under 8192/4 are kept, over 8192 divided by the factor, smooth between.
+        assert_eq!(f[0], 1.0);
+        assert_eq!(f[63], 8.0);
+        assert!(f.windows(2).all(|w| w[0] <= w[1]), "{f:?}");
+        assert!(f.iter().any(|&x| x > 1.0 && x < 8.0));
     }
 
-    fn weight_format(&self) -> &'static str {
-        self.blocks
-            .first()
-            .map_or("f32", |b| b.mlp.down.format_name())
+    #[test]
+    fn rope_scaling_is_read_or_refused() {
+        let cfg = |scaling: serde_json::Value| {
+            serde_json::json!({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                "intermediate_size": 96, "rope_scaling": scaling})
+        };
+        let c = Config::read(
+            &HyperParams::Hf(&cfg(serde_json::json!({"type": "linear", "factor": 2.0}))),
+            "llama",
+        )
+        .unwrap();
+        assert_eq!(c.rope_linear_scale, 2.0);
+        for kind in ["yarn", "dynamic", "longrope"] {
+            let err = Config::read(
+                &HyperParams::Hf(&cfg(serde_json::json!({"rope_type": kind}))),
+                "llama",
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(kind), "{err}");
+        }
+        let mistral = serde_json::json!({"hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "intermediate_size": 96, "sliding_window": 4096});
+        assert_eq!(
+            Config::read(&HyperParams::Hf(&mistral), "mistral")
+                .unwrap()
+                .window,
+            Some(4096)
+        );
+        assert_eq!(
+            Config::read(&HyperParams::Hf(&mistral), "llama")
+                .unwrap()
+                .window,
+            None
+        );
     }
 }

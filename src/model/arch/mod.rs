@@ -65,27 +65,33 @@ pub trait Architecture: Send + Sync {
     /// Final norm and unembedding of residual rows `[k, d_model]` -> `[k, vocab]`.
     fn logits(&self, x: &Tensor) -> Result<Tensor>;
 
-    /// Bytes of weight data held (linear layers and embeddings).
-    fn weight_bytes(&self) -> usize;
-
-    /// Storage of the linear weights (`q4_1`, `q8_0`, `f32`).
-    fn weight_format(&self) -> &'static str;
+    /// Reports the bytes of weight data held (linear layers and embeddings) in each storage
+    /// format (`q4_k`, `q8_0`, `f32`, ...).
+    fn visit_weights(&self, f: &mut dyn FnMut(&'static str, usize));
 }
 
-/// Bytes of a model's weights: the embedding table, the blocks' `block_bytes`, and the head
-/// unless it is the table itself (tied, on the CPU kernels' packed table).
-pub fn model_weight_bytes(
+/// Reports a model's weights: the embedding table, each block's attention and MLP, and the
+/// head unless it is the table itself (tied, on the CPU kernels' packed table).
+pub fn visit_model_weights<'a>(
     embed: &crate::model::layers::Embedding,
     head: &crate::model::layers::Linear,
     tied: bool,
-    block_bytes: usize,
-) -> usize {
-    let head = if tied && embed.head_is_shared() {
-        0
-    } else {
-        head.weight_bytes()
-    };
-    embed.weight_bytes() + head + block_bytes
+    blocks: impl Iterator<
+        Item = (
+            &'a crate::model::attention::Attention,
+            &'a crate::model::layers::Mlp,
+        ),
+    >,
+    f: &mut dyn FnMut(&'static str, usize),
+) {
+    embed.visit_weights(f);
+    if !(tied && embed.head_is_shared()) {
+        head.visit_weights(f);
+    }
+    for (attn, mlp) in blocks {
+        attn.visit_weights(f);
+        mlp.visit_weights(f);
+    }
 }
 
 /// What a family's loader returns.
@@ -220,6 +226,18 @@ impl HyperParams<'_> {
 
     pub fn f64_or(&self, gguf: &str, hf: &str, default: f64) -> f64 {
         self.opt_f64(gguf, hf).unwrap_or(default)
+    }
+
+    /// A string in GGUF metadata.
+    pub fn opt_string(&self, gguf: &str) -> Option<String> {
+        self.gguf_value(gguf)
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+    }
+
+    /// Whether a Hugging Face config sets `key` to `null` (as opposed to leaving it out).
+    pub fn hf_is_null(&self, key: &str) -> bool {
+        matches!(self, HyperParams::Hf(c) if c.get(key).is_some_and(|v| v.is_null()))
     }
 
     /// A flag of a Hugging Face config (GGUF files say these things through their tensors).

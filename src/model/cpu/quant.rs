@@ -1,46 +1,21 @@
-//! Weight matrices in the block formats our CPU kernels read.
-//!
-//! The layouts are ggml's (the GGUF on-disk layouts), so a GGUF tensor's bytes are used as they
-//! are: `Q4_1` (4-bit with a per-block scale and minimum) and `Q8_0` (8-bit with a scale).
-//! Anything else is converted at load time to one of the formats here (see [`WeightFormat`]).
+//! Weight matrices for the CPU kernels, held in the GGUF file's own block formats
+//! ([`super::blocks`]): a tensor's bytes are read straight into its blocks, never converted.
+//! A linear layer that stacks several tensors (q, k and v; gate and up) keeps each in its own
+//! format, as a list of row ranges ([`RowBlock`]).
 
+pub use super::blocks::*;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, Device, Result, Tensor};
-use half::f16;
 
-/// Elements per quantization block.
-pub const QK: usize = 32;
-
-/// ggml's `block_q4_1`: `x = d * q + m`, `q` in 0..16; element `j < 16` is the low nibble of
-/// `qs[j]`, element `j + 16` its high nibble.
-#[derive(Debug, Clone, Copy)]
-#[repr(C)]
-pub struct BlockQ4_1 {
-    pub d: f16,
-    pub m: f16,
-    pub qs: [u8; QK / 2],
-}
-const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
-
-/// ggml's `block_q8_0`: `x = d * q`, `q` in -127..=127.
-#[derive(Debug, Clone, Copy)]
-#[repr(C)]
-pub struct BlockQ8_0 {
-    pub d: f16,
-    pub qs: [i8; QK],
-}
-const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
-
-/// How a weight matrix is held for the CPU kernels.
+/// How the weight matrices are held for the CPU kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightFormat {
-    /// Keep `Q4_1` and `Q8_0` tensors as they are; convert other quantized types to `Q8_0`
-    /// and float types to `F32`.
+    /// As the file stores them (float types as `F32`).
     Native,
-    /// Convert every linear weight to `Q8_0`.
+    /// Every linear weight converted to `Q8_0`.
     Q8_0,
-    /// Dequantize every linear weight to `f32`.
+    /// Every linear weight dequantized to `f32`.
     F32,
 }
 
@@ -55,155 +30,275 @@ impl WeightFormat {
     }
 }
 
-/// The rows of one weight matrix (`rows` outputs × `cols` inputs), row-major.
+/// A block format the CPU kernels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BlockFormat {
+    F32,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl BlockFormat {
+    /// The format of a GGUF tensor type, if the kernels run it as it is.
+    pub fn of(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::F32 => Self::F32,
+            GgmlDType::Q4_0 => Self::Q4_0,
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q5_1 => Self::Q5_1,
+            GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q5K => Self::Q5K,
+            GgmlDType::Q6K => Self::Q6K,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
+            Self::Q5_0 => "q5_0",
+            Self::Q5_1 => "q5_1",
+            Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4_k",
+            Self::Q5K => "q5_k",
+            Self::Q6K => "q6_k",
+        }
+    }
+
+    /// Values per block.
+    pub fn block_elems(self) -> usize {
+        match self {
+            Self::F32 => 1,
+            Self::Q4K | Self::Q5K | Self::Q6K => QK_K,
+            _ => QK,
+        }
+    }
+}
+
+/// The blocks of some rows of a weight matrix, row-major.
 #[derive(Debug, Clone)]
 pub enum WeightData {
-    Q4_1(Vec<BlockQ4_1>),
-    Q8_0(Vec<BlockQ8_0>),
     F32(Vec<f32>),
+    Q4_0(Vec<BlockQ4_0>),
+    Q4_1(Vec<BlockQ4_1>),
+    Q5_0(Vec<BlockQ5_0>),
+    Q5_1(Vec<BlockQ5_1>),
+    Q8_0(Vec<BlockQ8_0>),
+    Q4K(Vec<BlockQ4K>),
+    Q5K(Vec<BlockQ5K>),
+    Q6K(Vec<BlockQ6K>),
 }
 
-/// A linear layer's weight `[rows, cols]` in a CPU kernel format.
-#[derive(Debug, Clone)]
-pub struct WeightMatrix {
-    pub rows: usize,
-    pub cols: usize,
-    pub data: WeightData,
+/// Applies `$body` to the block vector of a [`WeightData`] whatever its format.
+macro_rules! with_blocks {
+    ($data:expr, $v:ident => $body:expr) => {
+        match $data {
+            WeightData::F32($v) => $body,
+            WeightData::Q4_0($v) => $body,
+            WeightData::Q4_1($v) => $body,
+            WeightData::Q5_0($v) => $body,
+            WeightData::Q5_1($v) => $body,
+            WeightData::Q8_0($v) => $body,
+            WeightData::Q4K($v) => $body,
+            WeightData::Q5K($v) => $body,
+            WeightData::Q6K($v) => $body,
+        }
+    };
 }
 
-fn blocks_from_bytes<T: Copy>(bytes: &[u8]) -> Result<Vec<T>> {
-    let size = std::mem::size_of::<T>();
-    if !bytes.len().is_multiple_of(size) {
-        bail!(
-            "{} bytes is not a whole number of {size}-byte blocks",
-            bytes.len()
-        )
+impl Dequantize for f32 {
+    const ELEMS: usize = 1;
+    fn dequantize(&self, out: &mut [f32]) {
+        out[0] = *self;
     }
-    let n = bytes.len() / size;
+}
+
+impl WeightData {
+    pub fn format(&self) -> BlockFormat {
+        match self {
+            WeightData::F32(_) => BlockFormat::F32,
+            WeightData::Q4_0(_) => BlockFormat::Q4_0,
+            WeightData::Q4_1(_) => BlockFormat::Q4_1,
+            WeightData::Q5_0(_) => BlockFormat::Q5_0,
+            WeightData::Q5_1(_) => BlockFormat::Q5_1,
+            WeightData::Q8_0(_) => BlockFormat::Q8_0,
+            WeightData::Q4K(_) => BlockFormat::Q4K,
+            WeightData::Q5K(_) => BlockFormat::Q5K,
+            WeightData::Q6K(_) => BlockFormat::Q6K,
+        }
+    }
+
+    fn blocks(&self) -> usize {
+        with_blocks!(self, v => v.len())
+    }
+
+    fn size_in_bytes(&self) -> usize {
+        with_blocks!(self, v => std::mem::size_of_val(v.as_slice()))
+    }
+
+    /// Reads `n` blocks of `format` from `r` straight into their final memory.
+    pub fn read(format: BlockFormat, n: usize, r: &mut impl std::io::Read) -> Result<Self> {
+        Ok(match format {
+            BlockFormat::F32 => WeightData::F32(read_vec(n, r)?),
+            BlockFormat::Q4_0 => WeightData::Q4_0(read_vec(n, r)?),
+            BlockFormat::Q4_1 => WeightData::Q4_1(read_vec(n, r)?),
+            BlockFormat::Q5_0 => WeightData::Q5_0(read_vec(n, r)?),
+            BlockFormat::Q5_1 => WeightData::Q5_1(read_vec(n, r)?),
+            BlockFormat::Q8_0 => WeightData::Q8_0(read_vec(n, r)?),
+            BlockFormat::Q4K => WeightData::Q4K(read_vec(n, r)?),
+            BlockFormat::Q5K => WeightData::Q5K(read_vec(n, r)?),
+            BlockFormat::Q6K => WeightData::Q6K(read_vec(n, r)?),
+        })
+    }
+}
+
+/// `n` values of `T`, read from `r` into a vector allocated once.
+fn read_vec<T: Copy>(n: usize, r: &mut impl std::io::Read) -> Result<Vec<T>> {
+    let size = std::mem::size_of::<T>();
+    let bytes = n
+        .checked_mul(size)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{n} blocks overflow")))?;
     let mut out = Vec::<T>::with_capacity(n);
-    // SAFETY: `T` is a `repr(C)` block of plain integers and halves with no padding and no
-    // invalid bit patterns; we copy exactly `n * size` bytes into capacity reserved for `n`.
+    // SAFETY: `T` is a plain block of integers and halves (or an f32), valid for any bits; the
+    // slice covers exactly the capacity just reserved, and the length is set only after every
+    // byte has been read.
     unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.as_mut_ptr() as *mut u8, n * size);
+        let dst = std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, bytes);
+        r.read_exact(dst)?;
         out.set_len(n);
     }
     Ok(out)
 }
 
+/// Consecutive rows of a weight matrix in one format.
+#[derive(Debug, Clone)]
+pub struct RowBlock {
+    pub rows: usize,
+    pub data: WeightData,
+}
+
+/// A linear layer's weight `[rows, cols]` for the CPU kernels: row ranges, each in its own
+/// block format.
+#[derive(Debug, Clone)]
+pub struct WeightMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub parts: Vec<RowBlock>,
+}
+
 impl WeightMatrix {
-    /// Converts a 2-D tensor `[rows, cols]` from a checkpoint into the requested format.
-    pub fn from_qtensor(t: &QTensor, format: WeightFormat) -> Result<Self> {
-        let (rows, cols) = t.shape().dims2()?;
-        let quantizable = cols.is_multiple_of(QK);
-        let target = match (format, t.dtype()) {
-            (WeightFormat::F32, _) => GgmlDType::F32,
-            (_, _) if !quantizable => GgmlDType::F32,
-            (WeightFormat::Q8_0, _) => GgmlDType::Q8_0,
-            (WeightFormat::Native, GgmlDType::Q4_1 | GgmlDType::Q8_0) => t.dtype(),
-            (WeightFormat::Native, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
-                GgmlDType::F32
-            }
-            (WeightFormat::Native, _) => GgmlDType::Q8_0,
+    /// One part of `rows` rows.
+    pub fn new(rows: usize, cols: usize, data: WeightData) -> Result<Self> {
+        let m = Self {
+            rows,
+            cols,
+            parts: vec![RowBlock { rows, data }],
         };
-        let data = match target {
-            GgmlDType::Q4_1 if t.dtype() == GgmlDType::Q4_1 => {
-                WeightData::Q4_1(blocks_from_bytes(&t.data()?)?)
-            }
-            GgmlDType::Q8_0 if t.dtype() == GgmlDType::Q8_0 => {
-                WeightData::Q8_0(blocks_from_bytes(&t.data()?)?)
-            }
-            GgmlDType::Q8_0 => {
-                let dense = t.dequantize(&Device::Cpu)?;
-                let q = QTensor::quantize(&dense, GgmlDType::Q8_0)?;
-                WeightData::Q8_0(blocks_from_bytes(&q.data()?)?)
-            }
-            _ => {
-                let dense = t.dequantize(&Device::Cpu)?;
-                WeightData::F32(dense.flatten_all()?.to_vec1::<f32>()?)
-            }
-        };
-        let m = Self { rows, cols, data };
         m.check()?;
         Ok(m)
     }
 
-    /// Stacks matrices with the same `cols` and format into one (e.g. q, k and v).
-    pub fn concat_rows(parts: &[WeightMatrix]) -> Result<Self> {
-        let Some(first) = parts.first() else {
-            bail!("concat_rows of nothing")
-        };
-        let cols = first.cols;
-        let rows = parts.iter().map(|p| p.rows).sum();
-        let mut data = match &first.data {
-            WeightData::Q4_1(_) => WeightData::Q4_1(Vec::new()),
-            WeightData::Q8_0(_) => WeightData::Q8_0(Vec::new()),
-            WeightData::F32(_) => WeightData::F32(Vec::new()),
-        };
-        for p in parts {
-            if p.cols != cols {
-                bail!("concat_rows: {} columns after {cols}", p.cols)
-            }
-            match (&mut data, &p.data) {
-                (WeightData::Q4_1(d), WeightData::Q4_1(s)) => d.extend_from_slice(s),
-                (WeightData::Q8_0(d), WeightData::Q8_0(s)) => d.extend_from_slice(s),
-                (WeightData::F32(d), WeightData::F32(s)) => d.extend_from_slice(s),
-                _ => bail!("concat_rows: mixed weight formats"),
+    /// Converts a 2-D tensor `[rows, cols]` (a float or quantized tensor that is not read
+    /// natively) to `format`: `Q8_0` when asked and the rows fit whole blocks, else f32.
+    pub fn from_qtensor(t: &QTensor, format: WeightFormat) -> Result<Self> {
+        let (rows, cols) = t.shape().dims2()?;
+        let to_q8 = format == WeightFormat::Q8_0 && cols.is_multiple_of(QK);
+        if format == WeightFormat::Native {
+            if let Some(f) = BlockFormat::of(t.dtype()).filter(|f| *f != BlockFormat::F32) {
+                if cols.is_multiple_of(f.block_elems()) {
+                    let bytes = t.data()?;
+                    let n = rows * cols / f.block_elems();
+                    return Self::new(rows, cols, WeightData::read(f, n, &mut &bytes[..])?);
+                }
             }
         }
-        let m = Self { rows, cols, data };
+        let dense = t.dequantize(&Device::Cpu)?;
+        let data = if to_q8 {
+            let q = QTensor::quantize(&dense, GgmlDType::Q8_0)?;
+            let bytes = q.data()?;
+            WeightData::read(BlockFormat::Q8_0, rows * cols / QK, &mut &bytes[..])?
+        } else {
+            WeightData::F32(dense.flatten_all()?.to_vec1::<f32>()?)
+        };
+        Self::new(rows, cols, data)
+    }
+
+    /// Stacks matrices with the same `cols` (e.g. q, k and v) into one, each part kept in its
+    /// own format; nothing is copied.
+    pub fn stack(parts: Vec<WeightMatrix>) -> Result<Self> {
+        let Some(cols) = parts.first().map(|p| p.cols) else {
+            bail!("stacking no weight matrices")
+        };
+        if let Some(p) = parts.iter().find(|p| p.cols != cols) {
+            bail!("stacking a matrix of {} columns on one of {cols}", p.cols)
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let m = Self {
+            rows,
+            cols,
+            parts: parts.into_iter().flat_map(|p| p.parts).collect(),
+        };
         m.check()?;
         Ok(m)
     }
 
     fn check(&self) -> Result<()> {
-        let (len, per_row) = match &self.data {
-            WeightData::Q4_1(b) => (b.len(), self.cols / QK),
-            WeightData::Q8_0(b) => (b.len(), self.cols / QK),
-            WeightData::F32(v) => (v.len(), self.cols),
-        };
-        if len != self.rows * per_row {
-            bail!(
-                "weight matrix [{}, {}] holds {len} elements or blocks",
-                self.rows,
-                self.cols
-            )
+        let mut rows = 0;
+        for p in &self.parts {
+            let per_row = self.cols / p.data.format().block_elems();
+            if !self.cols.is_multiple_of(p.data.format().block_elems())
+                || p.data.blocks() != p.rows * per_row
+            {
+                bail!(
+                    "weight rows [{}, {}] in {} hold {} blocks",
+                    p.rows,
+                    self.cols,
+                    p.data.format().name(),
+                    p.data.blocks()
+                )
+            }
+            rows += p.rows;
+        }
+        if rows != self.rows {
+            bail!("weight parts hold {rows} rows, not {}", self.rows)
         }
         Ok(())
     }
 
-    pub fn format_name(&self) -> &'static str {
-        match self.data {
-            WeightData::Q4_1(_) => "q4_1",
-            WeightData::Q8_0(_) => "q8_0",
-            WeightData::F32(_) => "f32",
+    /// The formats of the parts, by bytes held.
+    pub fn formats(&self) -> Vec<(BlockFormat, usize)> {
+        self.parts
+            .iter()
+            .map(|p| (p.data.format(), p.data.size_in_bytes()))
+            .collect()
+    }
+
+    /// The part holding row `r`, and `r`'s index in it.
+    pub fn part_of(&self, mut r: usize) -> (&RowBlock, usize) {
+        for p in &self.parts {
+            if r < p.rows {
+                return (p, r);
+            }
+            r -= p.rows;
         }
+        let last = self.parts.last().unwrap_or_else(|| unreachable!("checked"));
+        (last, last.rows)
     }
 
     /// Writes row `r` as floats into `out` (`cols` long).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let cols = self.cols;
-        match &self.data {
-            WeightData::F32(v) => out.copy_from_slice(&v[r * cols..(r + 1) * cols]),
-            WeightData::Q8_0(b) => {
-                let nb = cols / QK;
-                for (i, blk) in b[r * nb..(r + 1) * nb].iter().enumerate() {
-                    let d = blk.d.to_f32();
-                    for j in 0..QK {
-                        out[i * QK + j] = d * blk.qs[j] as f32;
-                    }
-                }
-            }
-            WeightData::Q4_1(b) => {
-                let nb = cols / QK;
-                for (i, blk) in b[r * nb..(r + 1) * nb].iter().enumerate() {
-                    let (d, m) = (blk.d.to_f32(), blk.m.to_f32());
-                    for j in 0..QK / 2 {
-                        out[i * QK + j] = d * (blk.qs[j] & 0x0F) as f32 + m;
-                        out[i * QK + j + QK / 2] = d * (blk.qs[j] >> 4) as f32 + m;
-                    }
-                }
-            }
-        }
+        let (part, r) = self.part_of(r);
+        with_blocks!(&part.data, v => dequantize_row(v, r, self.cols, out))
     }
 
     /// The whole matrix as an f32 tensor `[rows, cols]` (for the reference path and tests).
@@ -216,11 +311,18 @@ impl WeightMatrix {
     }
 
     pub fn size_in_bytes(&self) -> usize {
-        match &self.data {
-            WeightData::Q4_1(b) => b.len() * std::mem::size_of::<BlockQ4_1>(),
-            WeightData::Q8_0(b) => b.len() * std::mem::size_of::<BlockQ8_0>(),
-            WeightData::F32(v) => v.len() * 4,
-        }
+        self.parts.iter().map(|p| p.data.size_in_bytes()).sum()
+    }
+}
+
+/// Row `r` of `cols` values stored as consecutive blocks of `T`.
+fn dequantize_row<T: Dequantize>(blocks: &[T], r: usize, cols: usize, out: &mut [f32]) {
+    let per_row = cols / T::ELEMS;
+    for (b, o) in blocks[r * per_row..(r + 1) * per_row]
+        .iter()
+        .zip(out.chunks_mut(T::ELEMS))
+    {
+        b.dequantize(o);
     }
 }
 
@@ -228,20 +330,72 @@ impl WeightMatrix {
 mod tests {
     use super::*;
 
+    /// Our reference dequantisation equals candle's (ggml's) for every format it has.
     #[test]
-    fn from_qtensor_keeps_q4_1_bytes_and_dequantizes_like_candle() -> Result<()> {
-        let dense: Vec<f32> = (0..4 * 64)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
-            .collect();
-        let t = Tensor::from_vec(dense, (4, 64), &Device::Cpu)?;
-        let q = QTensor::quantize(&t, GgmlDType::Q4_1)?;
-        let w = WeightMatrix::from_qtensor(&q, WeightFormat::Native)?;
-        assert_eq!(w.format_name(), "q4_1");
-        let ours = w.to_dense(&Device::Cpu)?.to_vec2::<f32>()?;
-        let theirs = q.dequantize(&Device::Cpu)?.to_vec2::<f32>()?;
-        assert_eq!(ours, theirs);
-        let w8 = WeightMatrix::from_qtensor(&q, WeightFormat::Q8_0)?;
-        assert_eq!(w8.format_name(), "q8_0");
-        Ok(())
+    fn every_format_dequantizes_like_ggml() {
+        let cols = 512;
+        let dense: Vec<f32> = crate::testing::pseudo_random(4 * cols, 9, 3.0);
+        let t = Tensor::from_vec(dense, (4, cols), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let w = WeightMatrix::from_qtensor(&q, WeightFormat::Native).unwrap();
+            assert_eq!(w.formats()[0].0, BlockFormat::of(dtype).unwrap());
+            assert_eq!(w.size_in_bytes(), q.data().unwrap().len(), "{dtype:?}");
+            let ours = w.to_dense(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+            let theirs = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert_eq!(ours, theirs, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn stacked_parts_keep_their_formats_and_rows() {
+        let a = Tensor::from_vec(
+            crate::testing::pseudo_random(2 * 64, 1, 1.0),
+            (2, 64),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let b = Tensor::from_vec(
+            crate::testing::pseudo_random(3 * 64, 2, 1.0),
+            (3, 64),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let qa = QTensor::quantize(&a, GgmlDType::Q5_0).unwrap();
+        let qb = QTensor::quantize(&b, GgmlDType::Q8_0).unwrap();
+        let w = WeightMatrix::stack(vec![
+            WeightMatrix::from_qtensor(&qa, WeightFormat::Native).unwrap(),
+            WeightMatrix::from_qtensor(&qb, WeightFormat::Native).unwrap(),
+        ])
+        .unwrap();
+        assert_eq!((w.rows, w.cols, w.parts.len()), (5, 64, 2));
+        let dense = w.to_dense(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let ra = qa
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let rb = qb
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(dense[..2], ra[..]);
+        assert_eq!(dense[2..], rb[..]);
+        let w8 = WeightMatrix::from_qtensor(&qa, WeightFormat::Q8_0).unwrap();
+        assert_eq!(w8.formats()[0].0, BlockFormat::Q8_0);
     }
 }

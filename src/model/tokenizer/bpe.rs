@@ -20,6 +20,8 @@ use tokenizers::{
     AddedToken, DecoderWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
 };
 
+/// llama.cpp's rules for `default` (and for a file that names no pre-tokenizer).
+const DEFAULT: [&str; 4] = [r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"];
 /// GPT-2's split (also StarCoder's and SmolLM's after their digit split).
 const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 /// Llama 3's split: numbers in groups of up to three.
@@ -28,10 +30,11 @@ const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])
 const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The regular expressions of a `tokenizer.ggml.pre` value, applied in order; `None` for a
-/// value tiller does not know (GPT-2's rules are used, with a warning).
+/// value tiller does not know (llama.cpp's `default` rules are used, with a warning).
 fn pre_tokenizer_regexes(pre: &str) -> Option<Vec<&'static str>> {
     Some(match pre {
-        "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" | "trillion" => vec![GPT2],
+        "default" => DEFAULT.to_vec(),
+        "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" | "trillion" => vec![GPT2],
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
             vec![r"\p{N}", GPT2]
         }
@@ -72,8 +75,8 @@ pub fn from_gguf(ct: &gguf_file::Content, tokens: &[String], types: &[i32]) -> R
         .cloned()
         .unwrap_or_else(|| "default".into());
     let regexes = pre_tokenizer_regexes(&pre).unwrap_or_else(|| {
-        tracing::warn!(pre = %pre, "unknown GGUF pre-tokenizer; using GPT-2's rules");
-        vec![GPT2]
+        tracing::warn!(pre = %pre, "unknown GGUF pre-tokenizer; using llama.cpp's default rules");
+        DEFAULT.to_vec()
     });
     let mut steps = regexes
         .into_iter()
@@ -90,14 +93,20 @@ pub fn from_gguf(ct: &gguf_file::Content, tokens: &[String], types: &[i32]) -> R
     steps.push(ByteLevel::new(false, true, false).into());
     tok.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(steps))));
     tok.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::default())));
-    let specials: Vec<AddedToken> = types
-        .iter()
-        .zip(tokens)
-        .filter(|(t, _)| matches!(t, 3 | 4))
-        .map(|(_, text)| AddedToken::from(text.clone(), true).normalized(false))
-        .collect();
-    tok.add_special_tokens(specials)
+    // Control tokens are special (left out of decoded text); user-defined ones are split out
+    // of the text the same way but decode as their text, as in llama.cpp.
+    let added = |ty: i32, special: bool| -> Vec<AddedToken> {
+        types
+            .iter()
+            .zip(tokens)
+            .filter(|(t, _)| **t == ty)
+            .map(|(_, text)| AddedToken::from(text.clone(), special).normalized(false))
+            .collect()
+    };
+    tok.add_special_tokens(added(3, true))
         .map_err(|e| anyhow!("adding special tokens: {e}"))?;
+    tok.add_tokens(added(4, false))
+        .map_err(|e| anyhow!("adding user-defined tokens: {e}"))?;
     Ok(tok)
 }
 

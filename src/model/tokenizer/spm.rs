@@ -15,6 +15,7 @@
 //! Decoding reverses 2 and 4: `▁` becomes a space, byte tokens become bytes, control tokens
 //! are left out.
 
+use aho_corasick::AhoCorasick;
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
@@ -59,6 +60,8 @@ pub struct SpmTokenizer {
     ids: HashMap<String, u32>,
     /// Special tokens, longest text first.
     specials: Vec<u32>,
+    /// Finds every special token in a text in one pass (pattern `i` is `specials[i]`).
+    special_finder: Option<AhoCorasick>,
     /// `byte_tokens[b]`: the id of `<0xBB>`.
     byte_tokens: [Option<u32>; 256],
     unknown: Option<u32>,
@@ -96,6 +99,10 @@ impl SpmTokenizer {
             .filter(|&i| types[i as usize].is_special() && !pieces[i as usize].is_empty())
             .collect();
         specials.sort_by(|a, b| pieces[*b as usize].len().cmp(&pieces[*a as usize].len()));
+        let special_finder = (!specials.is_empty())
+            .then(|| AhoCorasick::new(specials.iter().map(|&i| &pieces[i as usize])))
+            .transpose()
+            .map_err(|e| format!("indexing the special tokens: {e}"))?;
         let mut byte_tokens = [None; 256];
         for (b, slot) in byte_tokens.iter_mut().enumerate() {
             *slot = ids.get(&format!("<0x{b:02X}>")).copied();
@@ -106,6 +113,7 @@ impl SpmTokenizer {
             types,
             ids,
             specials,
+            special_finder,
             byte_tokens,
             unknown,
             add_space_prefix,
@@ -152,20 +160,27 @@ impl SpmTokenizer {
         out
     }
 
-    /// Splits special-token text out of `text`, one special token at a time, longest first.
+    /// Splits special-token text out of `text`, one special token at a time, longest first
+    /// (llama.cpp's order). Only the special tokens the text holds are tried: one pass over
+    /// the text finds them, so a vocabulary with thousands of control tokens costs nothing
+    /// on text that has none.
     fn partition<'a>(&self, text: &'a str) -> Vec<Fragment<'a>> {
         let mut fragments = vec![Fragment::Text(text)];
         if text.is_empty() {
             return Vec::new();
         }
-        for &id in &self.specials {
-            let piece = self.pieces[id as usize].as_str();
-            if !fragments
-                .iter()
-                .any(|f| matches!(f, Fragment::Text(t) if t.contains(piece)))
-            {
+        let Some(finder) = &self.special_finder else {
+            return fragments;
+        };
+        let mut present = vec![false; self.specials.len()];
+        for m in finder.find_overlapping_iter(text) {
+            present[m.pattern().as_usize()] = true;
+        }
+        for (k, &id) in self.specials.iter().enumerate() {
+            if !present[k] {
                 continue;
             }
+            let piece = self.pieces[id as usize].as_str();
             let mut next = Vec::with_capacity(fragments.len() + 2);
             for f in fragments {
                 let Fragment::Text(mut rest) = f else {
@@ -304,9 +319,9 @@ impl SpmTokenizer {
                     out.push(b);
                 }
             }
-            TokenType::Normal | TokenType::Unused => {
-                out.extend_from_slice(piece.replace('\u{2581}', " ").as_bytes())
-            }
+            TokenType::Normal => out.extend_from_slice(piece.replace('\u{2581}', " ").as_bytes()),
+            // llama.cpp prints nothing for unused pieces.
+            TokenType::Unused => {}
         }
         if strip_space && out.get(start) == Some(&b' ') {
             out.remove(start);
