@@ -2,10 +2,15 @@
 # Side-by-side speed of tiller and llama.cpp (llama-cpp-python) on the same GGUF, same prompt
 # shape and thread count, alternating runs so both see the same machine conditions; prints the
 # median of each and the ratios. Needs `pip install llama-cpp-python==0.3.36` (PYTHON=... to
-# pick the interpreter) and a release build (`cargo build --release`).
+# pick the interpreter) and a release build (`cargo build --release`). MODEL is a GGUF file or
+# a name `tiller fetch-model --list` shows (fetched into the cache on first use), e.g.
+#   MODEL=gemma3-270m ROUNDS=3 scripts/bench_compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=${MODEL:-data/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+MODEL=${MODEL:-smollm2-135m-instruct}
+if [ ! -f "$MODEL" ]; then
+  MODEL=$(./target/release/tiller fetch-model "$MODEL")
+fi
 PYTHON=${PYTHON:-python3}
 ROUNDS=${ROUNDS:-5}
 THREADS=${THREADS:-2}
@@ -18,13 +23,14 @@ for i in $(seq 1 "$ROUNDS"); do
   "$PYTHON" scripts/bench_llamacpp.py --model "$MODEL" --threads "$THREADS" --prompt-tokens "$PROMPT" \
     --decode-tokens "$DECODE" --repeats 1 > "$out/llamacpp.$i.json" 2>/dev/null
 done
-"$PYTHON" - "$out" "$ROUNDS" <<'PY'
+"$PYTHON" - "$out" "$ROUNDS" "$(basename "$MODEL")" <<'PY'
 import json, statistics, sys
 d, n = sys.argv[1], int(sys.argv[2])
 t = [json.load(open(f"{d}/tiller.{i}.json")) for i in range(1, n + 1)]
 l = [json.load(open(f"{d}/llamacpp.{i}.json")) for i in range(1, n + 1)]
 med = lambda xs: statistics.median(xs)
 r = {
+    "model": sys.argv[3],
     "rounds": n,
     "tiller_prefill_tok_s": med([x["prefill_tok_s"] for x in t]),
     "tiller_decode_tok_s": med([x["decode_tok_s"] for x in t]),

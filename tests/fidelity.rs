@@ -520,3 +520,42 @@ fn gemma3_matches_llama_cpp_and_candle() {
 fn qwen2_matches_llama_cpp_and_candle() {
     check_model("qwen2.5-coder-0.5b-instruct", false);
 }
+
+/// Every tensor runs in its file's format: the served process holds at most the file's bytes
+/// of weights and stays, loading included, within 1.1x the file plus the runtime's allowance
+/// (binary, tokenizer, KV caches, buffers), as `/info` reports after a request.
+#[test]
+fn served_models_hold_their_weights_packed() {
+    const RUNTIME: f64 = 128.0 * (1 << 20) as f64;
+    for name in [
+        "smollm2-135m-instruct",
+        "gemma3-270m",
+        "qwen2.5-coder-0.5b-instruct",
+    ] {
+        let Some(path) = model_path(name, false) else {
+            continue;
+        };
+        let server = common::Server::start_model(&path.display().to_string(), &[]);
+        let addr = format!("127.0.0.1:{}", server.port);
+        let body = serde_json::json!({"prompt": "The capital of France is", "max_tokens": 16});
+        let (status, _) =
+            tiller::loadgen::post_json(&addr, "/generate", &body.to_string()).unwrap();
+        assert_eq!(status, 200);
+        let info: Value = serde_json::from_str(&common::http_get(&addr, "/info")).unwrap();
+        let m = &info["memory"];
+        let file = m["checkpoint_bytes"].as_f64().unwrap();
+        let weights = m["weight_bytes"].as_f64().unwrap();
+        assert!(
+            weights <= file,
+            "{name}: {weights} bytes of weights from a {file}-byte file"
+        );
+        for key in ["resident_bytes", "peak_resident_bytes"] {
+            let rss = m[key].as_f64().unwrap();
+            assert!(rss >= weights, "{name}: {key} {rss} below the weights");
+            assert!(
+                rss <= 1.1 * file + RUNTIME,
+                "{name}: {key} {rss} for a {file}-byte file"
+            );
+        }
+    }
+}

@@ -17,16 +17,7 @@ fn generate(addr: &str, body: &Value) -> (u16, Value) {
 }
 
 fn metrics(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    use std::io::{Read, Write};
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    common::http_get(addr, "/metrics")
 }
 
 /// Eight concurrent requests with eight different plans each get exactly the text they get

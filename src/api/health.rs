@@ -95,6 +95,45 @@ pub struct ModelInfo {
     /// Seconds since start.
     #[schema(example = 3600)]
     pub uptime_secs: u64,
+    pub memory: MemoryInfo,
+}
+
+/// What the process holds in memory, against the size of the model on disk.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct MemoryInfo {
+    /// Bytes of weight data the model holds (packed blocks as stored in the file).
+    #[schema(example = 91_634_304)]
+    pub weight_bytes: u64,
+    /// Size of the checkpoint on disk.
+    #[schema(example = 92_091_648)]
+    pub checkpoint_bytes: u64,
+    /// Resident set size now (Linux `VmRSS`; absent elsewhere).
+    #[schema(example = 150_000_000)]
+    pub resident_bytes: Option<u64>,
+    /// Highest resident set size since start, loading included (Linux `VmHWM`).
+    #[schema(example = 160_000_000)]
+    pub peak_resident_bytes: Option<u64>,
+}
+
+impl MemoryInfo {
+    fn now(weight_bytes: usize, checkpoint_bytes: u64) -> Self {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        // Lines such as `VmRSS:    123456 kB`.
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().strip_suffix("kB"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|kb| kb * 1024)
+        };
+        Self {
+            weight_bytes: weight_bytes as u64,
+            checkpoint_bytes,
+            resident_bytes: field("VmRSS:"),
+            peak_resident_bytes: field("VmHWM:"),
+        }
+    }
 }
 
 /// The served model.
@@ -123,12 +162,13 @@ pub async fn info(State(state): State<AppState>) -> Json<ModelInfo> {
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default(),
-        device: rt.device,
-        weights: rt.weights.to_string(),
+        device: rt.device.clone(),
+        weights: rt.weights.clone(),
         kernels: crate::model::cpu::matmul::isa().name().to_string(),
         threads: rt.threads,
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_secs: state.started.elapsed().as_secs(),
+        memory: MemoryInfo::now(rt.weight_bytes, rt.checkpoint_bytes),
     })
 }
 

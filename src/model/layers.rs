@@ -4,6 +4,7 @@
 //! so a new architecture reuses them as they are, and hooks (see [`super::pass`]) reach every
 //! architecture through the same calls.
 
+use super::cpu::gated::gated;
 use super::cpu::matmul::matmul;
 use super::cpu::quant::WeightMatrix;
 use super::hooks::HookSite;
@@ -188,13 +189,23 @@ impl Mlp {
     /// Runs the MLP on normalised input `h`; the hidden activation passes the `mlp_act` hook.
     pub fn forward(&self, p: &mut Pass, layer: usize, h: &Tensor) -> anyhow::Result<Tensor> {
         let gu = self.gate_up.forward(h)?;
-        let gate = gu.narrow(D::Minus1, 0, self.width)?;
-        let up = gu.narrow(D::Minus1, self.width, self.width)?;
-        let gate = match self.act {
-            Activation::Silu => gate.silu()?,
-            Activation::GeluTanh => gate.gelu()?,
+        let act = if gu.device().is_cpu() {
+            let mut shape = gu.dims().to_vec();
+            if let Some(last) = shape.last_mut() {
+                *last = self.width;
+            }
+            let v = with_host_f32(&gu, |gu| gated(gu, self.width, self.act))?;
+            Tensor::from_vec(v, shape, gu.device())?
+        } else {
+            let gate = gu.narrow(D::Minus1, 0, self.width)?;
+            let up = gu.narrow(D::Minus1, self.width, self.width)?;
+            let gate = match self.act {
+                Activation::Silu => gate.silu()?,
+                Activation::GeluTanh => gate.gelu()?,
+            };
+            (gate * up)?
         };
-        let act = p.hook(HookSite::MlpAct, layer, (gate * up)?)?;
+        let act = p.hook(HookSite::MlpAct, layer, act)?;
         Ok(self.down.forward(&act)?)
     }
 

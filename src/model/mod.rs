@@ -12,6 +12,7 @@ pub mod catalogue;
 pub mod chat;
 pub mod checkpoint;
 pub mod cpu;
+pub mod gguf_header;
 pub mod hooks;
 pub mod layers;
 pub mod pass;
@@ -73,8 +74,26 @@ pub struct RuntimeInfo {
     pub weights: String,
     /// Bytes of weight data held.
     pub weight_bytes: usize,
+    /// Size of the checkpoint on disk (the GGUF file, or the folder's safetensors).
+    pub checkpoint_bytes: u64,
     /// Threads of the CPU kernels.
     pub threads: usize,
+}
+
+/// Bytes of the model file, or of a folder's `*.safetensors`.
+fn checkpoint_size(path: &Path) -> u64 {
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    if !path.is_dir() {
+        return size(path);
+    }
+    std::fs::read_dir(path)
+        .map(|dir| {
+            dir.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .map(|p| size(&p))
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Which logits a pass returns for one sequence.
@@ -108,6 +127,7 @@ pub struct Model {
     /// small parallel sections of a decode step cost a work-stealing hand-off rather than a
     /// cross-thread wake-up each.
     pool: rayon::ThreadPool,
+    checkpoint_bytes: u64,
 }
 
 impl std::fmt::Debug for Model {
@@ -151,6 +171,7 @@ impl Model {
                 .num_threads(opts.threads)
                 .thread_name(|i| format!("tiller-kernel-{i}"))
                 .build()?,
+            checkpoint_bytes: checkpoint_size(path),
         })
     }
 
@@ -173,6 +194,7 @@ impl Model {
             device: device_name(&self.device),
             weights: weights_summary(&by_format),
             weight_bytes: by_format.values().sum(),
+            checkpoint_bytes: self.checkpoint_bytes,
             threads: self.pool.current_num_threads(),
         }
     }

@@ -259,11 +259,9 @@ impl Loader<'_> {
                 GgmlDType::F16 | GgmlDType::BF16 => Some(BlockFormat::F32),
                 _ => None,
             }) else {
-                bail!(
-                    "tensor `{name}` is stored as {dtype:?}, a block format tiller cannot run; \
-                     requantize the file with llama.cpp's llama-quantize to Q4_K_M, Q5_K_M, \
-                     Q6_K or Q8_0"
-                );
+                // llama.cpp's spelling of candle's names (`Q2K` is `Q2_K`).
+                let format = format!("{dtype:?}").replace('K', "_K");
+                bail!("{}", super::gguf_header::unsupported_format(name, &format));
             };
             if format == WeightFormat::Native && block != BlockFormat::F32 {
                 let n = rows * cols / block.block_elems();

@@ -198,6 +198,24 @@ pub fn python_with(packages: &[&str]) -> PathBuf {
     python
 }
 
+/// `GET path` on a server at `addr` (`host:port`): the response's body.
+#[allow(dead_code)]
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    match out.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_string(),
+        None => out,
+    }
+}
+
 /// A running `tiller serve` on a free port, killed when dropped.
 pub struct Server {
     pub child: std::process::Child,

@@ -1,14 +1,16 @@
 //! `y = x · Wᵀ` on the CPU for weights in any of the block formats of [`super::blocks`]
 //! (or `f32`), each weight row read in its own format.
 //!
-//! For quantized weights the activations are rounded to **16-bit** integers per block of 32
-//! (`x ≈ d_x q_x`, relative error below 2⁻¹⁵ of the block's largest value) and the products
-//! are summed exactly in integers (`vpmaddwd`, or `vpdpwssd` with AVX-512 VNNI), then scaled
-//! once per block (per sub-block of a K-quant): for a block with a minimum,
-//! `Σ (d_w q_w + m_w) x = d_w d_x Σ q_w q_x + m_w Σ x`, with `Σ x` computed once per
-//! activation block. llama.cpp rounds activations to 8 bits instead (`q8_1`); on SmolLM2-135M that
-//! flips the greedy reply to "What is the capital of France?" (a 0.1-logit margin), while 16
-//! bits keep the dequantized model's answers.
+//! For quantized weights the activations are rounded to **16-bit** integers (`x ≈ d_x q_x`,
+//! relative error below 2⁻¹⁵ of the largest value sharing the scale), with one scale per 32
+//! values, or per 256 against K-quant weights. The products are summed exactly in integers
+//! (`vpmaddwd`, or `vpdpwssd` with AVX-512 VNNI) and scaled once per block, or once per
+//! K-quant super-block, whose integer sub-block scales are folded into the weights (see
+//! [`super::portable`] for the arithmetic and its `i32` bounds). For a block with a minimum,
+//! `Σ (d_w q_w + m_w) x = d_w d_x Σ q_w q_x + m_w Σ x`, with `Σ x` the exact sum of each 32
+//! activations. llama.cpp rounds activations to 8 bits instead (`q8_1`, `q8_K`); on
+//! SmolLM2-135M that flips the greedy reply to "What is the capital of France?" (a 0.1-logit
+//! margin), while 16 bits keep the dequantized model's answers.
 //!
 //! **Batch invariance.** Every output element is computed by the same operations in the same
 //! order whatever the number of rows in `x` and however the work is split between threads
@@ -19,7 +21,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::portable;
-use super::quant::{WeightData, WeightMatrix, QK};
+use super::quant::{BlockFormat, WeightData, WeightMatrix, QK, QK_K};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -70,54 +72,90 @@ pub fn isa() -> Isa {
 const ROUNDER: f32 = 12_582_912.0;
 
 /// Activation rows processed together against one weight row (weights expanded once).
-pub(crate) const ROW_GROUP: usize = 4;
+pub(crate) const ROW_GROUP: usize = 8;
 
-/// Activations rounded to 16 bits, `[rows, cols]` with per-block scale and exact sum.
+/// Activations rounded to 16 bits, `[rows, cols]`, with one scale per `block` values (32, or
+/// 256 for K-quant weights) and the exact f32 sum of every 32.
 struct Quantized16 {
     q: Vec<i16>,
     d: Vec<f32>,
     s: Vec<f32>,
+    block: usize,
 }
 
 impl Quantized16 {
-    fn new(x: &[f32], m: usize, cols: usize) -> Self {
-        let nb = cols / QK;
+    fn new(x: &[f32], m: usize, cols: usize, block: usize) -> Self {
+        let (nd, ns) = (cols / block, cols / QK);
         let mut out = Self {
             q: vec![0; m * cols],
-            d: vec![0.0; m * nb],
-            s: vec![0.0; m * nb],
+            d: vec![0.0; m * nd],
+            s: vec![0.0; m * ns],
+            block,
         };
         let row = |(((q, d), s), x): RowParts| {
-            for (b, x) in x.chunks_exact(QK).enumerate() {
+            for ((q, d), x) in q
+                .chunks_exact_mut(block)
+                .zip(d.iter_mut())
+                .zip(x.chunks_exact(block))
+            {
                 let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
                 let scale = amax / 32767.0;
                 let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                for (qi, &xi) in q[b * QK..(b + 1) * QK].iter_mut().zip(x) {
+                for (qi, &xi) in q.iter_mut().zip(x) {
                     // Round to nearest (even) by adding and removing 1.5 * 2^23: exact for
                     // |v| <= 32767, and vectorizes (`f32::round` is a libm call here).
                     let v = (xi * inv).clamp(-32767.0, 32767.0);
                     *qi = ((v + ROUNDER) - ROUNDER) as i16;
                 }
-                d[b] = scale;
-                s[b] = x.iter().sum();
+                *d = scale;
+            }
+            for (s, x) in s.iter_mut().zip(x.chunks_exact(QK)) {
+                *s = x.iter().sum();
             }
         };
         if m >= 16 {
             out.q
                 .par_chunks_mut(cols)
-                .zip(out.d.par_chunks_mut(nb))
-                .zip(out.s.par_chunks_mut(nb))
+                .zip(out.d.par_chunks_mut(nd))
+                .zip(out.s.par_chunks_mut(ns))
                 .zip(x.par_chunks(cols))
                 .for_each(row);
         } else {
             out.q
                 .chunks_mut(cols)
-                .zip(out.d.chunks_mut(nb))
-                .zip(out.s.chunks_mut(nb))
+                .zip(out.d.chunks_mut(nd))
+                .zip(out.s.chunks_mut(ns))
                 .zip(x.chunks(cols))
                 .for_each(row);
         }
         out
+    }
+
+    /// The rows of `x` (and their rounded values) in groups of [`ROW_GROUP`].
+    fn groups<'a>(this: Option<&'a Self>, x: &'a [f32], m: usize, cols: usize) -> Vec<Group<'a>> {
+        (0..m)
+            .step_by(ROW_GROUP)
+            .map(|start| {
+                let mut g = Group {
+                    len: ROW_GROUP.min(m - start),
+                    xs: [&[]; ROW_GROUP],
+                    q: [&[]; ROW_GROUP],
+                    d: [&[]; ROW_GROUP],
+                    s: [&[]; ROW_GROUP],
+                };
+                for k in 0..g.len {
+                    let i = start + k;
+                    g.xs[k] = &x[i * cols..(i + 1) * cols];
+                    if let Some(a) = this {
+                        let (nd, ns) = (cols / a.block, cols / QK);
+                        g.q[k] = &a.q[i * cols..(i + 1) * cols];
+                        g.d[k] = &a.d[i * nd..(i + 1) * nd];
+                        g.s[k] = &a.s[i * ns..(i + 1) * ns];
+                    }
+                }
+                g
+            })
+            .collect()
     }
 }
 
@@ -140,34 +178,19 @@ pub fn matmul(x: &[f32], m: usize, w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(x.len(), m * w.cols, "matmul: x is not [m, cols]");
     assert_eq!(out.len(), m * w.rows, "matmul: out is not [m, rows]");
     let cols = w.cols;
-    let nb = cols / QK;
-    let quantized = w
-        .parts
-        .iter()
-        .any(|p| !matches!(p.data, WeightData::F32(_)));
-    let q16 = quantized.then(|| Quantized16::new(x, m, cols));
-    let groups: Vec<Group> = (0..m)
-        .step_by(ROW_GROUP)
-        .map(|start| {
-            let mut g = Group {
-                len: ROW_GROUP.min(m - start),
-                xs: [&[]; ROW_GROUP],
-                q: [&[]; ROW_GROUP],
-                d: [&[]; ROW_GROUP],
-                s: [&[]; ROW_GROUP],
-            };
-            for k in 0..g.len {
-                let i = start + k;
-                g.xs[k] = &x[i * cols..(i + 1) * cols];
-                if let Some(a) = &q16 {
-                    g.q[k] = &a.q[i * cols..(i + 1) * cols];
-                    g.d[k] = &a.d[i * nb..(i + 1) * nb];
-                    g.s[k] = &a.s[i * nb..(i + 1) * nb];
-                }
-            }
-            g
-        })
-        .collect();
+    // Activations rounded once for each activation block size the parts' formats use.
+    let rounded = |block: usize| {
+        w.parts
+            .iter()
+            .map(|p| p.data.format())
+            .any(|f| f != BlockFormat::F32 && f.activation_block() == block)
+            .then(|| Quantized16::new(x, m, cols, block))
+    };
+    let (q32, q256) = (rounded(QK), rounded(QK_K));
+    let groups = [
+        Quantized16::groups(q32.as_ref(), x, m, cols),
+        Quantized16::groups(q256.as_ref(), x, m, cols),
+    ];
     let n = w.rows;
     let threads = rayon::current_num_threads().max(1);
     // Chunks of weight rows; several per thread so that work stealing evens out.
@@ -180,10 +203,11 @@ pub fn matmul(x: &[f32], m: usize, w: &WeightMatrix, out: &mut [f32]) {
     let body = |start: usize| {
         let end = (start + chunk).min(n);
         let mut res = [0f32; ROW_GROUP];
-        for (gi, g) in groups.iter().enumerate() {
+        for gi in 0..groups[0].len() {
+            let g = [&groups[0][gi], &groups[1][gi]];
             for r in start..end {
                 dot_row(w, r, g, &mut res);
-                for (k, &v) in res[..g.len].iter().enumerate() {
+                for (k, &v) in res[..g[0].len].iter().enumerate() {
                     let i = gi * ROW_GROUP + k;
                     // SAFETY: `out` is `[m, n]`; each task owns the columns `start..end`, so
                     // writes from different tasks never touch the same element.
@@ -209,9 +233,13 @@ impl SendPtr {
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// Runs `$kernel` (a function of every instruction set) on row `$r` of `$blocks`.
+/// Runs `$kernel` (a function of every instruction set) on row `$r` of `$blocks`, or the
+/// portable `$portable`.
 macro_rules! dispatch {
-    ($blocks:expr, $per_row:expr, $r:expr, $g:expr, $out:expr, $kernel:ident) => {{
+    ($blocks:expr, $per_row:expr, $r:expr, $g:expr, $out:expr, $kernel:ident) => {
+        dispatch!($blocks, $per_row, $r, $g, $out, $kernel, dot)
+    };
+    ($blocks:expr, $per_row:expr, $r:expr, $g:expr, $out:expr, $kernel:ident, $portable:ident) => {{
         let wr = &$blocks[$r * $per_row..($r + 1) * $per_row];
         #[cfg(target_arch = "x86_64")]
         match isa() {
@@ -221,13 +249,16 @@ macro_rules! dispatch {
             Isa::Avx2 => return unsafe { super::x86::avx2::$kernel(wr, $g, $out) },
             Isa::Scalar => {}
         }
-        portable::dot(wr, $g, $out)
+        portable::$portable(wr, $g, $out)
     }};
 }
 
-fn dot_row(w: &WeightMatrix, r: usize, g: &Group, out: &mut [f32; ROW_GROUP]) {
+/// Row `r` of `w` against a group of activation rows, rounded per 32 values (`g[0]`) and per
+/// 256 (`g[1]`, for the K-quants).
+fn dot_row(w: &WeightMatrix, r: usize, g: [&Group; 2], out: &mut [f32; ROW_GROUP]) {
     let cols = w.cols;
     let (part, r) = w.part_of(r);
+    let g = g[(part.data.format().activation_block() == QK_K) as usize];
     let per_row = cols / part.data.format().block_elems();
     match &part.data {
         WeightData::F32(data) => {
@@ -241,9 +272,9 @@ fn dot_row(w: &WeightMatrix, r: usize, g: &Group, out: &mut [f32; ROW_GROUP]) {
         WeightData::Q5_0(b) => dispatch!(b, per_row, r, g, out, q5_0),
         WeightData::Q5_1(b) => dispatch!(b, per_row, r, g, out, q5_1),
         WeightData::Q8_0(b) => dispatch!(b, per_row, r, g, out, q8_0),
-        WeightData::Q4K(b) => dispatch!(b, per_row, r, g, out, q4k),
-        WeightData::Q5K(b) => dispatch!(b, per_row, r, g, out, q5k),
-        WeightData::Q6K(b) => dispatch!(b, per_row, r, g, out, q6k),
+        WeightData::Q4K(b) => dispatch!(b, per_row, r, g, out, q4k, dot_k),
+        WeightData::Q5K(b) => dispatch!(b, per_row, r, g, out, q5k, dot_k),
+        WeightData::Q6K(b) => dispatch!(b, per_row, r, g, out, q6k, dot_k),
     }
 }
 
@@ -260,7 +291,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::cpu::quant::WeightFormat;
+    use crate::model::cpu::quant::{BlockQ5K, BlockQ6K, WeightFormat};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
@@ -347,30 +378,26 @@ mod tests {
             let (rows, cols, m) = (9, 512, 5);
             let w = weights(rows, cols, *dtype);
             let x = pseudo_random(m * cols, 5);
-            let a = Quantized16::new(&x, m, cols);
-            let nb = cols / QK;
-            let g = Group {
-                len: 4,
-                xs: std::array::from_fn(|k| &x[k * cols..(k + 1) * cols]),
-                q: std::array::from_fn(|k| &a.q[k * cols..(k + 1) * cols]),
-                d: std::array::from_fn(|k| &a.d[k * nb..(k + 1) * nb]),
-                s: std::array::from_fn(|k| &a.s[k * nb..(k + 1) * nb]),
-            };
+            let block = w.parts[0].data.format().activation_block();
+            let a = Quantized16::new(&x, m, cols, block);
+            let groups = Quantized16::groups(Some(&a), &x, m, cols);
+            let g = &groups[0];
             for r in 0..rows {
                 let mut simd = [0f32; ROW_GROUP];
-                dot_row(&w, r, &g, &mut simd);
+                dot_row(&w, r, [g, g], &mut simd);
                 let mut portable = [0f32; ROW_GROUP];
                 let per_row = cols / w.parts[0].data.format().block_elems();
                 let rows_of = |r: usize| r * per_row..(r + 1) * per_row;
+                let out = &mut portable;
                 match &w.parts[0].data {
-                    WeightData::Q4_0(b) => portable::dot(&b[rows_of(r)], &g, &mut portable),
-                    WeightData::Q4_1(b) => portable::dot(&b[rows_of(r)], &g, &mut portable),
-                    WeightData::Q5_0(b) => portable::dot(&b[rows_of(r)], &g, &mut portable),
-                    WeightData::Q5_1(b) => portable::dot(&b[rows_of(r)], &g, &mut portable),
-                    WeightData::Q8_0(b) => portable::dot(&b[rows_of(r)], &g, &mut portable),
-                    WeightData::Q4K(b) => portable::dot(&b[rows_of(r)], &g, &mut portable),
-                    WeightData::Q5K(b) => portable::dot(&b[rows_of(r)], &g, &mut portable),
-                    WeightData::Q6K(b) => portable::dot(&b[rows_of(r)], &g, &mut portable),
+                    WeightData::Q4_0(b) => portable::dot(&b[rows_of(r)], g, out),
+                    WeightData::Q4_1(b) => portable::dot(&b[rows_of(r)], g, out),
+                    WeightData::Q5_0(b) => portable::dot(&b[rows_of(r)], g, out),
+                    WeightData::Q5_1(b) => portable::dot(&b[rows_of(r)], g, out),
+                    WeightData::Q8_0(b) => portable::dot(&b[rows_of(r)], g, out),
+                    WeightData::Q4K(b) => portable::dot_k(&b[rows_of(r)], g, out),
+                    WeightData::Q5K(b) => portable::dot_k(&b[rows_of(r)], g, out),
+                    WeightData::Q6K(b) => portable::dot_k(&b[rows_of(r)], g, out),
                     WeightData::F32(_) => unreachable!(),
                 }
                 for k in 0..4 {
@@ -380,6 +407,44 @@ mod tests {
                         "{dtype:?} {r},{k}: {simd:?} vs {portable:?}"
                     );
                 }
+            }
+        }
+    }
+
+    /// K-quant super-blocks at the extremes of their integer bounds (largest values and
+    /// sub-block scales, activations all at the rounding limit) sum without overflowing.
+    #[test]
+    fn k_quant_integer_sums_do_not_overflow_at_the_bounds() {
+        let cols = 512;
+        let x = vec![-1f32; 3 * cols];
+        let q5k = BlockQ5K {
+            d: half::f16::from_f32(0.5),
+            dmin: half::f16::from_f32(0.0),
+            scales: [0xFF; 12],
+            qh: [0xFF; 32],
+            qs: [0xFF; 128],
+        };
+        let q6k = BlockQ6K {
+            ql: [0; 128],
+            qh: [0; 64],
+            scales: [-128; 16],
+            d: half::f16::from_f32(0.5),
+        };
+        let mats = [
+            WeightMatrix::new(2, cols, WeightData::Q5K(vec![q5k; 4])).unwrap(),
+            WeightMatrix::new(2, cols, WeightData::Q6K(vec![q6k; 4])).unwrap(),
+        ];
+        for w in mats {
+            let mut out = vec![0f32; 3 * 2];
+            matmul(&x, 3, &w, &mut out);
+            let mut row = vec![0f32; cols];
+            w.dequantize_row(0, &mut row);
+            let exact: f32 = row.iter().map(|v| -v).sum();
+            for got in out {
+                assert!(
+                    (got - exact).abs() <= 1e-4 * exact.abs(),
+                    "{got} vs {exact}"
+                );
             }
         }
     }

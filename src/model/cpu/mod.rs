@@ -1,10 +1,11 @@
 //! CPU kernels for the forward pass: quantized matrix products in every GGUF block format
-//! tiller runs (portable and x86 SIMD), attention over a host KV cache, and the weight
-//! matrices they read. Picked at run time for the instruction set of the machine
-//! (AVX2, AVX-512 VNNI, or portable code), so one binary runs everywhere.
+//! tiller runs (portable and x86 SIMD), attention over a host KV cache, the gated MLP's
+//! activation, and the weight matrices they read. Picked at run time for the instruction set
+//! of the machine (AVX2, AVX-512 VNNI, or portable code), so one binary runs everywhere.
 
 pub mod attention;
 pub mod blocks;
+pub mod gated;
 pub mod matmul;
 mod portable;
 pub mod quant;

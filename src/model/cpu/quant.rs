@@ -75,6 +75,15 @@ impl BlockFormat {
         }
     }
 
+    /// Activation values sharing one 16-bit scale in a product with this format: a K-quant
+    /// super-block (whose integer sub-block scales let it be summed in integers), else a block.
+    pub fn activation_block(self) -> usize {
+        match self {
+            Self::Q4K | Self::Q5K | Self::Q6K => QK_K,
+            _ => QK,
+        }
+    }
+
     /// Values per block.
     pub fn block_elems(self) -> usize {
         match self {

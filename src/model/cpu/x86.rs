@@ -1,10 +1,11 @@
 //! AVX2 kernels (and the same with AVX-512 VNNI's `vpdpwssd` on 256-bit registers) for every
-//! block format. Each weight block is unpacked once into two registers of sixteen 16-bit
-//! integers and multiplied against every activation row of the group with `vpmaddwd` (exact
-//! `i32` sums), then scaled once per 32-value block (per 16 for `Q6_K`) into f32
-//! accumulators: even and odd blocks apart, two dependency chains, as [`super::portable`]
-//! defines. Unpacking and accumulating are macros, so that they are inlined in every build
-//! profile and the accumulators stay in registers.
+//! block format, with the arithmetic [`super::portable`] defines. Each weight block is
+//! unpacked once into registers of sixteen 16-bit integers and multiplied against every
+//! activation row of the group with `vpmaddwd` (exact `i32` sums). The 32-value formats are
+//! scaled once per block into f32 accumulators (even and odd blocks apart, two dependency
+//! chains); the K-quants fold their integer sub-block scales into the weights and are scaled
+//! once per super-block (per half for `Q6_K`). Unpacking and accumulating are macros, so that
+//! they are inlined in every build profile and the accumulators stay in registers.
 
 use super::hsum;
 use std::arch::x86_64::*;
@@ -12,13 +13,19 @@ use std::arch::x86_64::*;
 /// The two f16 at `p` and `p + 2` as f32 (every block format stores its scale next to its
 /// minimum or to other bytes, so four bytes are always readable).
 ///
-/// One 32-bit load (`vmovd`): loading a single f16 compiles to `vpinsrw`, which merges into
-/// whatever the register held and so chains every block of the loop to the one before
-/// (about 1.6x slower kernels).
+/// The load is `vmovd` in inline assembly: when only one of the halves is used, the compiler
+/// narrows a plain load to `vpinsrw`, which merges into whatever the register held and so
+/// chains every block of a kernel's loop to the one before (1.6x slower kernels).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn halves(p: *const u8) -> (f32, f32) {
-    let bits = std::ptr::read_unaligned(p as *const i32);
-    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+    let bits: __m128i;
+    std::arch::asm!(
+        "vmovd {v}, dword ptr [{p}]",
+        p = in(reg) p,
+        v = out(xmm_reg) bits,
+        options(pure, readonly, nostack, preserves_flags),
+    );
+    let v = _mm_cvtph_ps(bits);
     (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
 }
 
@@ -129,16 +136,18 @@ macro_rules! rows {
 
 /// Adds block `$i` (weights `$lo`, `$hi`, scale `$dw`, minimum `$mw`) times every activation
 /// row to the accumulators `$acc`, and the minimum term to `$macc` when `$min` (a literal, so
-/// the formats without one carry no dead arithmetic).
+/// the formats without one carry no dead arithmetic). The integer sums are scaled by the
+/// row's `d_x` (a broadcast load) and then by `d_w`, shared by the rows.
 macro_rules! add_block {
     ($dot2:ident, $x:ident, $i:expr, $v:expr, $dw:expr, $mw:expr, $min:literal, $acc:ident, $macc:ident) => {{
         let ((lo, hi), dw, mw, i): ((__m256i, __m256i), f32, f32, usize) = ($v, $dw, $mw, $i);
         let (q, d, s) = &$x;
+        let dw = _mm256_set1_ps(dw);
         for k in 0..$acc.len() {
             let x = q[k].add(i * QK) as *const __m256i;
             let p = $dot2(lo, _mm256_loadu_si256(x), hi, _mm256_loadu_si256(x.add(1)));
-            let scale = _mm256_set1_ps(dw * *d[k].add(i));
-            $acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, $acc[k]);
+            let t = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(*d[k].add(i)));
+            $acc[k] = _mm256_fmadd_ps(t, dw, $acc[k]);
             if $min {
                 $macc[k] += mw * *s[k].add(i);
             }
@@ -146,19 +155,38 @@ macro_rules! add_block {
     }};
 }
 
-/// The same for a block whose halves have their own scales (`Q6_K`).
-macro_rules! add_halves {
-    ($x:ident, $i:expr, $v:expr, $ds:expr, $acc:ident) => {{
-        let ((lo, hi), (d0, d1), i): ((__m256i, __m256i), (f32, f32), usize) = ($v, $ds, $i);
-        let (q, d, _) = &$x;
-        for k in 0..$acc.len() {
-            let x = q[k].add(i * QK) as *const __m256i;
-            let p0 = _mm256_madd_epi16(lo, _mm256_loadu_si256(x));
-            let p1 = _mm256_madd_epi16(hi, _mm256_loadu_si256(x.add(1)));
-            let dx = *d[k].add(i);
-            $acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * dx), $acc[k]);
-            $acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * dx), $acc[k]);
+/// Adds the products of 32 weights (`$v`: two registers of sixteen `i16`, sub-block scale
+/// folded in) with the 32 activations of every row at element `$e` to the rows' `i32` sums.
+macro_rules! add_ints {
+    ($dot:ident, $x:ident, $e:expr, $v:expr, $isum:ident) => {{
+        let ((lo, hi), e): ((__m256i, __m256i), usize) = ($v, $e);
+        let (q, _, _) = &$x;
+        for k in 0..$isum.len() {
+            let x = q[k].add(e) as *const __m256i;
+            $isum[k] = $dot($isum[k], lo, _mm256_loadu_si256(x));
+            $isum[k] = $dot($isum[k], hi, _mm256_loadu_si256(x.add(1)));
         }
+    }};
+}
+
+/// Scales the rows' integer sums of super-block `$b` by their `d_x` and by `$dw` into `$acc`.
+macro_rules! scale_ints {
+    ($x:ident, $b:expr, $dw:expr, $isum:ident, $acc:ident) => {{
+        let (_, d, _) = &$x;
+        let (b, dw): (usize, __m256) = ($b, $dw);
+        for k in 0..$isum.len() {
+            let t = _mm256_mul_ps(_mm256_cvtepi32_ps($isum[k]), _mm256_set1_ps(*d[k].add(b)));
+            $acc[k] = _mm256_fmadd_ps(t, dw, $acc[k]);
+        }
+    }};
+}
+
+/// Two registers of sixteen `i16` times a sub-block scale.
+macro_rules! times {
+    ($v:expr, $sc:expr) => {{
+        let ((lo, hi), sc): ((__m256i, __m256i), i16) = ($v, $sc);
+        let sc = _mm256_set1_epi16(sc);
+        (_mm256_mullo_epi16(lo, sc), _mm256_mullo_epi16(hi, sc))
     }};
 }
 
@@ -222,19 +250,21 @@ macro_rules! blocks32_kernel {
 }
 
 /// A `Q4_K` / `Q5_K` kernel: per 64 values, 32 bytes of nibbles (sub-blocks `2c` and
-/// `2c + 1`), with fifth bits from `$fifth` (with the block as `$wb`), if any.
+/// `2c + 1`), with fifth bits from `$fifth` (with the block as `$wb`), if any; the whole
+/// super-block summed in `i32` (sub-block scales folded into the weights), its minimums
+/// against the rows' exact sums of each 32 activations.
 macro_rules! kquant45_kernel {
-    ($features:literal, $dot2:ident, $name:ident, $block:ty, |$wb:ident| $fifth:expr) => {
+    ($features:literal, $dot:ident, $name:ident, $block:ty, |$wb:ident| $fifth:expr) => {
         #[target_feature(enable = $features)]
         unsafe fn $name<const R: usize>(w: &[$block], g: &Group, out: &mut [f32; ROW_GROUP]) {
-            let (mut even, mut odd, mut meven, mut modd) = accumulators!(R);
+            let (mut acc, mut mins) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
             let x = rows!(g, R);
             let (low4, one) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1));
             for (b, $wb) in w.iter().enumerate() {
-                let p = $wb as *const _ as *const u8;
-                let (d, dmin) = halves(p);
+                let (d, dmin) = halves($wb as *const _ as *const u8);
                 let (sc, m) = scales_mins_k4(&$wb.scales);
                 let fifth: Option<__m256i> = $fifth;
+                let mut isum = [_mm256_setzero_si256(); R];
                 for c in 0..4 {
                     let v = _mm256_loadu_si256($wb.qs.as_ptr().add(32 * c) as *const __m256i);
                     let mut lo = _mm256_and_si256(v, low4);
@@ -243,25 +273,35 @@ macro_rules! kquant45_kernel {
                         lo = _mm256_or_si256(lo, bits_to_4!(qh, 2 * c as i32, one));
                         hi = _mm256_or_si256(hi, bits_to_4!(qh, 2 * c as i32 + 1, one));
                     }
-                    let (j0, j1) = (2 * c, 2 * c + 1);
-                    let i = b * 8 + j0;
-                    let (d0, m0) = (d * sc[j0] as f32, -(dmin * m[j0] as f32));
-                    let (d1, m1) = (d * sc[j1] as f32, -(dmin * m[j1] as f32));
-                    add_block!($dot2, x, i, widen_u8!(lo), d0, m0, true, even, meven);
-                    add_block!($dot2, x, i + 1, widen_u8!(hi), d1, m1, true, odd, modd);
+                    let e = b * QK_K + 64 * c;
+                    let lo = times!(widen_u8!(lo), sc[2 * c] as i16);
+                    let hi = times!(widen_u8!(hi), sc[2 * c + 1] as i16);
+                    add_ints!($dot, x, e, lo, isum);
+                    add_ints!($dot, x, e + QK, hi, isum);
+                }
+                scale_ints!(x, b, _mm256_set1_ps(d), isum, acc);
+                let m8 = _mm_loadl_epi64(m.as_ptr() as *const __m128i);
+                let mv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m8));
+                let mv = _mm256_mul_ps(mv, _mm256_set1_ps(-dmin));
+                let (_, _, s) = &x;
+                for k in 0..R {
+                    mins[k] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(s[k].add(8 * b)), mins[k]);
                 }
             }
-            store!(out, R, even, odd, meven, modd);
+            for k in 0..R {
+                out[k] = hsum(acc[k]) + hsum(mins[k]);
+            }
         }
     };
 }
 
-/// The `Q6_K` kernel: per half of 128 values, 64 bytes of nibbles and 32 of high bit pairs.
+/// The `Q6_K` kernel: per half of 128 values, 64 bytes of nibbles and 32 of high bit pairs,
+/// summed in `i32` (the 16-value scales folded into the weights) and scaled once.
 macro_rules! q6k_kernel {
-    ($features:literal, $name:ident) => {
+    ($features:literal, $dot:ident, $name:ident) => {
         #[target_feature(enable = $features)]
         unsafe fn $name<const R: usize>(w: &[BlockQ6K], g: &Group, out: &mut [f32; ROW_GROUP]) {
-            let (mut even, mut odd, meven, modd) = accumulators!(R);
+            let mut acc = [_mm256_setzero_ps(); R];
             let x = rows!(g, R);
             let (low4, three, bias) = (
                 _mm256_set1_epi8(0x0F),
@@ -270,7 +310,7 @@ macro_rules! q6k_kernel {
             );
             for (b, wb) in w.iter().enumerate() {
                 // `d` is the last field: read it with the two bytes before it.
-                let d = halves((&wb.d as *const _ as *const u8).sub(2)).1;
+                let d = _mm256_set1_ps(halves((&wb.d as *const _ as *const u8).sub(2)).1);
                 for h in 0..2 {
                     let ql = wb.ql.as_ptr().add(64 * h) as *const __m256i;
                     let (ql0, ql1) = (_mm256_loadu_si256(ql), _mm256_loadu_si256(ql.add(1)));
@@ -287,20 +327,20 @@ macro_rules! q6k_kernel {
                             bits_to_4!(qh, 6, three),
                         ),
                     ];
+                    let mut isum = [_mm256_setzero_si256(); R];
                     for (t, q) in quarters.into_iter().enumerate() {
-                        let v = widen_i8!(_mm256_sub_epi8(q, bias));
-                        let i = b * 8 + 4 * h + t;
+                        let (lo, hi) = widen_i8!(_mm256_sub_epi8(q, bias));
                         let s = 8 * h + 2 * t;
-                        let ds = (d * wb.scales[s] as f32, d * wb.scales[s + 1] as f32);
-                        if t.is_multiple_of(2) {
-                            add_halves!(x, i, v, ds, even);
-                        } else {
-                            add_halves!(x, i, v, ds, odd);
-                        }
+                        let lo = _mm256_mullo_epi16(lo, _mm256_set1_epi16(wb.scales[s] as i16));
+                        let hi = _mm256_mullo_epi16(hi, _mm256_set1_epi16(wb.scales[s + 1] as i16));
+                        add_ints!($dot, x, b * QK_K + 128 * h + 32 * t, (lo, hi), isum);
                     }
+                    scale_ints!(x, b, d, isum, acc);
                 }
             }
-            store!(out, R, even, odd, meven, modd);
+            for k in 0..R {
+                out[k] = hsum(acc[k]);
+            }
         }
     };
 }
@@ -315,7 +355,11 @@ macro_rules! entries {
                 1 => $rows::<1>(w, g, out),
                 2 => $rows::<2>(w, g, out),
                 3 => $rows::<3>(w, g, out),
-                _ => $rows::<4>(w, g, out),
+                4 => $rows::<4>(w, g, out),
+                5 => $rows::<5>(w, g, out),
+                6 => $rows::<6>(w, g, out),
+                7 => $rows::<7>(w, g, out),
+                _ => $rows::<8>(w, g, out),
             }
         }
     )*};
@@ -324,7 +368,7 @@ macro_rules! entries {
 /// Defines the kernels for one instruction set; `$dot2` adds `a·x + b·y` (16-bit lanes,
 /// pairwise) into eight `i32`.
 macro_rules! kernels {
-    ($module:ident, $features:literal, $dot2:ident) => {
+    ($module:ident, $features:literal, $dot2:ident, $dot:ident) => {
         pub(super) mod $module {
             use super::super::matmul::{Group, ROW_GROUP};
             use super::super::quant::*;
@@ -372,11 +416,11 @@ macro_rules! kernels {
                 (v, halves(wb as *const _ as *const u8).0, 0.0)
             });
 
-            kquant45_kernel!($features, $dot2, q4k_rows, BlockQ4K, |_wb| None);
-            kquant45_kernel!($features, $dot2, q5k_rows, BlockQ5K, |wb| Some(
+            kquant45_kernel!($features, $dot, q4k_rows, BlockQ4K, |_wb| None);
+            kquant45_kernel!($features, $dot, q5k_rows, BlockQ5K, |wb| Some(
                 _mm256_loadu_si256(wb.qh.as_ptr() as *const __m256i)
             ));
-            q6k_kernel!($features, q6k_rows);
+            q6k_kernel!($features, $dot, q6k_rows);
 
             entries! {
                 $features,
@@ -403,5 +447,21 @@ unsafe fn dot2_vnni(a: __m256i, x: __m256i, b: __m256i, y: __m256i) -> __m256i {
     _mm256_dpwssd_epi32(_mm256_madd_epi16(a, x), b, y)
 }
 
-kernels!(avx2, "avx2,fma,f16c", dot2_avx2);
-kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot2_vnni);
+/// `acc + a·x` (16-bit lanes, pairwise, into eight `i32`).
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(acc: __m256i, a: __m256i, x: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(a, x))
+}
+
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+unsafe fn dot_vnni(acc: __m256i, a: __m256i, x: __m256i) -> __m256i {
+    _mm256_dpwssd_epi32(acc, a, x)
+}
+
+kernels!(avx2, "avx2,fma,f16c", dot2_avx2, dot_avx2);
+kernels!(
+    vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    dot2_vnni,
+    dot_vnni
+);
