@@ -408,6 +408,32 @@ async fn steering_errors_name_the_field() {
             "steering[0].layers",
         ),
         (json!(many), "too_many_interventions", "steering"),
+        // Values that are finite but would overflow the forward pass or a norm.
+        (
+            json!([{"values": vec![1e38; 64], "layer": 1}]),
+            "steering_too_large",
+            "steering[0].values",
+        ),
+        (
+            json!([{"values": vec![1e20; 64], "layer": 1, "coefficient": 1e6}]),
+            "steering_too_large",
+            "steering[0].values",
+        ),
+        (
+            json!([{"values": vec![f32::MAX as f64; 64], "layer": 1, "normalize": true}]),
+            "non_finite",
+            "steering[0].values[0]",
+        ),
+        (
+            json!([{"values": vec![1e20; 64], "layer": 1, "op": "ablate"}]),
+            "steering_too_large",
+            "steering[0].values",
+        ),
+        (
+            json!([{"values": vec![1e3; 64], "layer": 1, "coefficient": 1e6}]),
+            "steering_too_large",
+            "steering[0].values",
+        ),
     ];
     for (steering, code, field) in cases {
         let r = post_json(
@@ -426,6 +452,47 @@ async fn steering_errors_name_the_field() {
         let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
         assert!(msg.starts_with(&format!("`{field}`")), "{steering}: {msg}");
     }
+}
+
+/// The largest allowed values still give finite log-probabilities, and `last: u64::MAX`
+/// covers the whole prompt instead of wrapping around.
+#[tokio::test]
+async fn steering_at_the_limits_stays_finite() {
+    let s = tiny_state(test_config(None));
+    let plans = [
+        json!([{"values": vec![1.0; 64], "layer": 1, "coefficient": 1e6, "normalize": true}]),
+        json!([{"values": vec![1e6; 64], "layer": 1, "op": "ablate"}]),
+        json!([{"values": vec![1e6; 64], "layer": 1, "op": "clamp", "coefficient": 1e6}]),
+        json!([{"values": vec![0.5; 64], "layer": 1, "positions": {"last": u64::MAX}}]),
+    ];
+    for steering in plans {
+        let r = post_json(
+            &s,
+            "/generate",
+            json!({"prompt": "hello there", "max_tokens": 3, "temperature": 0,
+                   "logprobs": 2, "steering": steering}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{steering}: {}", r.text());
+        for t in r.json()["logprobs"].as_array().unwrap() {
+            let lp = t["logprob"].as_f64().unwrap();
+            assert!(lp.is_finite() && lp <= 0.0, "{steering}: {t}");
+        }
+    }
+    let all = json!([{"values": vec![0.5; 64], "layer": 1, "positions": "all"}]);
+    let last = json!([{"values": vec![0.5; 64], "layer": 1, "positions": {"last": u64::MAX}}]);
+    let run = |steering: serde_json::Value| {
+        post_json(
+            &s,
+            "/generate",
+            json!({"prompt": "hello there", "max_tokens": 4, "temperature": 0,
+                   "ignore_eos": true, "steering": steering}),
+        )
+    };
+    assert_eq!(
+        run(all).await.json()["text"],
+        run(last).await.json()["text"]
+    );
 }
 
 #[tokio::test]

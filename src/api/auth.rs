@@ -36,6 +36,16 @@ fn same(a: &str, b: &str) -> bool {
     diff == 0
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 9110 §11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 fn unauthorized(code: &'static str, message: &str) -> Response {
     let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, code, message).into_response();
     resp.headers_mut()
@@ -53,11 +63,7 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+        .and_then(bearer_token);
     let Some(key) = key else {
         return unauthorized(
             "missing_api_key",
@@ -90,6 +96,16 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer k1", "bearer k1", "BEARER  k1 ", "bEaReR k1"] {
+            assert_eq!(bearer_token(v), Some("k1"), "{v}");
+        }
+        for v in ["Basic k1", "Bearer", "Bearer ", "Bearerk1", "k1"] {
+            assert_eq!(bearer_token(v), None, "{v}");
+        }
+    }
 
     #[test]
     fn classifies_paths() {

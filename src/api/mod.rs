@@ -308,8 +308,36 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
             count_requests,
         ))
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(catch_panics))
         .with_state(state);
     (router, spec)
+}
+
+/// A safety net: a handler that panics answers a 500 envelope (and logs the panic) instead of
+/// dropping the connection. Panics are bugs; inputs are refused before they can cause one.
+async fn catch_panics(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use futures_util::FutureExt;
+    let path = req.uri().path().to_string();
+    match std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+    {
+        Ok(resp) => resp,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            tracing::error!(%path, panic = %what, "a handler panicked");
+            crate::error::ApiError::internal("handling the request", "the handler failed")
+                .into_response()
+        }
+    }
 }
 
 /// Counts every request by route template and status.

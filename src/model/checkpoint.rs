@@ -55,12 +55,16 @@ impl Checkpoint {
         } else if path.is_file() {
             let mut file =
                 std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            super::gguf_header::check(&mut std::io::BufReader::new(&mut file))
+                .map_err(|e| anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
             let content = match gguf_file::Content::read(&mut file) {
                 Ok(c) => c,
-                Err(e) => match super::gguf_header::refusal(&mut file) {
-                    Some(refusal) => bail!("{}: {refusal}", path.display()),
-                    None => bail!("{} is not a readable GGUF file: {e}", path.display()),
-                },
+                Err(e) => {
+                    match super::gguf_header::refusal(&mut std::io::BufReader::new(&mut file)) {
+                        Some(refusal) => bail!("{}: {refusal}", path.display()),
+                        None => bail!("{} is not a readable GGUF file: {e}", path.display()),
+                    }
+                }
             };
             Ok(Self {
                 path: path.to_path_buf(),

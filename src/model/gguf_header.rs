@@ -93,9 +93,20 @@ pub fn tensor_types(r: &mut (impl Read + Seek)) -> Result<Vec<(String, u32)>> {
     }
     let (n_tensors, n_kv) = (h.count()?, h.count()?);
     for _ in 0..n_kv {
-        h.skip_string()?;
+        let key = h.string()?;
         let ty = h.u32()?;
-        h.skip_value(ty, 0)?;
+        if key == "general.alignment" {
+            // The reader rounds offsets up to it: 0 would divide by zero.
+            let alignment = match ty {
+                4 => h.u32()? as u64,
+                _ => bail!("general.alignment has GGUF type {ty}, expected u32"),
+            };
+            if !alignment.is_power_of_two() {
+                bail!("general.alignment is {alignment}, expected a power of two");
+            }
+        } else {
+            h.skip_value(ty, 0)?;
+        }
     }
     let mut out = Vec::with_capacity(n_tensors.min(1 << 16) as usize);
     for _ in 0..n_tensors {
@@ -104,12 +115,29 @@ pub fn tensor_types(r: &mut (impl Read + Seek)) -> Result<Vec<(String, u32)>> {
         if n_dims > 8 {
             bail!("tensor `{name}` has {n_dims} dimensions");
         }
-        h.skip(8 * n_dims as u64)?;
+        // A tensor cannot hold more values than four per byte of the file (no format packs
+        // more); this also keeps the product from overflowing.
+        let mut elems: u64 = 1;
+        for _ in 0..n_dims {
+            let d = u64::from_le_bytes(h.bytes()?);
+            elems = elems.saturating_mul(d);
+        }
+        if elems > size.saturating_mul(4) {
+            bail!("tensor `{name}` declares {elems} values in a file of {size} bytes");
+        }
         let ty = h.u32()?;
         h.skip(8)?;
         out.push((name, ty));
     }
     Ok(out)
+}
+
+/// Refuses a header that would make a GGUF reader divide by zero, overflow or allocate
+/// beyond the file (call before handing untrusted bytes to candle).
+pub fn check(r: &mut (impl Read + Seek)) -> Result<()> {
+    tensor_types(r)?;
+    r.seek(SeekFrom::Start(0))?;
+    Ok(())
 }
 
 struct Header<'a, R> {
@@ -139,7 +167,16 @@ impl<R: Read + Seek> Header<'_, R> {
         Ok(n)
     }
 
+    /// Skips `n` bytes: short runs are read (a buffered reader keeps its buffer), long ones
+    /// sought over.
     fn skip(&mut self, n: u64) -> Result<()> {
+        if n <= 1 << 12 {
+            let read = std::io::copy(&mut self.r.by_ref().take(n), &mut std::io::sink())?;
+            if read < n {
+                bail!("the GGUF header ends early");
+            }
+            return Ok(());
+        }
         let at = self.r.stream_position()?;
         match at.checked_add(n) {
             Some(end) if end <= self.size => {
@@ -150,10 +187,11 @@ impl<R: Read + Seek> Header<'_, R> {
         }
     }
 
+    /// A key or a tensor name.
     fn string(&mut self) -> Result<String> {
         let n = self.count()?;
         if n > 1 << 16 {
-            bail!("a tensor name of {n} bytes");
+            bail!("a GGUF name of {n} bytes");
         }
         let mut b = vec![0u8; n as usize];
         self.r
@@ -258,6 +296,36 @@ mod tests {
         assert!(refusal(&mut Cursor::new(&bytes))
             .unwrap()
             .contains("GGML type 77"));
+    }
+
+    /// Alignment 0 (a division by zero in candle's reader) and dimensions whose product
+    /// overflows are refused before candle sees the file.
+    #[test]
+    fn headers_that_would_crash_a_reader_are_refused() {
+        let t = Tensor::zeros((2, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        let write = |alignment: gguf_file::Value| {
+            let md = [("general.alignment", alignment)];
+            let md: Vec<_> = md.iter().map(|(k, v)| (*k, v)).collect();
+            let mut out = Cursor::new(Vec::new());
+            gguf_file::write(&mut out, &md, &[("a", &q)]).unwrap();
+            out.into_inner()
+        };
+        assert!(check(&mut Cursor::new(write(gguf_file::Value::U32(32)))).is_ok());
+        for bad in [
+            gguf_file::Value::U32(0),
+            gguf_file::Value::U32(24),
+            gguf_file::Value::U64(32),
+        ] {
+            let bytes = write(bad);
+            let err = check(&mut Cursor::new(&bytes)).unwrap_err().to_string();
+            assert!(err.contains("general.alignment"), "{err}");
+        }
+        let mut bytes = file(&[("a.weight", GgmlDType::F32)]);
+        let at = bytes.windows(8).position(|w| w == b"a.weight").unwrap() + 8 + 4;
+        bytes[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let err = check(&mut Cursor::new(&bytes)).unwrap_err().to_string();
+        assert!(err.contains("declares"), "{err}");
     }
 
     #[test]

@@ -201,6 +201,8 @@ fn string_value(md: &HashMap<String, Value>, key: &str) -> Option<String> {
 /// Reads a llama.cpp / repeng control vector.
 pub fn from_control_vector_gguf(bytes: &[u8], defaults: &VectorDefaults) -> Result<SteeringVector> {
     let mut cursor = Cursor::new(bytes);
+    crate::model::gguf_header::check(&mut cursor)
+        .map_err(|e| anyhow!("not a readable GGUF file: {e}"))?;
     let content = gguf_file::Content::read(&mut cursor)
         .map_err(|e| anyhow!("not a readable GGUF file: {e}"))?;
     let arch = string_value(&content.metadata, "general.architecture").unwrap_or_default();

@@ -26,6 +26,11 @@ pub const DEFAULT_NEURON_MEANS: &str = "neuron_means_default";
 /// `c·v` stays finite in f32.
 pub const MAX_COEFFICIENT: f64 = 1e6;
 
+/// Largest L2 norm of a direction, and of a direction times its coefficient: residual streams
+/// are norms of at most thousands, and squares of values this size still sum finitely in f32
+/// (RMSNorm), so the forward pass and the norms of `ablate`, `clamp` and `normalize` stay finite.
+pub const MAX_STEERING_NORM: f64 = 1e9;
+
 /// One intervention as sent by a client.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -120,7 +125,7 @@ impl Positions {
             Positions::All => true,
             Positions::Prompt => position < prompt_len,
             Positions::Generated => position >= prompt_len,
-            Positions::Last(k) => position + k >= prompt_len,
+            Positions::Last(k) => position.saturating_add(k) >= prompt_len,
         }
     }
 

@@ -483,7 +483,7 @@ impl Validator<'_> {
                 return Err(self.err(
                     &format!("values[{i}]"),
                     "non_finite",
-                    "must be a finite number",
+                    "must be a finite number within f32's range",
                 ));
             }
             let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
@@ -629,6 +629,26 @@ impl Validator<'_> {
                 (None, None) => unreachable!("lookup returns a direction"),
             };
             let n = l2_norm(&raw);
+            let added = match (op_name, normalize) {
+                ("add", false) => n as f64 * coef.unwrap_or(1.0).abs(),
+                ("add", true) => coef.unwrap_or(1.0).abs(),
+                _ => 0.0,
+            };
+            if !n.is_finite() || n as f64 > MAX_STEERING_NORM || added > MAX_STEERING_NORM {
+                return Err(self.err(
+                    if dir.inline.is_some() {
+                        "values"
+                    } else {
+                        "vector"
+                    },
+                    "steering_too_large",
+                    format!(
+                        "the direction at layer {layer} has norm {n:e} and would add a vector of \
+                         norm {added:e}; both must be at most {MAX_STEERING_NORM:e} \
+                         (limit MAX_STEERING_NORM)"
+                    ),
+                ));
+            }
             norm.get_or_insert(n);
             let vector: Arc<[f32]> = match op_name {
                 "add" => {
