@@ -495,6 +495,22 @@ async fn steering_at_the_limits_stays_finite() {
     );
 }
 
+/// Path segments and query strings that do not parse get the error envelope, not plain text.
+#[tokio::test]
+async fn path_and_query_rejections_use_the_envelope() {
+    let s = tiny_state(test_config(None));
+    let sae = post_json(&s, "/saes/x/features/not-a-number/top", json!({})).await;
+    let put = Request::put("/saes/x?k=minus-one")
+        .body(Body::from("{}"))
+        .unwrap();
+    let query = call(&s, put).await;
+    for (path, r) in [("sae feature", sae), ("sae query", query)] {
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+        assert_eq!(r.error_code(), "malformed_request", "{path}: {}", r.text());
+        assert!(!r.json()["error"]["message"].as_str().unwrap().is_empty());
+    }
+}
+
 #[tokio::test]
 async fn body_limit_unknown_routes_and_methods() {
     let mut cfg = test_config(None);

@@ -308,9 +308,39 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
             count_requests,
         ))
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(envelope_rejections))
         .layer(axum::middleware::from_fn(catch_panics))
         .with_state(state);
     (router, spec)
+}
+
+/// axum's own rejections (a path segment or query string that does not parse, a missing
+/// content type) are plain-text 4xx replies; they get the error envelope like every other.
+async fn envelope_rejections(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let resp = next.run(req).await;
+    let plain = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    if !resp.status().is_client_error() || !plain {
+        return resp;
+    }
+    let status = resp.status();
+    let text = match axum::body::to_bytes(resp.into_body(), 1 << 16).await {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(_) => String::new(),
+    };
+    let code = match status {
+        axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        _ => "malformed_request",
+    };
+    crate::error::ApiError::new(status, code, text).into_response()
 }
 
 /// A safety net: a handler that panics answers a 500 envelope (and logs the panic) instead of
