@@ -95,6 +95,7 @@ pub struct ModelInfo {
     /// Seconds since start.
     #[schema(example = 3600)]
     pub uptime_secs: u64,
+    /// Weight, file and resident bytes (the weights stay packed as in the file).
     pub memory: MemoryInfo,
 }
 
