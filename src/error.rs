@@ -66,13 +66,14 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "malformed_request", message)
     }
 
-    /// 422: well-formed but not acceptable; `field` is named in the message.
+    /// 422: well-formed but not acceptable; `field` is named in the message and in `param`.
     pub fn invalid(field: &str, code: &'static str, message: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             code,
             format!("`{field}`: {message}"),
         )
+        .with_param(field)
     }
 
     /// Names the request field (or header) at fault.

@@ -451,6 +451,7 @@ async fn steering_errors_name_the_field() {
         assert_eq!(r.error_code(), code, "{steering}: {}", r.text());
         let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
         assert!(msg.starts_with(&format!("`{field}`")), "{steering}: {msg}");
+        assert_eq!(r.json()["error"]["param"], field, "{steering}");
     }
 }
 

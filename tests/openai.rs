@@ -320,6 +320,41 @@ async fn errors_use_openai_envelope_and_400() {
         assert_eq!(e["type"], "invalid_request_error");
         assert!(e["message"].as_str().unwrap().len() > 10);
     }
+    // Parameters that would change the answer and are not implemented are refused by name;
+    // their neutral values pass.
+    for (key, value) in [
+        ("logit_bias", json!({"42": 100})),
+        ("response_format", json!({"type": "json_object"})),
+        ("tool_choice", json!("required")),
+        ("best_of", json!(3)),
+    ] {
+        let mut body = json!({"model": "tiny", "messages": chat("x"), "max_tokens": 2});
+        body[key] = value;
+        let r = post(&s, "/v1/chat/completions", body.to_string()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{key}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "unsupported_parameter", "{key}");
+        assert_eq!(r.json()["error"]["param"], key);
+    }
+    let neutral = json!({"model": "tiny", "messages": chat("x"), "max_tokens": 2,
+        "logit_bias": {}, "response_format": {"type": "text"}, "tool_choice": "none",
+        "best_of": 1, "suffix": null});
+    let r = post(&s, "/v1/chat/completions", neutral.to_string()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "x", "suffix": "end"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.json()["error"]["param"], "suffix", "{}", r.text());
+    // Invalid parameters name themselves in `param`.
+    let r = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": chat("x"), "max_tokens": 100_000_000}).to_string(),
+    )
+    .await;
+    assert_eq!(r.json()["error"]["param"], "max_tokens", "{}", r.text());
     let r = post_with(
         &s,
         "/v1/chat/completions",

@@ -63,8 +63,50 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for OpenAiJs
 
     async fn from_request(req: Request, state: &S) -> Result<Self, OpenAiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(body_error)?;
-        Ok(OpenAiJson(parse_json(&bytes)?))
+        let parsed = parse_json(&bytes)?;
+        refuse_unimplemented(&bytes)?;
+        Ok(OpenAiJson(parsed))
     }
+}
+
+/// OpenAI parameters that change what a client gets back and that tiller does not implement:
+/// refused with a 400 naming them rather than silently ignored. Their neutral values (what a
+/// client sends when it means "none") pass.
+fn refuse_unimplemented(bytes: &[u8]) -> Result<(), ApiError> {
+    use serde_json::Value;
+    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(bytes) else {
+        return Ok(());
+    };
+    let neutral = |key: &str, v: &Value| match (key, v) {
+        (_, Value::Null) => true,
+        ("logit_bias", Value::Object(m)) => m.is_empty(),
+        ("response_format", Value::Object(m)) => m.get("type").is_some_and(|t| t == "text"),
+        ("tool_choice" | "function_call", Value::String(s)) => s == "none" || s == "auto",
+        ("functions", Value::Array(a)) => a.is_empty(),
+        ("best_of", v) => v.as_u64() == Some(1),
+        ("suffix", Value::String(s)) => s.is_empty(),
+        _ => false,
+    };
+    const UNIMPLEMENTED: [&str; 7] = [
+        "logit_bias",
+        "response_format",
+        "tool_choice",
+        "function_call",
+        "functions",
+        "best_of",
+        "suffix",
+    ];
+    for key in UNIMPLEMENTED {
+        if body.get(key).is_some_and(|v| !neutral(key, v)) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unsupported_parameter",
+                format!("`{key}` is not supported by this server; leave it out"),
+            )
+            .with_param(key));
+        }
+    }
+    Ok(())
 }
 
 fn now() -> u64 {
