@@ -42,7 +42,7 @@ pub async fn generate_once(cfg: Config, req: GenerateRequest) -> Result<()> {
                 ..Default::default()
             },
         )?;
-        let plan = state.steering_plan(req.steering.as_deref())?;
+        let plan = state.steering_plan(req.steering.as_deref(), &Default::default())?;
         if let Some(p) = &plan {
             eprintln!(
                 "steering: {}",

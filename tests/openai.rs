@@ -386,3 +386,56 @@ async fn errors_use_openai_envelope_and_400() {
     .await;
     assert_eq!(r.json()["error"]["code"], "unsupported_prompt");
 }
+
+/// `X-Steering` is read the same way on every route that steers: on `/generate` and the
+/// inspection routes it steers like the body's list, and a malformed header (or a JSON list
+/// with text after it) is a 400 naming the header everywhere.
+#[tokio::test]
+async fn the_steering_header_is_one_input_on_every_route() {
+    let s = tiny_state(test_config(None));
+    let values: Vec<f64> = (0..64).map(|i| ((i % 7) as f64 - 3.0) * 0.5).collect();
+    let list = json!([{"values": values, "layer": 1, "coefficient": 4.0}]);
+    let header = list.to_string();
+    let gen = json!({"prompt": "the", "max_tokens": 6, "temperature": 0, "ignore_eos": true});
+    let mut with_body = gen.clone();
+    with_body["steering"] = list.clone();
+    let by_body = post_with(&s, "/generate", with_body, &[]).await;
+    let by_header = post_with(&s, "/generate", gen.clone(), &[("x-steering", &header)]).await;
+    let plain = post_with(&s, "/generate", gen.clone(), &[]).await;
+    assert_eq!(by_header.status, StatusCode::OK, "{}", by_header.text());
+    assert_eq!(by_header.json()["text"], by_body.json()["text"]);
+    assert_ne!(by_header.json()["text"], plain.json()["text"]);
+    assert_eq!(by_header.json()["steering"].as_array().unwrap().len(), 1);
+    let logprobs = json!({"prompt": "the", "targets": [" a"]});
+    let steered = post_with(
+        &s,
+        "/inspect/logprobs",
+        logprobs.clone(),
+        &[("x-steering", &header)],
+    )
+    .await;
+    let unsteered = post_with(&s, "/inspect/logprobs", logprobs.clone(), &[]).await;
+    assert_eq!(steered.status, StatusCode::OK, "{}", steered.text());
+    assert_eq!(steered.json()["steering"].as_array().unwrap().len(), 1);
+    assert_ne!(steered.json()["targets"], unsteered.json()["targets"]);
+    let trailing = format!("{header} trailing");
+    for bad in ["nope", "[{\"layer\": }]", trailing.as_str()] {
+        for (path, body) in [
+            ("/generate", gen.clone()),
+            ("/inspect/logprobs", logprobs.clone()),
+            (
+                "/inspect/activations",
+                json!({"prompt": "the", "layers": [1]}),
+            ),
+        ] {
+            let r = post_with(&s, path, body, &[("x-steering", bad)]).await;
+            assert_eq!(
+                r.status,
+                StatusCode::BAD_REQUEST,
+                "{path} {bad}: {}",
+                r.text()
+            );
+            assert_eq!(r.json()["error"]["param"], "X-Steering", "{path} {bad}");
+        }
+    }
+}

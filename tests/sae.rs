@@ -137,7 +137,9 @@ fn steered_rows(
         }
     }
     let specs: Option<Vec<InterventionSpec>> = specs.map(|v| serde_json::from_value(v).unwrap());
-    let plan = s.steering_plan(specs.as_deref()).unwrap();
+    let plan = s
+        .steering_plan(specs.as_deref(), &Default::default())
+        .unwrap();
     let model = &s.engine.model;
     let mut w = Watch {
         inner: BatchSteering::new(model.dims().n_layers, vec![(plan.as_deref(), tokens.len())]),

@@ -568,6 +568,7 @@ pub fn new_id(prefix: &str) -> String {
 /// Generate text, optionally steered.
 #[utoipa::path(post, path = "/generate", tag = "generate",
     request_body = GenerateRequest,
+    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or `name:layer:coefficient[,...]` (the body's `steering` wins)")),
     responses(
         (status = 200, description = "The completion (JSON), or with `stream: true` an SSE stream of `token` events (StreamToken) then `done` (StreamDone)", body = GenerateResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
@@ -598,7 +599,7 @@ pub async fn generate(
     )?;
     let mut settings = settings;
     settings.ignore_eos = req.ignore_eos.unwrap_or(false);
-    let plan = state.steering_plan(req.steering.as_deref())?;
+    let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let compare = req.compare.unwrap_or(false);
     let steered = start(&state, &settings, plan, &rid)?;

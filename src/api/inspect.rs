@@ -163,6 +163,7 @@ pub(super) fn check_prompt_len(state: &AppState, len: usize) -> Result<(), ApiEr
 /// Activations at every token: top neurons or dimensions, norms, projections, chosen neurons.
 #[utoipa::path(post, path = "/inspect/activations", tag = "inspect",
     request_body = ActivationsRequest,
+    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or `name:layer:coefficient[,...]` (the body's `steering` wins)")),
     responses(
         (status = 200, description = "Per-token activations", body = ActivationsResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
@@ -170,6 +171,7 @@ pub(super) fn check_prompt_len(state: &AppState, len: usize) -> Result<(), ApiEr
         (status = 429, description = "Queue full", body = ErrorBody)))]
 pub async fn activations(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<ActivationsRequest>,
 ) -> Result<Json<ActivationsResponse>, ApiError> {
     let tokens = encode_input(&state, req.prompt.as_deref(), req.messages.as_deref())?;
@@ -225,7 +227,7 @@ pub async fn activations(
         .enumerate()
         .map(|(i, n)| neuron(&state, &format!("neurons[{i}]"), n))
         .collect::<Result<Vec<_>, _>>()?;
-    let plan = state.steering_plan(req.steering.as_deref())?;
+    let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let probe = Probe {
         site,
@@ -350,6 +352,7 @@ fn target_score(lps: &[f32]) -> TargetScore {
 /// Score continuations after a prompt, with and without the request's steering.
 #[utoipa::path(post, path = "/inspect/logprobs", tag = "inspect",
     request_body = LogprobsRequest,
+    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or `name:layer:coefficient[,...]` (the body's `steering` wins)")),
     responses(
         (status = 200, description = "Target probabilities and top tokens, side by side", body = LogprobsResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
@@ -357,6 +360,7 @@ fn target_score(lps: &[f32]) -> TargetScore {
         (status = 429, description = "Queue full", body = ErrorBody)))]
 pub async fn logprobs(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<LogprobsRequest>,
 ) -> Result<Json<LogprobsResponse>, ApiError> {
     let model = state.engine.model.clone();
@@ -393,7 +397,7 @@ pub async fn logprobs(
         ));
     }
     let top_k = top_k_param(req.top_k)?;
-    let plan = state.steering_plan(req.steering.as_deref())?;
+    let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let (p, t) = (prompt.clone(), targets.clone());
     let (base, steered) = state

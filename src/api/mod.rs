@@ -78,12 +78,17 @@ impl AppState {
         self.ready.store(ready, Ordering::Relaxed)
     }
 
-    /// Validates a steering list against the served model and the stored vectors.
+    /// The request's steering, validated against the served model and the stored vectors:
+    /// the body's `steering` list, else the `X-Steering` header (a JSON list or the compact
+    /// form). Every route that steers reads it here; a malformed header is a 400 even when
+    /// the body's list wins.
     pub fn steering_plan(
         &self,
-        specs: Option<&[InterventionSpec]>,
+        body: Option<&[InterventionSpec]>,
+        headers: &axum::http::HeaderMap,
     ) -> Result<Option<Arc<SteeringPlan>>, ApiError> {
-        let Some(specs) = specs.filter(|s| !s.is_empty()) else {
+        let from_header = header_steering(headers)?;
+        let Some(specs) = body.or(from_header.as_deref()).filter(|s| !s.is_empty()) else {
             return Ok(None);
         };
         let cfg = self.engine.model.dims();
@@ -368,6 +373,44 @@ async fn catch_panics(
                 .into_response()
         }
     }
+}
+
+/// The request header that carries steering on every route that steers.
+pub const STEERING_HEADER: &str = "x-steering";
+
+/// The steering list of the `X-Steering` header, if one was sent.
+fn header_steering(
+    headers: &axum::http::HeaderMap,
+) -> Result<Option<Vec<InterventionSpec>>, ApiError> {
+    let bad = |what: String| {
+        ApiError::malformed(format!("`X-Steering`: {what}")).with_param("X-Steering")
+    };
+    let Some(raw) = headers.get(STEERING_HEADER) else {
+        return Ok(None);
+    };
+    let text = raw
+        .to_str()
+        .map_err(|_| bad("the header is not valid text".into()))?
+        .trim();
+    if text.is_empty() {
+        return Err(bad("the header is empty".into()));
+    }
+    if !text.starts_with('[') {
+        return crate::steering::compact::parse(text)
+            .map(Some)
+            .map_err(|e| bad(e.to_string()));
+    }
+    let de = &mut serde_json::Deserializer::from_str(text);
+    let list = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
+        let path = e.path().to_string();
+        bad(format!(
+            "not a valid steering list at `{path}`: {}",
+            e.into_inner()
+        ))
+    })?;
+    de.end()
+        .map_err(|e| bad(format!("unexpected text after the JSON list: {e}")))?;
+    Ok(Some(list))
 }
 
 /// Counts every request by route template and status.

@@ -395,6 +395,7 @@ pub struct FeaturesResponse {
 /// The SAE's active features at every token of a prompt, with reconstruction error and L0.
 #[utoipa::path(post, path = "/inspect/features", tag = "saes",
     request_body = FeaturesRequest,
+    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or `name:layer:coefficient[,...]` (the body's `steering` wins)")),
     responses(
         (status = 200, description = "Per-token features", body = FeaturesResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
@@ -402,6 +403,7 @@ pub struct FeaturesResponse {
         (status = 429, description = "Queue full", body = ErrorBody)))]
 pub async fn inspect_features(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<FeaturesRequest>,
 ) -> Result<Json<FeaturesResponse>, ApiError> {
     let sae = state.saes.get(&req.sae).ok_or_else(|| {
@@ -414,7 +416,7 @@ pub async fn inspect_features(
     let tokens = encode_input(&state, req.prompt.as_deref(), req.messages.as_deref())?;
     check_prompt_len(&state, tokens.len())?;
     let top_k = top_k_param(req.top_k)?;
-    let plan = state.steering_plan(req.steering.as_deref())?;
+    let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let (toks, s2) = (tokens.clone(), sae.clone());
     let rows = state

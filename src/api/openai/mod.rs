@@ -31,7 +31,6 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 mod wire;
 pub use wire::*;
 
-pub const STEERING_HEADER: &str = "x-steering";
 pub const APPLIED_HEADER: &str = "x-steering-applied";
 
 /// An error in OpenAI's terms: every invalid parameter is a 400.
@@ -150,45 +149,6 @@ fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
             )
         }),
     }
-}
-
-/// The steering list from the body, else from the `X-Steering` header.
-pub fn steering_from(
-    body: Option<Vec<InterventionSpec>>,
-    headers: &HeaderMap,
-) -> Result<Option<Vec<InterventionSpec>>, ApiError> {
-    if body.is_some() {
-        return Ok(body);
-    }
-    let Some(raw) = headers.get(STEERING_HEADER) else {
-        return Ok(None);
-    };
-    let text = raw
-        .to_str()
-        .map_err(|_| {
-            ApiError::malformed("`X-Steering`: the header is not valid text")
-                .with_param("X-Steering")
-        })?
-        .trim();
-    if text.is_empty() {
-        return Err(
-            ApiError::malformed("`X-Steering`: the header is empty").with_param("X-Steering")
-        );
-    }
-    if text.starts_with('[') {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        return serde_path_to_error::deserialize(de).map(Some).map_err(|e| {
-            let path = e.path().to_string();
-            ApiError::malformed(format!(
-                "`X-Steering`: not a valid steering list at `{path}`: {}",
-                e.into_inner()
-            ))
-            .with_param("X-Steering")
-        });
-    }
-    compact::parse(text)
-        .map(Some)
-        .map_err(|e| ApiError::malformed(format!("`X-Steering`: {e}")).with_param("X-Steering"))
 }
 
 fn with_applied(mut resp: Response, applied: &[AppliedIntervention]) -> Response {
@@ -421,8 +381,7 @@ fn prepare(
     steering: Option<Vec<InterventionSpec>>,
 ) -> Result<Prepared, ApiError> {
     let settings = validate_settings(state, prompt, raw)?;
-    let specs = steering_from(steering, headers)?;
-    let plan = state.steering_plan(specs.as_deref())?;
+    let plan = state.steering_plan(steering.as_deref(), headers)?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     Ok(Prepared {
         settings,
