@@ -156,6 +156,32 @@ fn etag_of(bytes: &[u8], version: u64) -> String {
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// `config/vectors` compiled in (path below it, bytes): the built-ins of a server started from
+/// another folder. The folder stays the source they are built from; a test checks the two
+/// list the same files.
+const EMBEDDED_BUILTINS: [(&str, &[u8]); 5] = [
+    (
+        "golden_gate.safetensors",
+        include_bytes!("../../config/vectors/golden_gate.safetensors"),
+    ),
+    (
+        "neuron_means_default.safetensors",
+        include_bytes!("../../config/vectors/neuron_means_default.safetensors"),
+    ),
+    (
+        "refusal.safetensors",
+        include_bytes!("../../config/vectors/refusal.safetensors"),
+    ),
+    (
+        "sycophancy.safetensors",
+        include_bytes!("../../config/vectors/sycophancy.safetensors"),
+    ),
+    (
+        "gemma3-270m/golden_gate.safetensors",
+        include_bytes!("../../config/vectors/gemma3-270m/golden_gate.safetensors"),
+    ),
+];
+
 /// Writes `bytes` to `path` so that `path` holds either its old content or all of the new one,
 /// even if the process dies at any point: temporary file, fsync, rename, fsync of the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -234,10 +260,20 @@ impl VectorStore {
     }
 
     /// Loads the built-in vectors of `dir` and of its subfolders (one per model, e.g.
-    /// `gemma3-270m/`), read-only. A vector made for another model is passed over quietly:
-    /// built-in folders ship vectors for several models. Returns one line per file skipped
-    /// for any other reason.
+    /// `gemma3-270m/`), read-only; when `dir` does not exist (a server started from another
+    /// folder), the copies of `config/vectors` compiled into the binary. A vector made for
+    /// another model is passed over quietly: built-in folders ship vectors for several models.
+    /// Returns one line per file skipped for any other reason.
     pub fn load_builtin_dir(&self, dir: &Path) -> Vec<String> {
+        if !dir.is_dir() {
+            return EMBEDDED_BUILTINS
+                .iter()
+                .filter_map(|(file, bytes)| {
+                    let label = format!("(built in) {file}");
+                    self.load_file(&label, file, bytes.to_vec(), VectorOrigin::Builtin)
+                })
+                .collect();
+        }
         let mut folders = vec![dir.to_path_buf()];
         if let Ok(read) = std::fs::read_dir(dir) {
             let mut subs: Vec<_> = read
@@ -254,71 +290,72 @@ impl VectorStore {
     }
 
     fn load_dir(&self, dir: &Path, origin: VectorOrigin) -> Vec<String> {
-        let mut skipped = Vec::new();
         let Ok(read) = std::fs::read_dir(dir) else {
-            return skipped;
+            return Vec::new();
         };
         let mut paths: Vec<_> = read
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
             .collect();
         paths.sort();
-        for path in paths {
-            let name = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if !valid_name(&name) {
-                skipped.push(format!(
-                    "{}: `{name}` is not a valid vector name",
-                    path.display()
-                ));
-                continue;
-            }
-            let loaded = std::fs::read(&path)
-                .map_err(anyhow::Error::from)
-                .and_then(|bytes| {
-                    let v = SteeringVector::from_safetensors(
-                        &bytes,
-                        &VectorDefaults {
-                            name: Some(name.clone()),
-                            ..Default::default()
-                        },
-                    )?;
-                    Ok((v, bytes))
-                });
-            match loaded {
-                Ok((v, _))
-                    if origin == VectorOrigin::Builtin && self.shape.made_for_another_model(&v) =>
-                {
-                    tracing::debug!(path = %path.display(), model = %v.meta.model, "built-in vector for another model");
+        paths
+            .iter()
+            .filter_map(|path| {
+                let label = path.display().to_string();
+                match std::fs::read(path) {
+                    Ok(bytes) => self.load_file(&label, &path.to_string_lossy(), bytes, origin),
+                    Err(e) => Some(format!("{label}: {e}")),
                 }
-                Ok((v, bytes)) => match self.shape.mismatch(&v) {
-                    Some(why) => skipped.push(format!("{}: {why}", path.display())),
-                    None => {
-                        if origin == VectorOrigin::Stored
-                            && self
-                                .get(&name)
-                                .is_some_and(|e| e.origin == VectorOrigin::Builtin)
-                        {
-                            skipped.push(format!(
-                                "{}: `{name}` is the name of a built-in vector",
-                                path.display()
-                            ));
-                            continue;
-                        }
-                        let etag = etag_of(&bytes, v.meta.version);
-                        self.insert_entry(StoreEntry {
-                            vector: Arc::new(v),
-                            origin,
-                            etag,
-                        });
-                    }
-                },
-                Err(e) => skipped.push(format!("{}: {e:#}", path.display())),
-            }
+            })
+            .collect()
+    }
+
+    /// Loads one `.safetensors` vector file (`file` names it, `label` is for messages); the
+    /// reason it was skipped, if it was.
+    fn load_file(
+        &self,
+        label: &str,
+        file: &str,
+        bytes: Vec<u8>,
+        origin: VectorOrigin,
+    ) -> Option<String> {
+        let name = Path::new(file)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !valid_name(&name) {
+            return Some(format!("{label}: `{name}` is not a valid vector name"));
         }
-        skipped
+        let defaults = VectorDefaults {
+            name: Some(name.clone()),
+            ..Default::default()
+        };
+        let v = match SteeringVector::from_safetensors(&bytes, &defaults) {
+            Ok(v) => v,
+            Err(e) => return Some(format!("{label}: {e:#}")),
+        };
+        if origin == VectorOrigin::Builtin && self.shape.made_for_another_model(&v) {
+            tracing::debug!(file = label, model = %v.meta.model, "built-in vector for another model");
+            return None;
+        }
+        if let Some(why) = self.shape.mismatch(&v) {
+            return Some(format!("{label}: {why}"));
+        }
+        let shadows_builtin = self
+            .get(&name)
+            .is_some_and(|e| e.origin == VectorOrigin::Builtin);
+        if origin == VectorOrigin::Stored && shadows_builtin {
+            return Some(format!(
+                "{label}: `{name}` is the name of a built-in vector"
+            ));
+        }
+        let etag = etag_of(&bytes, v.meta.version);
+        self.insert_entry(StoreEntry {
+            vector: Arc::new(v),
+            origin,
+            etag,
+        });
+        None
     }
 
     fn insert_entry(&self, e: StoreEntry) {
@@ -422,6 +459,52 @@ impl VectorStore {
 
 #[cfg(test)]
 mod tests {
+
+    /// The compiled-in built-ins are the files of `config/vectors`, and a store opened where
+    /// that folder is absent gets each model its own.
+    #[test]
+    fn builtins_are_compiled_in_for_servers_started_elsewhere() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/vectors");
+        let mut on_disk = Vec::new();
+        for dir in [root.clone(), root.join("gemma3-270m")] {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.extension().is_some_and(|x| x == "safetensors") {
+                    on_disk.push(p.strip_prefix(&root).unwrap().display().to_string());
+                }
+            }
+        }
+        let mut embedded: Vec<String> = EMBEDDED_BUILTINS
+            .iter()
+            .map(|(f, _)| f.to_string())
+            .collect();
+        on_disk.sort();
+        embedded.sort();
+        assert_eq!(embedded, on_disk);
+        let names = |model_id: &str, d_model: usize, n_neurons: usize| {
+            let shape = ModelShape {
+                model_id: model_id.into(),
+                d_model,
+                n_neurons,
+            };
+            let (store, _) = VectorStore::open(shape, None).unwrap();
+            assert!(store
+                .load_builtin_dir(Path::new("/nonexistent/vectors"))
+                .is_empty());
+            store.names()
+        };
+        let smollm = names("SmolLM2-135M-Instruct.Q4_1", 576, 1536);
+        for v in [
+            "golden_gate",
+            "neuron_means_default",
+            "refusal",
+            "sycophancy",
+        ] {
+            assert!(smollm.iter().any(|n| n == v), "{v} in {smollm:?}");
+        }
+        assert_eq!(names("gemma-3-270m-q4_k_m", 640, 2048), ["golden_gate"]);
+    }
+
     use super::*;
     use crate::steering::vector::VectorMeta;
 
