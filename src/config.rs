@@ -66,6 +66,7 @@ pub struct Limits {
     pub max_stop_sequences: usize,
     pub max_logprobs: usize,
     pub max_tokenize_tokens: usize,
+    pub max_inspect_values: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -257,8 +257,27 @@ async fn top_contexts_rank_tokens_by_the_signal() {
 
 #[tokio::test]
 async fn inspection_errors_name_the_field() {
-    let s = tiny_state(test_config(None));
+    let mut cfg = test_config(None);
+    cfg.limits.max_prompt_tokens = 40;
+    cfg.limits.max_inspect_values = 500;
+    let s = tiny_state(cfg);
+    let long = "the theater ".repeat(60);
+    let neurons: Vec<_> = (0..90).map(|i| json!({"layer": 1, "index": i})).collect();
     let cases = [
+        // Every request's work is bounded: the numbers an answer holds, and prompt tokens on
+        // the top-context routes as everywhere.
+        (
+            "/inspect/activations",
+            json!({"prompt": "the theater is", "layers": [0, 1], "neurons": neurons}),
+            "too_much_output",
+            "limits.max_inspect_values",
+        ),
+        (
+            "/inspect/neurons/top",
+            json!({"prompts": ["a", long], "neuron": {"layer": 0, "index": 0}}),
+            "prompt_too_long",
+            "`prompts[1]`",
+        ),
         (
             "/inspect/activations",
             json!({"prompt": "a", "site": "nowhere"}),

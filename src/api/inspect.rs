@@ -144,7 +144,7 @@ pub(super) fn top_k_param(top_k: Option<u64>) -> Result<usize, ApiError> {
 }
 
 /// Rejects a prompt longer than `limits.max_prompt_tokens` or the model's context.
-pub(super) fn check_prompt_len(state: &AppState, len: usize) -> Result<(), ApiError> {
+pub(super) fn check_prompt_len(state: &AppState, field: &str, len: usize) -> Result<(), ApiError> {
     let max_prompt = state
         .config
         .limits
@@ -152,9 +152,9 @@ pub(super) fn check_prompt_len(state: &AppState, len: usize) -> Result<(), ApiEr
         .min(state.engine.model.dims().context_length);
     if len > max_prompt {
         return Err(ApiError::invalid(
-            "prompt",
+            field,
             "prompt_too_long",
-            format!("{len} tokens; at most {max_prompt}"),
+            format!("{len} tokens; at most {max_prompt} (limits.max_prompt_tokens)"),
         ));
     }
     Ok(())
@@ -175,7 +175,7 @@ pub async fn activations(
     ApiJson(req): ApiJson<ActivationsRequest>,
 ) -> Result<Json<ActivationsResponse>, ApiError> {
     let tokens = encode_input(&state, req.prompt.as_deref(), req.messages.as_deref())?;
-    check_prompt_len(&state, tokens.len())?;
+    check_prompt_len(&state, "prompt", tokens.len())?;
     let site = match req.site.as_deref() {
         None => HookSite::ResidPost,
         Some(s) => HookSite::parse(s).ok_or_else(|| {
@@ -227,6 +227,22 @@ pub async fn activations(
         .enumerate()
         .map(|(i, n)| neuron(&state, &format!("neurons[{i}]"), n))
         .collect::<Result<Vec<_>, _>>()?;
+    let limit = state.config.limits.max_inspect_values;
+    let per_cell = 1 + top_k + project_onto.len() + neurons.len();
+    let values = (layers.len() * tokens.len()).saturating_mul(per_cell);
+    if values > limit {
+        return Err(ApiError::invalid(
+            "project_onto",
+            "too_much_output",
+            format!(
+                "{} tokens × {} layers × {per_cell} values per cell (1 + top_k + projections + \
+                 neurons) is {values} numbers, more than limits.max_inspect_values ({limit}); \
+                 ask for fewer layers, projections or neurons",
+                tokens.len(),
+                layers.len()
+            ),
+        ));
+    }
     let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let probe = Probe {
@@ -600,9 +616,12 @@ pub fn encode_prompts(
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            encode_example(&state.engine.model, p, chat, Position::Last)
+            let field = format!("prompts[{i}]");
+            let tokens = encode_example(&state.engine.model, p, chat, Position::Last)
                 .map(|e| e.tokens)
-                .map_err(|m| ApiError::invalid(&format!("prompts[{i}]"), "invalid_example", m))
+                .map_err(|m| ApiError::invalid(&field, "invalid_example", m))?;
+            check_prompt_len(state, &field, tokens.len())?;
+            Ok(tokens)
         })
         .collect()
 }

@@ -414,7 +414,7 @@ pub async fn inspect_features(
         )
     })?;
     let tokens = encode_input(&state, req.prompt.as_deref(), req.messages.as_deref())?;
-    check_prompt_len(&state, tokens.len())?;
+    check_prompt_len(&state, "prompt", tokens.len())?;
     let top_k = top_k_param(req.top_k)?;
     let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
