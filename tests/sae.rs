@@ -314,11 +314,72 @@ async fn saes_load_at_start_and_over_http_in_both_layouts() {
         r.text()
     );
 
+    // An upload never writes into a folder of the user's, nor through a link (409), and a
+    // path body cannot leave saes.dir through a link.
+    let root = s.config.saes.dir.clone();
+    std::fs::create_dir_all(root.join("mine")).unwrap();
+    std::fs::write(root.join("mine/notes.txt"), "mine").unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::copy(folder.join("params.npz"), outside.path().join("params.npz")).unwrap();
+    std::fs::copy(folder.join("cfg.json"), outside.path().join("cfg.json")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.join("linked")).unwrap();
+    for name in ["mine", "linked"] {
+        let body = safetensors_bytes(&parts(5, D, false));
+        let r = call(
+            &s,
+            Request::put(format!("/saes/{name}?hook={HOOK}"))
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (StatusCode::CONFLICT, "folder_not_owned"),
+            "{name}: {}",
+            r.text()
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(root.join("mine/notes.txt")).unwrap(),
+        "mine"
+    );
+    let r = call(
+        &s,
+        Request::put("/saes/out")
+            .header("content-type", "application/json")
+            .body(Body::from(json!({"path": "linked"}).to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_path"),
+        "{}",
+        r.text()
+    );
+    std::fs::remove_file(root.join("linked")).unwrap();
+    std::fs::remove_dir_all(root.join("mine")).unwrap();
+    // A copy of an uploaded SAE put there by hand (no marker) loads at start but is never
+    // deleted with it.
+    let by_hand = root.join("copied");
+    std::fs::create_dir_all(&by_hand).unwrap();
+    for f in ["cfg.json", "sae_weights.safetensors"] {
+        std::fs::copy(root.join("tk").join(f), by_hand.join(f)).unwrap();
+    }
+
     // A fresh state over the same folder loads what was uploaded.
     let again = tiny_state(s.config.clone());
     let mut names = again.saes.names();
     names.sort();
-    assert_eq!(names, ["gs", "std", "tk"]);
+    assert_eq!(names, ["copied", "gs", "std", "tk"]);
+    let r = call(
+        &again,
+        Request::delete("/saes/copied").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert!(by_hand.join("sae_weights.safetensors").exists());
+    std::fs::remove_dir_all(&by_hand).unwrap();
 
     // Delete unloads and removes the folder.
     let r = call(&s, Request::delete("/saes/gs").body(Body::empty()).unwrap()).await;

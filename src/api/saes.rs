@@ -15,7 +15,7 @@ use crate::model::hooks::{ChainHooks, SiteRecorder};
 use crate::model::Logits;
 use crate::steering::extract::ExampleSpec;
 use crate::steering::intervention::BatchSteering;
-use crate::steering::sae::{Sae, SaeArchitecture, SaeConfig, SaeParts};
+use crate::steering::sae::{owned_folder, Sae, SaeArchitecture, SaeConfig, SaeParts};
 use crate::steering::spec::{AppliedIntervention, InterventionSpec};
 use crate::steering::store::valid_name;
 use axum::extract::{Path, Query, State};
@@ -196,6 +196,18 @@ pub async fn put_sae(
             ));
         }
         let dir = root.join(rel);
+        // A link inside saes.dir must not lead out of it.
+        let inside = match (dir.canonicalize(), root.canonicalize()) {
+            (Ok(d), Ok(r)) => d.starts_with(r),
+            _ => true, // missing: load_dir reports it
+        };
+        if !inside {
+            return Err(ApiError::invalid(
+                "path",
+                "invalid_path",
+                "leads out of saes.dir (through a link)",
+            ));
+        }
         tokio::task::spawn_blocking(move || Sae::load_dir(&name, &dir))
             .await
             .map_err(|e| ApiError::internal("loading the SAE", e))?
@@ -268,6 +280,7 @@ pub async fn put_sae(
     // Kept only once it is known to fit the model, so a bad upload never reloads at start.
     let sae = if from_file {
         let dir = state.config.saes.dir.join(&sae.name);
+        check_upload_folder(&dir)?;
         let mut sae = sae;
         tokio::task::spawn_blocking(move || {
             sae.save_dir(&dir)?;
@@ -284,6 +297,31 @@ pub async fn put_sae(
     state.saes.insert(sae);
     tracing::info!(sae = %info.name, hook = %info.hook_name, d_sae = info.d_sae, "SAE loaded");
     Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+/// An upload writes `dir` only when it is new, or a folder tiller wrote before: never through
+/// a link, never over files a user put there (409).
+fn check_upload_folder(dir: &std::path::Path) -> Result<(), ApiError> {
+    let Ok(meta) = dir.symlink_metadata() else {
+        return Ok(());
+    };
+    let conflict = |why: &str| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "folder_not_owned",
+            format!("{}: {why}; pick another name", dir.display()),
+        )
+    };
+    if !meta.is_dir() {
+        return Err(conflict(
+            "exists and is not a folder tiller wrote (a link or a file)",
+        ));
+    }
+    let empty = std::fs::read_dir(dir).is_ok_and(|mut r| r.next().is_none());
+    if !empty && !owned_folder(dir) {
+        return Err(conflict("holds files tiller did not write"));
+    }
+    Ok(())
 }
 
 fn tempfile_in(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
@@ -310,7 +348,7 @@ pub async fn delete_sae(
 ) -> Result<StatusCode, ApiError> {
     let sae = lookup(&state, &name)?;
     state.saes.remove(&name);
-    if let Some(dir) = &sae.files {
+    if let Some(dir) = sae.files.as_ref().filter(|d| owned_folder(d)) {
         if let Err(e) = std::fs::remove_dir_all(dir) {
             tracing::warn!(sae = %name, dir = %dir.display(), error = %e, "could not delete the SAE's folder");
         }

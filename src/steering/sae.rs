@@ -29,6 +29,15 @@ pub enum SaeArchitecture {
     Topk { k: usize },
 }
 
+/// The file tiller writes into an SAE folder it created (an upload, `tiller sae train`):
+/// only such folders go with their SAE on delete; a folder copied in by hand never does.
+pub const OWNED_MARKER: &str = ".tiller-owned";
+
+/// Whether tiller created `dir`: a real folder (not a link) holding [`OWNED_MARKER`].
+pub fn owned_folder(dir: &Path) -> bool {
+    dir.symlink_metadata().is_ok_and(|m| m.is_dir()) && dir.join(OWNED_MARKER).is_file()
+}
+
 /// A loaded sparse autoencoder.
 #[derive(Debug)]
 pub struct Sae {
@@ -400,6 +409,10 @@ impl Sae {
         let tmp = dir.join(".sae_weights.safetensors.tmp");
         candle_core::safetensors::save(&tensors.into_iter().collect::<HashMap<_, _>>(), &tmp)?;
         std::fs::rename(&tmp, dir.join("sae_weights.safetensors"))?;
+        std::fs::write(
+            dir.join(OWNED_MARKER),
+            b"written by tiller; deleted with the SAE\n",
+        )?;
         Ok(())
     }
 
@@ -572,7 +585,7 @@ impl SaeStore {
             match Sae::load_dir(&name, &d) {
                 Ok(mut sae) => match width_of(sae.site, sae.layer) {
                     Some(w) if w == sae.d_in => {
-                        sae.files = Some(d.clone());
+                        sae.files = owned_folder(&d).then(|| d.clone());
                         self.insert(sae);
                     }
                     Some(w) => skipped.push(format!(
