@@ -823,3 +823,26 @@ async fn an_imported_control_vector_steers_as_llama_cpp_defines() {
         "imported control vector differs from llama.cpp's definition by {diff}"
     );
 }
+
+/// A store that cannot be written answers 503 with `Retry-After` (the vector stays as it was),
+/// a full disk 507; both in the error envelope.
+#[tokio::test]
+async fn storage_failures_are_503_or_507() {
+    let s = tiny_state(test_config(None));
+    let r = put(&s, "/vectors/kept", json_vector(&[(1, values(2))]), &[]).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    // The store's folder replaced by a file: every write fails.
+    let dir = s.config.vectors.dir.clone();
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, "not a folder").unwrap();
+    let r = put(&s, "/vectors/lost", json_vector(&[(1, values(3))]), &[]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert_eq!(r.error_code(), "store_unavailable");
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(get(&s, "/vectors/lost").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(get(&s, "/vectors/kept").await.status, StatusCode::OK);
+    let full = tiller::api::vectors::storage_error(&std::io::ErrorKind::StorageFull.into());
+    assert_eq!(full.status, StatusCode::INSUFFICIENT_STORAGE);
+    assert_eq!(full.code, "storage_full");
+    std::fs::remove_file(&dir).unwrap();
+}

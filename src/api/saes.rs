@@ -289,7 +289,10 @@ pub async fn put_sae(
         })
         .await
         .map_err(|e| ApiError::internal("saving the SAE", e))?
-        .map_err(|e| ApiError::internal("saving the SAE", format!("{e:#}")))?
+        .map_err(|e| match e.downcast_ref::<std::io::Error>() {
+            Some(io) => super::vectors::storage_error(io),
+            None => ApiError::internal("saving the SAE", format!("{e:#}")),
+        })?
     } else {
         sae
     };

@@ -206,8 +206,28 @@ impl From<StoreError> for ApiError {
             ),
             StoreError::ModelMismatch(_) => ApiError::invalid("body", "model_mismatch", e),
             StoreError::Invalid(_) => ApiError::invalid("body", "invalid_vector", e),
-            StoreError::Io(_) => ApiError::internal("storing the vector", e),
+            StoreError::Io(io) => storage_error(&io),
         }
+    }
+}
+
+/// A failed write to a store (vectors, SAE uploads): 507 when the disk is full, else 503 with
+/// `Retry-After` (a read-only or failing store); the detail goes to the log.
+pub fn storage_error(e: &std::io::Error) -> ApiError {
+    tracing::error!(error = %e, "writing to the store");
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        return ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "storage_full",
+            "the store's disk is full; free space or remove vectors or SAEs",
+        );
+    }
+    ApiError {
+        code: "store_unavailable",
+        ..ApiError::unavailable(format!(
+            "the store cannot be written ({}); retry later",
+            e.kind()
+        ))
     }
 }
 

@@ -88,7 +88,7 @@ pub enum StoreError {
     #[error("{0}")]
     Invalid(String),
     #[error("storage failure: {0}")]
-    Io(String),
+    Io(#[from] std::io::Error),
 }
 
 /// Checks a vector name: `[a-z0-9_.-]{1,64}`, not starting with a dot.
@@ -405,8 +405,7 @@ impl VectorStore {
             .to_safetensors()
             .map_err(|e| StoreError::Invalid(format!("{e:#}")))?;
         if let Some(dir) = &self.dir {
-            write_atomic(&dir.join(format!("{}.safetensors", v.name)), &bytes)
-                .map_err(|e| StoreError::Io(e.to_string()))?;
+            write_atomic(&dir.join(format!("{}.safetensors", v.name)), &bytes)?;
         }
         let entry = StoreEntry {
             etag: etag_of(&bytes, v.meta.version),
@@ -430,9 +429,9 @@ impl VectorStore {
         if let Some(dir) = &self.dir {
             let path = dir.join(format!("{name}.safetensors"));
             match std::fs::remove_file(&path) {
-                Ok(()) => sync_dir(dir).map_err(|e| StoreError::Io(e.to_string()))?,
+                Ok(()) => sync_dir(dir)?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::Io(e.to_string())),
+                Err(e) => return Err(e.into()),
             }
         }
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
