@@ -295,17 +295,18 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    const FORMATS: [GgmlDType; 9] = [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-        GgmlDType::F32,
-    ];
+    use crate::model::cpu::quant::tests::BLOCK_FORMATS;
+
+    /// The block formats and f32.
+    const FORMATS: [GgmlDType; 9] = {
+        let mut all = [GgmlDType::F32; 9];
+        let mut i = 0;
+        while i < BLOCK_FORMATS.len() {
+            all[i] = BLOCK_FORMATS[i];
+            i += 1;
+        }
+        all
+    };
 
     fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
         crate::testing::pseudo_random(n, seed, 1.0)

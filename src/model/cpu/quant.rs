@@ -336,7 +336,19 @@ fn dequantize_row<T: Dequantize>(blocks: &[T], r: usize, cols: usize, out: &mut 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+
+    /// Every block format the kernels run, as candle names them (the kernel tests use it too).
+    pub(crate) const BLOCK_FORMATS: [GgmlDType; 8] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
     use super::*;
 
     /// Our reference dequantisation equals candle's (ggml's) for every format it has.
@@ -345,16 +357,7 @@ mod tests {
         let cols = 512;
         let dense: Vec<f32> = crate::testing::pseudo_random(4 * cols, 9, 3.0);
         let t = Tensor::from_vec(dense, (4, cols), &Device::Cpu).unwrap();
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ] {
+        for dtype in BLOCK_FORMATS {
             let q = QTensor::quantize(&t, dtype).unwrap();
             let w = WeightMatrix::from_qtensor(&q, WeightFormat::Native).unwrap();
             assert_eq!(w.formats()[0].0, BlockFormat::of(dtype).unwrap());
