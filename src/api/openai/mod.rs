@@ -68,11 +68,27 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for OpenAiJs
     }
 }
 
+/// OpenAI parameters tiller does not implement (see [`refuse_unimplemented`]).
+const UNIMPLEMENTED: [&str; 7] = [
+    "logit_bias",
+    "response_format",
+    "tool_choice",
+    "function_call",
+    "functions",
+    "best_of",
+    "suffix",
+];
+
 /// OpenAI parameters that change what a client gets back and that tiller does not implement:
 /// refused with a 400 naming them rather than silently ignored. Their neutral values (what a
 /// client sends when it means "none") pass.
 fn refuse_unimplemented(bytes: &[u8]) -> Result<(), ApiError> {
     use serde_json::Value;
+    // Most bodies name none of them: skip the second parse.
+    let named = |key: &str| bytes.windows(key.len()).any(|w| w == key.as_bytes());
+    if !UNIMPLEMENTED.iter().any(|k| named(k)) {
+        return Ok(());
+    }
     let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(bytes) else {
         return Ok(());
     };
@@ -86,15 +102,6 @@ fn refuse_unimplemented(bytes: &[u8]) -> Result<(), ApiError> {
         ("suffix", Value::String(s)) => s.is_empty(),
         _ => false,
     };
-    const UNIMPLEMENTED: [&str; 7] = [
-        "logit_bias",
-        "response_format",
-        "tool_choice",
-        "function_call",
-        "functions",
-        "best_of",
-        "suffix",
-    ];
     for key in UNIMPLEMENTED {
         if body.get(key).is_some_and(|v| !neutral(key, v)) {
             return Err(ApiError::new(
