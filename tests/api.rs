@@ -343,7 +343,7 @@ async fn steering_errors_name_the_field() {
         ),
         (
             json!([{"values": v64, "layer": 1, "op": "explode"}]),
-            "invalid_op",
+            "invalid_field",
             "steering[0].op",
         ),
         (
@@ -358,12 +358,12 @@ async fn steering_errors_name_the_field() {
         ),
         (
             json!([{"values": v64, "layer": 1, "positions": "middle"}]),
-            "invalid_positions",
+            "invalid_field",
             "steering[0].positions",
         ),
         (
             json!([{"values": v64, "layer": 1, "site": "nowhere"}]),
-            "invalid_site",
+            "invalid_field",
             "steering[0].site",
         ),
         (

@@ -281,7 +281,7 @@ async fn inspection_errors_name_the_field() {
         (
             "/inspect/activations",
             json!({"prompt": "a", "site": "nowhere"}),
-            "invalid_site",
+            "invalid_field",
             "`site`",
         ),
         (

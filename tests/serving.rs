@@ -99,7 +99,7 @@ fn batched_requests_with_different_plans_match_their_solo_runs() {
         "tiller_http_requests_total{route=\"/generate\",status=\"200\"} 16",
         "tiller_steering_interventions_total{op=\"add\"}",
         "tiller_steering_interventions_total{op=\"ablate\"}",
-        "tiller_steering_interventions_total{op=\"neuron_zero\"}",
+        "tiller_steering_interventions_total{op=\"zero\"}",
         "tiller_generated_tokens_total 384",
         "tiller_time_to_first_token_seconds_count 16",
         "tiller_inter_token_latency_seconds_count 368",

@@ -235,13 +235,13 @@ class InterventionEditor {
     return s;
   }
 
-  /// The compact X-Steering item, or null when the positions need the JSON form.
+  /// The compact X-Steering item (the grammar in docs/steering.md).
   compact() {
     const s = this.spec();
-    if (s.positions) return null;
     const c = fmtNum(s.coefficient);
-    if (s.feature) return `${s.feature.sae}#${s.feature.index}:${this.layer.value}:${c}` + (s.op === "clamp" ? ":clamp" : "");
-    return `${s.vector}:${s.layer}:${c}` + (s.op === "add" ? "" : ":" + s.op);
+    const pos = s.positions ? `;positions=${s.positions}` : "";
+    if (s.feature) return `${s.feature.sae}#${s.feature.index}:${this.layer.value}:${c}` + (s.op === "clamp" ? ":clamp" : "") + pos;
+    return `${s.vector}:${s.layer}:${c}` + (s.op === "add" ? "" : ":" + s.op) + pos;
   }
 }
 
@@ -299,14 +299,12 @@ function compareRequest() {
 /// Shows the plan's compact X-Steering form and the same request as an OpenAI-style curl.
 function updatePlan() {
   const eds = compareEditors();
-  const items = eds.map((e) => e.compact());
-  const compact = items.every((x) => x !== null) ? items.join(",") : null;
-  $("compare-compact").value = compact ?? "(positions other than \"all\" need the JSON body)";
+  const compact = eds.map((e) => e.compact()).join(",");
+  $("compare-compact").value = compact;
   const req = compareRequest();
   const chat = $("compare-mode").value === "chat";
   const body = { model: app.info ? app.info.model : "default", max_tokens: req.max_tokens, temperature: req.temperature, seed: req.seed };
   if (chat) body.messages = req.messages; else body.prompt = req.prompt;
-  if (compact === null && req.steering.length) body.steering = req.steering;
   const q = (s) => "'" + s.replace(/'/g, "'\\''") + "'";
   const lines = [`curl ${location.origin}/v1/${chat ? "chat/completions" : "completions"}`, "-H 'Content-Type: application/json'"];
   if (app.key) lines.push("-H \"Authorization: Bearer $TILLER_API_KEY\"");

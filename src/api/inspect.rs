@@ -96,10 +96,9 @@ pub struct ActivationsRequest {
     /// Blocks to read (default: all).
     #[serde(default)]
     pub layers: Option<Vec<i64>>,
-    #[schema(example = "resid_post")]
-    /// `resid_post` (default), `resid_pre`, `attn_out`, `mlp_out` or `mlp_act` (neurons).
+    /// The hook site read (default `resid_post`; `mlp_act` for neurons).
     #[serde(default)]
-    pub site: Option<String>,
+    pub site: Option<HookSite>,
     #[schema(example = 10)]
     /// How many top neurons (by value) or dimensions (by magnitude) per token (default 10).
     #[serde(default)]
@@ -123,8 +122,7 @@ pub struct ActivationsResponse {
     #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
     pub model: String,
     /// The inspected hook site.
-    #[schema(example = "resid_post")]
-    pub site: String,
+    pub site: HookSite,
     /// The inspected layers.
     #[schema(example = json!([12]))]
     pub layers: Vec<usize>,
@@ -176,12 +174,7 @@ pub async fn activations(
 ) -> Result<Json<ActivationsResponse>, ApiError> {
     let tokens = encode_input(&state, req.prompt.as_deref(), req.messages.as_deref())?;
     check_prompt_len(&state, "prompt", tokens.len())?;
-    let site = match req.site.as_deref() {
-        None => HookSite::ResidPost,
-        Some(s) => HookSite::parse(s).ok_or_else(|| {
-            ApiError::invalid("site", "invalid_site", format!("unknown site `{s}`"))
-        })?,
-    };
+    let site = req.site.unwrap_or(HookSite::ResidPost);
     let layers = layer_list(&state, "layers", req.layers.as_deref())?;
     if layers.len() * tokens.len() > MAX_CELLS {
         return Err(ApiError::invalid(
@@ -260,7 +253,7 @@ pub async fn activations(
         .map_err(|e| ApiError::internal("inspection", format!("{e:#}")))?;
     Ok(Json(ActivationsResponse {
         model: state.engine.model.id.clone(),
-        site: site.to_string(),
+        site,
         layers,
         tokens: result,
         steering: applied,

@@ -123,8 +123,6 @@ struct ApiDoc;
 struct UntypedExamples;
 
 const UNTYPED_EXAMPLES: &[(&str, &str, &str)] = &[
-    ("InterventionSpec", "positions", r#""all""#),
-    ("AppliedIntervention", "positions", r#""all""#),
     ("GenerateRequest", "stop", r#"["\n\n"]"#),
     ("ChatCompletionRequest", "stop", r#"["\n\n"]"#),
     ("CompletionRequest", "stop", r#"["\n"]"#),

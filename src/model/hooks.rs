@@ -10,7 +10,19 @@ use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// Where in block `L` a hook reads or writes (the table in docs/architecture.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum HookSite {
     /// Input of block L (for L = 0, the token embeddings).

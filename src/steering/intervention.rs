@@ -89,20 +89,6 @@ impl<'a> BatchSteering<'a> {
     }
 }
 
-fn op_name(op: &Op) -> &'static str {
-    match op {
-        Op::Add => "add",
-        Op::Ablate => "ablate",
-        Op::Clamp { .. } => "clamp",
-        Op::FeatureClamp { .. } => "feature_clamp",
-        Op::Neuron { action, .. } => match action {
-            NeuronAction::Zero => "neuron_zero",
-            NeuronAction::Scale(_) => "neuron_scale",
-            NeuronAction::Set(_) => "neuron_set",
-        },
-    }
-}
-
 impl Hooks for BatchSteering<'_> {
     fn is_active(&self, site: HookSite, layer: usize) -> bool {
         layer < self.n_layers && self.active[site.index() * self.n_layers + layer]
@@ -125,7 +111,7 @@ impl Hooks for BatchSteering<'_> {
             for (iv, point) in plan.at(site, layer) {
                 if iv.positions.contains(rows.position[r], prompt_len) {
                     apply_op(&iv.op, point, h);
-                    *self.applied.entry(op_name(&iv.op)).or_default() += 1;
+                    *self.applied.entry(iv.applied.op.as_str()).or_default() += 1;
                     touched = true;
                 }
             }

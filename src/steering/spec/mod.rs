@@ -62,23 +62,20 @@ pub struct InterventionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = 8.0)]
     pub coefficient: Option<f64>,
-    /// `add` (default), `ablate`, `clamp`; for neurons `zero`, `mean`, `scale`, `set`.
+    /// `add` (default for directions and features), `ablate`, `clamp`; for neurons `zero`
+    /// (default), `mean`, `scale`, `set`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "add")]
-    pub op: Option<String>,
+    pub op: Option<OpName>,
     #[schema(example = false)]
     /// Use the unit vector, so `coefficient` is in residual-stream units.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub normalize: Option<bool>,
-    /// `"all"` (default), `"prompt"`, `"generated"`, or `{"last": k}`: the last k prompt tokens
-    /// and every generated token.
+    /// Which tokens: `"all"` (default), `"prompt"`, `"generated"`, or `{"last": k}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Object, example = json!("all"))]
-    pub positions: Option<serde_json::Value>,
-    /// Hook site: `resid_post` (default), `resid_pre`, `attn_out`, `mlp_out`, `mlp_act`.
+    pub positions: Option<Positions>,
+    /// Hook site (default `resid_post`; `mlp_act` for neurons; a feature's own SAE site).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "resid_post")]
-    pub site: Option<String>,
+    pub site: Option<HookSite>,
     #[schema(example = "neuron_means_default")]
     /// For the neuron `mean` op: the stored neuron means to use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,7 +106,93 @@ pub struct FeatureRef {
     pub index: i64,
 }
 
-/// Which token positions an intervention touches.
+/// Every steering operation, by its wire name: the one table of op names (the compact
+/// grammar, validation, the echo, metrics and the OpenAPI enum all read it).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum OpName {
+    /// Add `c·v` (activation addition).
+    Add,
+    /// Project the direction out (directional ablation).
+    Ablate,
+    /// Set the projection on the direction (or an SAE feature's activation) to `c`.
+    Clamp,
+    /// Set a neuron to 0.
+    Zero,
+    /// Set a neuron to its stored mean (mean ablation).
+    Mean,
+    /// Multiply a neuron by `c`.
+    Scale,
+    /// Set a neuron to `c`.
+    Set,
+}
+
+impl OpName {
+    pub const ALL: [OpName; 7] = [
+        OpName::Add,
+        OpName::Ablate,
+        OpName::Clamp,
+        OpName::Zero,
+        OpName::Mean,
+        OpName::Scale,
+        OpName::Set,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpName::Add => "add",
+            OpName::Ablate => "ablate",
+            OpName::Clamp => "clamp",
+            OpName::Zero => "zero",
+            OpName::Mean => "mean",
+            OpName::Scale => "scale",
+            OpName::Set => "set",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OpName> {
+        OpName::ALL.into_iter().find(|op| op.as_str() == s)
+    }
+
+    /// Whether the op acts on one MLP neuron (the others act on a direction or a feature).
+    pub fn is_neuron_op(self) -> bool {
+        matches!(
+            self,
+            OpName::Zero | OpName::Mean | OpName::Scale | OpName::Set
+        )
+    }
+
+    /// The names of a group of ops, for error messages: `add, ablate or clamp`.
+    pub fn list(ops: &[OpName]) -> String {
+        let names: Vec<&str> = ops.iter().map(|o| o.as_str()).collect();
+        match names.split_last() {
+            Some((last, [])) => last.to_string(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        }
+    }
+}
+
+impl std::fmt::Display for OpName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which token positions an intervention touches. On the wire: `"all"`, `"prompt"`,
+/// `"generated"` or `{"last": k}` (the last k prompt tokens and every generated token, k >= 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Positions {
     All,
@@ -129,15 +212,110 @@ impl Positions {
         }
     }
 
-    pub fn to_json(self) -> serde_json::Value {
-        match self {
-            Positions::All => "all".into(),
-            Positions::Prompt => "prompt".into(),
-            Positions::Generated => "generated".into(),
-            Positions::Last(k) => serde_json::json!({ "last": k }),
+    /// The named forms (all but `{"last": k}`), with their wire names.
+    pub const NAMED: [(Positions, &'static str); 3] = [
+        (Positions::All, "all"),
+        (Positions::Prompt, "prompt"),
+        (Positions::Generated, "generated"),
+    ];
+
+    pub fn name(self) -> Option<&'static str> {
+        Self::NAMED
+            .iter()
+            .find(|(p, _)| *p == self)
+            .map(|(_, n)| *n)
+    }
+
+    pub fn from_name(s: &str) -> Option<Positions> {
+        Self::NAMED.iter().find(|(_, n)| *n == s).map(|(p, _)| *p)
+    }
+
+    const EXPECTED: &'static str =
+        "\"all\", \"prompt\", \"generated\" or {\"last\": k} with k >= 1";
+}
+
+impl Serialize for Positions {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match (self, self.name()) {
+            (_, Some(name)) => s.serialize_str(name),
+            (Positions::Last(k), None) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("last", k)?;
+                m.end()
+            }
+            (_, None) => unreachable!("every other form is named"),
         }
     }
 }
+
+impl<'de> Deserialize<'de> for Positions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Positions;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(Positions::EXPECTED)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Positions, E> {
+                Positions::from_name(v).ok_or_else(|| {
+                    E::custom(format!(
+                        "unknown positions `{v}`; expected {}",
+                        Positions::EXPECTED
+                    ))
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Positions, A::Error> {
+                use serde::de::Error;
+                let bad = || A::Error::custom(format!("expected {}", Positions::EXPECTED));
+                if m.next_key::<String>()?.as_deref() != Some("last") {
+                    return Err(bad());
+                }
+                let k: u64 = m.next_value().map_err(|_| bad())?;
+                if k == 0 || m.next_key::<String>()?.is_some() {
+                    return Err(bad());
+                }
+                Ok(Positions::Last(usize::try_from(k).unwrap_or(usize::MAX)))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl utoipa::PartialSchema for Positions {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        let named = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(Positions::NAMED.map(|(_, n)| n)));
+        let last = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property(
+                "last",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1))
+                    .description(Some("The last k prompt tokens, and every generated token.")),
+            )
+            .required("last")
+            .additional_properties(Some(
+                utoipa::openapi::schema::AdditionalProperties::FreeForm(false),
+            ));
+        OneOfBuilder::new()
+            .item(named)
+            .item(last)
+            .description(Some(
+                "Which tokens an intervention touches: `all`, `prompt`, `generated`, or `{\"last\": k}`.",
+            ))
+            .examples([serde_json::json!("all")])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Positions {}
 
 /// What an intervention does at each of its hook points.
 #[derive(Debug, Clone)]
@@ -221,9 +399,8 @@ pub struct Intervention {
 /// The validated form of one intervention, as echoed in responses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AppliedIntervention {
-    /// `add`, `ablate`, `clamp`, `zero`, `mean`, `scale` or `set`.
-    #[schema(example = "add")]
-    pub op: String,
+    /// The operation.
+    pub op: OpName,
     /// The stored vector (or, for `mean`, the neuron means) used.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(example = "golden_gate")]
@@ -245,12 +422,11 @@ pub struct AppliedIntervention {
     /// Blocks acted on.
     #[schema(example = json!([12]))]
     pub layers: Vec<usize>,
-    /// The hook site (`all_writes` for ablation everywhere).
-    #[schema(example = "resid_post")]
-    pub site: String,
-    /// `all`, `prompt`, `generated` or `{"last": k}`.
-    #[schema(value_type = Object, example = json!("all"))]
-    pub positions: serde_json::Value,
+    /// The hook site; absent for `ablate` everywhere (`all_writes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<HookSite>,
+    /// Which tokens it touches.
+    pub positions: Positions,
     /// Whether the unit vector was used.
     #[schema(example = false)]
     pub normalize: bool,
@@ -263,6 +439,9 @@ pub struct AppliedIntervention {
     /// and MLP write (`ablate` with no layer).
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub all_writes: bool,
+    /// An inline direction as sent (`values`), kept so the echo can be sent back.
+    #[serde(skip)]
+    pub values: Option<Arc<[f32]>>,
 }
 
 /// A request's validated interventions, indexed by hook point.

@@ -38,6 +38,11 @@ pub fn validate(specs: &[InterventionSpec], ctx: &ModelLimits) -> Result<Steerin
     Ok(SteeringPlan::new(interventions))
 }
 
+/// The ops each kind of target takes.
+const DIRECTION_OPS: [OpName; 3] = [OpName::Add, OpName::Ablate, OpName::Clamp];
+const FEATURE_OPS: [OpName; 2] = [OpName::Add, OpName::Clamp];
+const NEURON_OPS: [OpName; 4] = [OpName::Zero, OpName::Mean, OpName::Scale, OpName::Set];
+
 struct Validator<'a> {
     ctx: &'a ModelLimits<'a>,
     base: String,
@@ -105,7 +110,7 @@ impl Validator<'_> {
             }
             c => c,
         };
-        let positions = self.positions(s.positions.as_ref())?;
+        let positions = s.positions.unwrap_or(Positions::All);
         if let Some(f) = &s.feature {
             return self.feature(s, f, coefficient, positions);
         }
@@ -113,32 +118,6 @@ impl Validator<'_> {
             return self.neuron(s, n, coefficient, positions);
         }
         self.direction_op(s, coefficient, positions)
-    }
-
-    fn positions(&self, v: Option<&serde_json::Value>) -> Result<Positions, SpecError> {
-        let bad = || {
-            self.err(
-                "positions",
-                "invalid_positions",
-                "must be \"all\", \"prompt\", \"generated\" or {\"last\": k} with k >= 1",
-            )
-        };
-        Ok(match v {
-            None => Positions::All,
-            Some(serde_json::Value::String(s)) => match s.as_str() {
-                "all" => Positions::All,
-                "prompt" => Positions::Prompt,
-                "generated" => Positions::Generated,
-                _ => return Err(bad()),
-            },
-            Some(serde_json::Value::Object(o)) if o.len() == 1 => {
-                match o.get("last").and_then(|k| k.as_u64()) {
-                    Some(k) if k >= 1 => Positions::Last(k as usize),
-                    _ => return Err(bad()),
-                }
-            }
-            _ => return Err(bad()),
-        })
     }
 
     fn layer(&self, field: &str, l: i64) -> Result<usize, SpecError> {
@@ -180,19 +159,6 @@ impl Validator<'_> {
         Ok(Some(out))
     }
 
-    fn site(&self, s: &InterventionSpec, default: HookSite) -> Result<HookSite, SpecError> {
-        match &s.site {
-            None => Ok(default),
-            Some(name) => HookSite::parse(name).ok_or_else(|| {
-                self.err(
-                    "site",
-                    "invalid_site",
-                    format!("unknown site `{name}`; use resid_pre, attn_out, mlp_act, mlp_out or resid_post"),
-                )
-            }),
-        }
-    }
-
     fn neuron(
         &self,
         s: &InterventionSpec,
@@ -221,10 +187,10 @@ impl Validator<'_> {
                 "a neuron names its layer in `neuron.layer`",
             ));
         }
-        if matches!(self.site(s, HookSite::MlpAct)?, site if site != HookSite::MlpAct) {
+        if s.site.is_some_and(|site| site != HookSite::MlpAct) {
             return Err(self.err("site", "invalid_site", "neuron ops act on `mlp_act`"));
         }
-        let op = s.op.as_deref().unwrap_or("zero");
+        let op = s.op.unwrap_or(OpName::Zero);
         let need = |what: &str| {
             coefficient.ok_or_else(|| {
                 self.err(
@@ -235,21 +201,24 @@ impl Validator<'_> {
             })
         };
         let (action, coef) = match op {
-            "zero" => (NeuronAction::Zero, None),
-            "scale" => {
+            OpName::Zero => (NeuronAction::Zero, None),
+            OpName::Scale => {
                 let c = need("the factor")?;
                 (NeuronAction::Scale(c as f32), Some(c))
             }
-            "set" => {
+            OpName::Set => {
                 let c = need("the value")?;
                 (NeuronAction::Set(c as f32), Some(c))
             }
-            "mean" => (NeuronAction::Set(self.neuron_mean(s, layer, index)?), None),
+            OpName::Mean => (NeuronAction::Set(self.neuron_mean(s, layer, index)?), None),
             other => {
                 return Err(self.err(
                     "op",
                     "invalid_op",
-                    format!("unknown neuron op `{other}`; use zero, mean, scale or set"),
+                    format!(
+                        "`{other}` does not act on a neuron; use {}",
+                        OpName::list(&NEURON_OPS)
+                    ),
                 ))
             }
         };
@@ -262,18 +231,19 @@ impl Validator<'_> {
                 vector: None,
             }],
             applied: AppliedIntervention {
-                op: op.to_string(),
-                vector: (op == "mean").then(|| name_of_means(s)),
+                op,
+                vector: (op == OpName::Mean).then(|| name_of_means(s)),
                 vector_version: None,
                 neuron: Some(n),
                 feature: None,
                 coefficient: coef,
                 layers: vec![layer],
-                site: HookSite::MlpAct.to_string(),
-                positions: positions.to_json(),
+                site: Some(HookSite::MlpAct),
+                positions,
                 normalize: false,
                 vector_norm: None,
                 all_writes: false,
+                values: None,
             },
         })
     }
@@ -323,19 +293,19 @@ impl Validator<'_> {
                 ),
             ));
         }
-        if self.site(s, sae.site)? != sae.site {
+        if s.site.is_some_and(|site| site != sae.site) {
             return Err(self.err(
                 "site",
                 "invalid_site",
                 format!("`{}` reads `{}`", sae.name, sae.site),
             ));
         }
-        let op_name = s.op.as_deref().unwrap_or("add");
+        let op_name = s.op.unwrap_or(OpName::Add);
         let normalize = s.normalize.unwrap_or(false);
         let row = sae.decoder_row(index);
         let norm = l2_norm(row);
         let (op, vector, coef) = match op_name {
-            "add" => {
+            OpName::Add => {
                 let c = coefficient.unwrap_or(1.0);
                 if normalize && norm == 0.0 {
                     return Err(self.err(
@@ -355,7 +325,7 @@ impl Validator<'_> {
                 }
                 (Op::Add, Some(v), c)
             }
-            "clamp" => {
+            OpName::Clamp => {
                 let c = coefficient.ok_or_else(|| {
                     self.err(
                         "coefficient",
@@ -377,7 +347,10 @@ impl Validator<'_> {
                 return Err(self.err(
                     "op",
                     "invalid_op",
-                    format!("unknown op `{other}` for a feature; use add or clamp"),
+                    format!(
+                        "`{other}` does not act on a feature; use {}",
+                        OpName::list(&FEATURE_OPS)
+                    ),
                 ))
             }
         };
@@ -390,18 +363,19 @@ impl Validator<'_> {
                 vector,
             }],
             applied: AppliedIntervention {
-                op: op_name.to_string(),
+                op: op_name,
                 vector: None,
                 vector_version: None,
                 neuron: None,
                 feature: Some(f.clone()),
                 coefficient: Some(coef),
                 layers: vec![sae.layer],
-                site: sae.site.to_string(),
-                positions: positions.to_json(),
+                site: Some(sae.site),
+                positions,
                 normalize,
                 vector_norm: Some(norm),
                 all_writes: false,
+                values: None,
             },
         })
     }
@@ -460,7 +434,7 @@ impl Validator<'_> {
     fn lookup(&self, s: &InterventionSpec) -> Result<Direction, SpecError> {
         if let Some(values) = &s.values {
             let d = self.ctx.d_model;
-            let site = self.site(s, HookSite::ResidPost)?;
+            let site = s.site.unwrap_or(HookSite::ResidPost);
             let width = if site == HookSite::MlpAct {
                 self.ctx.n_neurons
             } else {
@@ -529,22 +503,20 @@ impl Validator<'_> {
         coefficient: Option<f64>,
         positions: Positions,
     ) -> Result<Intervention, SpecError> {
-        let op_name = s.op.as_deref().unwrap_or("add");
-        if !matches!(op_name, "add" | "ablate" | "clamp") {
-            let hint = if matches!(op_name, "zero" | "mean" | "scale" | "set") {
-                " (neuron ops need `neuron`)"
-            } else {
-                ""
-            };
+        let op_name = s.op.unwrap_or(OpName::Add);
+        if !DIRECTION_OPS.contains(&op_name) {
             return Err(self.err(
                 "op",
                 "invalid_op",
-                format!("unknown op `{op_name}` for a direction; use add, ablate or clamp{hint}"),
+                format!(
+                    "`{op_name}` does not act on a direction; use {} (neuron ops need `neuron`)",
+                    OpName::list(&DIRECTION_OPS)
+                ),
             ));
         }
         let dir = self.lookup(s)?;
         let explicit = self.layers(s)?;
-        let site = self.site(s, HookSite::ResidPost)?;
+        let site = s.site.unwrap_or(HookSite::ResidPost);
         if s.site.is_some() && explicit.is_none() {
             return Err(self.err("site", "missing_layer", "`site` needs `layer` or `layers`"));
         }
@@ -565,7 +537,7 @@ impl Validator<'_> {
                 ));
             }
         }
-        let all_writes = op_name == "ablate" && explicit.is_none();
+        let all_writes = op_name == OpName::Ablate && explicit.is_none();
         // (site, layer) pairs and the layer whose direction each uses.
         let sites: Vec<(HookSite, usize)> = match (&explicit, &dir.stored) {
             (Some(ls), _) => ls.iter().map(|&l| (site, l)).collect(),
@@ -598,8 +570,8 @@ impl Validator<'_> {
         }
         let normalize = s.normalize.unwrap_or(false);
         let coef = match op_name {
-            "add" => Some(coefficient.unwrap_or(1.0)),
-            "clamp" => Some(coefficient.ok_or_else(|| {
+            OpName::Add => Some(coefficient.unwrap_or(1.0)),
+            OpName::Clamp => Some(coefficient.ok_or_else(|| {
                 self.err(
                     "coefficient",
                     "missing_coefficient",
@@ -630,8 +602,8 @@ impl Validator<'_> {
             };
             let n = l2_norm(&raw);
             let added = match (op_name, normalize) {
-                ("add", false) => n as f64 * coef.unwrap_or(1.0).abs(),
-                ("add", true) => coef.unwrap_or(1.0).abs(),
+                (OpName::Add, false) => n as f64 * coef.unwrap_or(1.0).abs(),
+                (OpName::Add, true) => coef.unwrap_or(1.0).abs(),
                 _ => 0.0,
             };
             if !n.is_finite() || n as f64 > MAX_STEERING_NORM || added > MAX_STEERING_NORM {
@@ -651,7 +623,7 @@ impl Validator<'_> {
             }
             norm.get_or_insert(n);
             let vector: Arc<[f32]> = match op_name {
-                "add" => {
+                OpName::Add => {
                     let c = coef.unwrap_or(1.0) as f32;
                     let scale = if normalize {
                         c / n.max(f32::MIN_POSITIVE)
@@ -694,8 +666,8 @@ impl Validator<'_> {
         let mut layers: Vec<usize> = points.iter().map(|p| p.layer).collect();
         layers.dedup();
         let op = match op_name {
-            "add" => Op::Add,
-            "ablate" => Op::Ablate,
+            OpName::Add => Op::Add,
+            OpName::Ablate => Op::Ablate,
             _ => Op::Clamp {
                 value: coef.unwrap_or(0.0) as f32,
             },
@@ -704,19 +676,16 @@ impl Validator<'_> {
             op,
             positions,
             applied: AppliedIntervention {
-                op: op_name.to_string(),
+                op: op_name,
+                values: dir.inline.clone(),
                 vector: dir.name,
                 vector_version: dir.version,
                 neuron: None,
                 feature: None,
                 coefficient: coef,
                 layers,
-                site: if all_writes {
-                    "all_writes".into()
-                } else {
-                    site.to_string()
-                },
-                positions: positions.to_json(),
+                site: (!all_writes).then_some(site),
+                positions,
                 normalize,
                 vector_norm: norm,
                 all_writes,
