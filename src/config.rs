@@ -32,6 +32,9 @@ pub struct ServerConfig {
     pub request_timeout_secs: u64,
     pub sse_keep_alive_secs: u64,
     pub shutdown_grace_secs: u64,
+    pub max_connections: usize,
+    pub header_read_timeout_secs: u64,
+    pub keep_alive_idle_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -239,6 +242,18 @@ impl Config {
             || self.engine.prefill_chunk == 0
         {
             bail!("engine.max_batch_size, max_batch_tokens and prefill_chunk must be at least 1");
+        }
+        let sv = &self.server;
+        if sv.max_connections == 0
+            || sv.header_read_timeout_secs == 0
+            || sv.keep_alive_idle_secs == 0
+        {
+            bail!(
+                "server.max_connections, header_read_timeout_secs and keep_alive_idle_secs must be at least 1"
+            );
+        }
+        if sv.max_connections > u32::MAX as usize {
+            bail!("server.max_connections must be at most {}", u32::MAX);
         }
         if !matches!(self.model.weights.as_str(), "native" | "q8_0" | "f32") {
             bail!(

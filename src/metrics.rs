@@ -31,6 +31,8 @@ pub const INTERVENTIONS: &str = "tiller_steering_interventions_total";
 pub const FINISHED: &str = "tiller_sequences_finished_total";
 /// Requests refused before running, by reason (counter; label `reason`).
 pub const REJECTED: &str = "tiller_requests_rejected_total";
+/// Open HTTP connections (gauge).
+pub const OPEN_CONNECTIONS: &str = "tiller_open_connections";
 
 /// Help text of each metric.
 const HELP: &[(&str, &str, &str)] = &[
@@ -71,6 +73,7 @@ const HELP: &[(&str, &str, &str)] = &[
         "counter",
         "Requests refused before running, by reason",
     ),
+    (OPEN_CONNECTIONS, "gauge", "Open HTTP connections"),
 ];
 
 const SECONDS_BUCKETS: &[f64] = &[

@@ -208,22 +208,23 @@ pub async fn serve(cfg: Config) -> Result<()> {
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
     let grace = std::time::Duration::from_secs(state.config.server.shutdown_grace_secs);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            state.set_ready(false);
-            tracing::info!(
-                grace_secs = grace.as_secs(),
-                "shutting down: finishing in-flight requests"
-            );
-            let engine = state.engine.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                tracing::info!("shutdown grace period over: ending running requests");
-                engine.stop();
-            });
-        })
-        .await?;
+    let limits = crate::connections::ConnectionLimits::from_config(&state.config.server);
+    let metrics = Some(state.metrics.clone());
+    crate::connections::serve(listener, app, limits, metrics, async move {
+        shutdown_signal().await;
+        state.set_ready(false);
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "shutting down: finishing in-flight requests"
+        );
+        let engine = state.engine.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            tracing::info!("shutdown grace period over: ending running requests");
+            engine.stop();
+        });
+    })
+    .await;
     state_for_exit.engine.stop();
     tracing::info!("stopped");
     Ok(())
