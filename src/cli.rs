@@ -557,6 +557,9 @@ pub struct SaeTrainArgs {
     /// Output folder (default saes.dir/NAME).
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
+    /// Store the weights as f16 (half the size; how the built-in `res12_4k` is shipped).
+    #[arg(long)]
+    pub half: bool,
 }
 
 /// Generates a corpus with the model itself (continuations of `saes.corpus_dir/prompts.txt`),
@@ -692,7 +695,12 @@ pub fn sae_train(cfg: &Config, args: &SaeTrainArgs) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| cfg.saes.dir.join(&args.name));
-    sae.save_dir(&out)?;
+    let dtype = if args.half {
+        candle_core::DType::F16
+    } else {
+        candle_core::DType::F32
+    };
+    sae.save_dir(&out, dtype)?;
     let report_json = serde_json::json!({"config": tcfg, "report": report, "corpus_replies": texts.len(), "total_seconds": started.elapsed().as_secs_f64()});
     std::fs::write(
         out.join("report.json"),

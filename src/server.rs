@@ -153,7 +153,7 @@ pub fn build_state(cfg: Config, model: Model) -> Result<AppState> {
     )?;
     let saes = Arc::new(SaeStore::default());
     let c = engine.model.dims().clone();
-    for skipped in saes.load_dir(&cfg.saes.dir, |site, layer| {
+    let width_of = |site: crate::model::hooks::HookSite, layer: usize| {
         (layer < c.n_layers).then(|| {
             if site.is_residual_width() {
                 c.d_model
@@ -161,7 +161,9 @@ pub fn build_state(cfg: Config, model: Model) -> Result<AppState> {
                 c.intermediate_size
             }
         })
-    }) {
+    };
+    saes.load_builtins(width_of);
+    for skipped in saes.load_dir(&cfg.saes.dir, width_of) {
         tracing::warn!("skipped sparse autoencoder {skipped}");
     }
     Ok(AppState::new(engine, store, saes, cfg, metrics))

@@ -233,7 +233,7 @@ async fn saes_train_load_and_steer_on_every_architecture() {
             "{name}: training did not lower the error"
         );
         let dir = scratch_dir().join("t");
-        sae.save_dir(&dir).unwrap();
+        sae.save_dir(&dir, candle_core::DType::F32).unwrap();
         let mut files = Vec::new();
         for f in ["cfg.json", "sae_weights.safetensors"] {
             files.push((f, std::fs::read(dir.join(f)).unwrap()));

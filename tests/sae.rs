@@ -733,6 +733,22 @@ fn training_on_the_tiny_model_lowers_the_reconstruction_error_and_is_seeded() {
         seed: 7,
     };
     let (sae, report) = train("t", HOOK, &rows, n, D, &cfg, |_, _, _| {}).unwrap();
+    // The same data and seed give the same SAE, bit for bit; another seed does not.
+    let (again, again_report) = train("t", HOOK, &rows, n, D, &cfg, |_, _, _| {}).unwrap();
+    let weights = |s: &Sae| -> (Vec<f32>, Vec<f32>) {
+        let dec = (0..s.d_sae)
+            .flat_map(|i| s.decoder_row(i).to_vec())
+            .collect();
+        (dec, s.encode(&rows, n).unwrap())
+    };
+    assert_eq!(weights(&again), weights(&sae));
+    assert_eq!(again_report.loss_curve, report.loss_curve);
+    let reseeded = TrainConfig {
+        seed: 8,
+        ..cfg.clone()
+    };
+    let (other, _) = train("t", HOOK, &rows, n, D, &reseeded, |_, _, _| {}).unwrap();
+    assert_ne!(weights(&other), weights(&sae));
     assert!(
         report.fvu < 0.7 * report.initial_fvu,
         "fvu {} from {}",
@@ -746,7 +762,7 @@ fn training_on_the_tiny_model_lowers_the_reconstruction_error_and_is_seeded() {
     // The saved SAE reads raw activations: its FVU on the training rows matches the report's
     // order of magnitude, and it round-trips through the SAELens layout.
     let dir = scratch_dir().join("t");
-    sae.save_dir(&dir).unwrap();
+    sae.save_dir(&dir, candle_core::DType::F32).unwrap();
     let back = Sae::load_dir("t", &dir).unwrap();
     assert_eq!(back.architecture, SaeArchitecture::Topk { k: 4 });
     assert_eq!(

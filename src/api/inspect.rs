@@ -5,13 +5,13 @@
 use super::generate::encode_input;
 use super::json::ApiJson;
 use super::AppState;
-use crate::engine::TopLogprob;
+use crate::engine::{Chunked, TopLogprob};
 use crate::error::{ApiError, ErrorBody};
 use crate::model::chat::ChatMessage;
-use crate::model::hooks::HookSite;
+use crate::model::hooks::{HookSite, Hooks, NoHooks};
 use crate::steering::extract::{encode_example, ExampleSpec, Position};
 use crate::steering::inspect::{self, Probe, Signal, TokenActivations};
-use crate::steering::spec::{AppliedIntervention, InterventionSpec, NeuronRef};
+use crate::steering::spec::{AppliedIntervention, InterventionSpec, NeuronRef, SteeringPlan};
 use crate::steering::vector::VectorKind;
 use axum::extract::State;
 use axum::Json;
@@ -238,19 +238,16 @@ pub async fn activations(
     }
     let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
-    let probe = Probe {
+    let probe = Arc::new(Probe {
         site,
         layers: layers.clone(),
         top_k,
         project_onto,
         neurons,
-    };
-    let n = tokens.len();
-    let result = state
-        .engine
-        .run_job(move |m| inspect::activations(m, &tokens, n, plan.as_deref(), &probe))
-        .await?
-        .map_err(|e| ApiError::internal("inspection", format!("{e:#}")))?;
+    });
+    let hooks = inspect::ProbeHooks::new(probe, tokens.len());
+    let done = run_chunked(&state, &tokens, plan, hooks, "inspection").await?;
+    let result = done.hooks.report(&state.engine.model, &tokens);
     Ok(Json(ActivationsResponse {
         model: state.engine.model.id.clone(),
         site,
@@ -408,19 +405,11 @@ pub async fn logprobs(
     let top_k = top_k_param(req.top_k)?;
     let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
-    let (p, t) = (prompt.clone(), targets.clone());
-    let (base, steered) = state
-        .engine
-        .run_job(move |m| -> anyhow::Result<_> {
-            let base = inspect::score(m, &p, &t, None, top_k)?;
-            let steered = plan
-                .as_deref()
-                .map(|pl| inspect::score(m, &p, &t, Some(pl), top_k))
-                .transpose()?;
-            Ok((base, steered))
-        })
-        .await?
-        .map_err(|e| ApiError::internal("scoring", format!("{e:#}")))?;
+    let base = score(&state, &prompt, &targets, None, top_k).await?;
+    let steered = match plan {
+        Some(p) => Some(score(&state, &prompt, &targets, Some(p), top_k).await?),
+        None => None,
+    };
     let tops = |xs: &[(u32, f32)]| -> Vec<TopLogprob> {
         xs.iter()
             .map(|&(id, logprob)| TopLogprob {
@@ -464,6 +453,50 @@ pub async fn logprobs(
         },
         steering: applied,
     }))
+}
+
+/// Runs `tokens` (all prompt) through the engine in prefill-sized chunks, so that generation
+/// steps run between them, with `hooks` recording what is inspected.
+pub(super) async fn run_chunked<H: Hooks + Send + 'static>(
+    state: &AppState,
+    tokens: &[u32],
+    plan: Option<Arc<SteeringPlan>>,
+    hooks: H,
+    what: &str,
+) -> Result<Chunked<H>, ApiError> {
+    let chunk = state.config.engine.prefill_chunk;
+    state
+        .engine
+        .run_chunked(tokens.into(), chunk, plan, tokens.len(), hooks)
+        .await?
+        .map_err(|e| ApiError::internal(what, format!("{e:#}")))
+}
+
+/// The prompt's next-token distribution and each target's log-probabilities: the prompt in
+/// chunks, then the targets teacher-forced in one job.
+async fn score(
+    state: &AppState,
+    prompt: &[u32],
+    targets: &[Vec<u32>],
+    plan: Option<Arc<SteeringPlan>>,
+    top_k: usize,
+) -> Result<inspect::Scores, ApiError> {
+    let done = run_chunked(state, prompt, plan.clone(), NoHooks, "scoring").await?;
+    let targets = targets.to_vec();
+    state
+        .engine
+        .run_job(move |m| {
+            inspect::score_continuations(
+                m,
+                &done.cache,
+                &done.last_logits,
+                &targets,
+                plan.as_deref(),
+                top_k,
+            )
+        })
+        .await?
+        .map_err(|e| ApiError::internal("scoring", format!("{e:#}")))
 }
 
 /// Which token contexts make a neuron or a direction fire most.
@@ -535,30 +568,37 @@ pub struct TopContextsResponse {
 pub async fn rank_contexts(
     state: &AppState,
     sequences: Vec<Vec<u32>>,
-    run: impl Fn(&crate::model::Model, &[Vec<u32>]) -> anyhow::Result<Vec<Vec<f32>>>
-        + Send
-        + Sync
-        + 'static,
+    signal: Signal,
     top_n: usize,
     context: usize,
 ) -> Result<Vec<TopContext>, ApiError> {
-    let run = Arc::new(run);
     let mut values: Vec<Vec<f32>> = Vec::with_capacity(sequences.len());
     let budget = state.config.vectors.extract_batch_tokens.max(1);
+    let chunk = state.config.engine.prefill_chunk;
     let mut start = 0;
     while start < sequences.len() {
+        if sequences[start].len() > chunk {
+            // A long text alone, in chunks like a prefill.
+            let hooks = inspect::SignalHooks::new(signal.clone(), [sequences[start].len()]);
+            let done = run_chunked(state, &sequences[start], None, hooks, "ranking contexts");
+            values.extend(done.await?.hooks.values);
+            start += 1;
+            continue;
+        }
         let mut end = start;
         let mut tokens = 0;
-        while end < sequences.len() && (end == start || tokens + sequences[end].len() <= budget) {
+        while end < sequences.len()
+            && sequences[end].len() <= chunk
+            && (end == start || tokens + sequences[end].len() <= budget)
+        {
             tokens += sequences[end].len();
             end += 1;
         }
-        let chunk = sequences[start..end].to_vec();
-        let r = run.clone();
+        let (batch, signal) = (sequences[start..end].to_vec(), signal.clone());
         values.extend(
             state
                 .engine
-                .run_job(move |m| r(m, &chunk))
+                .run_job(move |m| inspect::signal_values(m, &batch, &signal))
                 .await?
                 .map_err(|e| ApiError::internal("ranking contexts", format!("{e:#}")))?,
         );
@@ -697,15 +737,7 @@ pub async fn neurons_top(
         }
     };
     let sequences = encode_prompts(&state, &req.prompts, req.chat.unwrap_or(false))?;
-    let signal = Arc::new(signal);
-    let contexts = rank_contexts(
-        &state,
-        sequences,
-        move |m, s| inspect::signal_values(m, s, &signal),
-        top_n,
-        context,
-    )
-    .await?;
+    let contexts = rank_contexts(&state, sequences, signal, top_n, context).await?;
     Ok(Json(TopContextsResponse {
         signal: label,
         contexts,

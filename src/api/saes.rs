@@ -11,10 +11,8 @@ use super::json::{ApiJson, RawBody};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::model::chat::ChatMessage;
-use crate::model::hooks::{ChainHooks, SiteRecorder};
-use crate::model::Logits;
+use crate::model::hooks::SiteRecorder;
 use crate::steering::extract::ExampleSpec;
-use crate::steering::intervention::BatchSteering;
 use crate::steering::sae::{owned_folder, Sae, SaeArchitecture, SaeConfig, SaeParts};
 use crate::steering::spec::{AppliedIntervention, InterventionSpec};
 use crate::steering::store::valid_name;
@@ -47,15 +45,18 @@ pub struct SaeInfo {
     /// The TransformerLens hook it reads.
     #[schema(example = "blocks.12.hook_resid_post")]
     pub hook_name: String,
-    /// The hook site and block.
-    #[schema(example = "resid_post")]
-    pub site: String,
+    /// The hook site it reads.
+    pub site: crate::model::hooks::HookSite,
     /// The block (`layer` in a steering spec).
     #[schema(example = 12)]
     pub layer: usize,
     /// Whether `b_dec` is subtracted from the input before encoding.
     #[schema(example = true)]
     pub apply_b_dec_to_input: bool,
+    /// Compiled into tiller (made for the default model); a folder of the same name in
+    /// `saes.dir` replaces it.
+    #[schema(example = true)]
+    pub builtin: bool,
 }
 
 impl SaeInfo {
@@ -72,9 +73,10 @@ impl SaeInfo {
             architecture: architecture.into(),
             k,
             hook_name: s.hook_name.clone(),
-            site: s.site.to_string(),
+            site: s.site,
             layer: s.layer,
             apply_b_dec_to_input: s.apply_b_dec_to_input,
+            builtin: s.builtin,
         }
     }
 }
@@ -283,7 +285,7 @@ pub async fn put_sae(
         check_upload_folder(&dir)?;
         let mut sae = sae;
         tokio::task::spawn_blocking(move || {
-            sae.save_dir(&dir)?;
+            sae.save_dir(&dir, candle_core::DType::F32)?;
             sae.files = Some(dir);
             Ok::<_, anyhow::Error>(sae)
         })
@@ -459,22 +461,11 @@ pub async fn inspect_features(
     let top_k = top_k_param(req.top_k)?;
     let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
-    let (toks, s2) = (tokens.clone(), sae.clone());
-    let rows = state
-        .engine
-        .run_job(move |m| -> anyhow::Result<Vec<Vec<f32>>> {
-            let mut grab = SiteRecorder::new(s2.site, s2.layer);
-            let mut steer =
-                BatchSteering::new(m.dims().n_layers, vec![(plan.as_deref(), toks.len())]);
-            let mut hooks = ChainHooks {
-                first: &mut steer,
-                second: &mut grab,
-            };
-            m.run_fresh(&[&toks], Logits::None, usize::MAX, &mut hooks)?;
-            Ok(grab.rows)
-        })
+    let grab = SiteRecorder::new(sae.site, sae.layer);
+    let rows = super::inspect::run_chunked(&state, &tokens, plan, grab, "inspection")
         .await?
-        .map_err(|e| ApiError::internal("inspection", format!("{e:#}")))?;
+        .hooks
+        .rows;
     let n = rows.len();
     let flat: Vec<f32> = rows.iter().flatten().copied().collect();
     let s3 = sae.clone();
@@ -565,10 +556,17 @@ pub struct FeatureTopRequest {
 
 /// The corpus searched when a request gives no prompts: one text per line of
 /// `saes.corpus_dir/*.txt`.
+/// When the folder does not exist, the corpus shipped with tiller (compiled from
+/// `data/corpus/`), so the top-contexts view works from any working directory.
 pub fn default_corpus(dir: &std::path::Path) -> Vec<ExampleSpec> {
-    let mut out = Vec::new();
+    let lines = |text: &str| -> Vec<ExampleSpec> {
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| ExampleSpec::Text(l.to_string()))
+            .collect()
+    };
     let Ok(read) = std::fs::read_dir(dir) else {
-        return out;
+        return EMBEDDED_CORPUS.iter().flat_map(|t| lines(t)).collect();
     };
     let mut files: Vec<_> = read
         .flatten()
@@ -576,17 +574,18 @@ pub fn default_corpus(dir: &std::path::Path) -> Vec<ExampleSpec> {
         .filter(|p| p.extension().is_some_and(|e| e == "txt"))
         .collect();
     files.sort();
-    for f in files {
-        if let Ok(text) = std::fs::read_to_string(&f) {
-            out.extend(
-                text.lines()
-                    .filter(|l| !l.trim().is_empty())
-                    .map(|l| ExampleSpec::Text(l.to_string())),
-            );
-        }
-    }
-    out
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| lines(&t))
+        .collect()
 }
+
+/// `data/corpus/*.txt`, in file-name order.
+const EMBEDDED_CORPUS: [&str; 2] = [
+    include_str!("../../data/corpus/prompts.txt"),
+    include_str!("../../data/corpus/texts.txt"),
+];
 
 /// The contexts where one feature is most active.
 #[utoipa::path(post, path = "/saes/{name}/features/{index}/top", tag = "saes",
@@ -638,14 +637,14 @@ pub async fn feature_top(
         req.prompts.clone()
     };
     let sequences = encode_prompts(&state, &prompts, req.chat.unwrap_or(false))?;
-    let signal = Arc::new(crate::steering::inspect::Signal::Feature {
+    let signal = crate::steering::inspect::Signal::Feature {
         sae: sae.clone(),
         index,
-    });
+    };
     let contexts: Vec<TopContext> = rank_contexts(
         &state,
         sequences,
-        move |m, s| crate::steering::inspect::signal_values(m, s, &signal),
+        signal,
         top_n,
         req.context.unwrap_or(8).min(64) as usize,
     )

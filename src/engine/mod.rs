@@ -7,7 +7,9 @@ pub mod sampling;
 pub mod scheduler;
 pub mod stop;
 
-use crate::model::Model;
+use crate::model::hooks::{ChainHooks, Hooks};
+use crate::model::{KvCache, Logits, Model, Segment};
+use crate::steering::intervention::BatchSteering;
 use crate::steering::spec::SteeringPlan;
 use sampling::SamplingParams;
 use scheduler::{Scheduler, SchedulerConfig, StepReport};
@@ -114,6 +116,15 @@ pub struct Finished {
     pub tail: String,
 }
 
+/// What [`EngineHandle::run_chunked`] hands back.
+pub struct Chunked<H> {
+    pub hooks: H,
+    /// The sequence's KV cache after the pass (for scoring continuations).
+    pub cache: KvCache,
+    /// The logits after the last token (empty for an empty sequence).
+    pub last_logits: Vec<f32>,
+}
+
 /// Work for the engine thread.
 pub enum Command {
     Generate(GenerationRequest),
@@ -214,6 +225,66 @@ impl EngineHandle {
         }));
         self.tx.send(job).await.map_err(|_| SubmitError::Stopped)?;
         rx.await.map_err(|_| SubmitError::Stopped)
+    }
+
+    /// Runs one sequence through the model as a series of engine jobs of at most `chunk`
+    /// tokens each, like a prefill: the KV cache and `hooks` (which record what the caller
+    /// inspects) travel from one job to the next, and the running generations take a step
+    /// between any two, so a long inspection never holds the engine for more than about one
+    /// step. `plan` steers the pass (`prompt_len` tokens count as the prompt). Returns the
+    /// hooks, the cache, and the last token's logits. Dropping the future (the client went
+    /// away) stops it before the next chunk.
+    pub async fn run_chunked<H: Hooks + Send + 'static>(
+        &self,
+        tokens: Arc<[u32]>,
+        chunk: usize,
+        plan: Option<Arc<SteeringPlan>>,
+        prompt_len: usize,
+        hooks: H,
+    ) -> Result<anyhow::Result<Chunked<H>>, SubmitError> {
+        let chunk = chunk.max(1);
+        let mut done = Chunked {
+            hooks,
+            cache: self.model.new_cache(),
+            last_logits: Vec::new(),
+        };
+        let mut start = 0;
+        while start < tokens.len() {
+            let end = (start + chunk).min(tokens.len());
+            let (toks, plan) = (tokens.clone(), plan.clone());
+            let mut state = done;
+            let ran = self
+                .run_job(move |m| {
+                    let mut steer =
+                        BatchSteering::new(m.dims().n_layers, vec![(plan.as_deref(), prompt_len)]);
+                    let mut chain = ChainHooks {
+                        first: &mut steer,
+                        second: &mut state.hooks,
+                    };
+                    let logits = if end == toks.len() {
+                        Logits::Last
+                    } else {
+                        Logits::None
+                    };
+                    let mut segment = [Segment {
+                        tokens: &toks[start..end],
+                        cache: &mut state.cache,
+                        logits,
+                    }];
+                    let rows = m.run(&mut segment, &mut chain)?;
+                    if let Some(last) = rows.into_iter().next().and_then(|mut r| r.pop()) {
+                        state.last_logits = last;
+                    }
+                    Ok(state)
+                })
+                .await?;
+            done = match ran {
+                Ok(s) => s,
+                Err(e) => return Ok(Err(e)),
+            };
+            start = end;
+        }
+        Ok(Ok(done))
     }
 
     /// Ends every running sequence cleanly (their clients get a final event) and refuses new

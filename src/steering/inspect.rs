@@ -12,7 +12,7 @@
 use super::intervention::BatchSteering;
 use super::spec::SteeringPlan;
 use crate::engine::sampling::{log_softmax, top_n};
-use crate::model::hooks::{BatchRows, ChainHooks, HookSite, Hooks, NoHooks};
+use crate::model::hooks::{BatchRows, HookSite, Hooks, NoHooks};
 use crate::model::Model;
 use crate::model::{KvCache, Logits, Segment};
 use candle_core::Tensor;
@@ -107,15 +107,54 @@ pub struct Probe {
     pub neurons: Vec<(usize, usize)>,
 }
 
-struct ProbeHooks<'a> {
-    probe: &'a Probe,
+/// Records what a [`Probe`] asks for as the activations pass (carried between the chunks of a
+/// pass).
+pub struct ProbeHooks {
+    probe: Arc<Probe>,
     /// `[position][layer index]`.
     layers: Vec<Vec<Option<LayerActivation>>>,
     /// `[position]` values of the requested neurons, in request order.
     neurons: Vec<Vec<Option<f32>>>,
 }
 
-impl Hooks for ProbeHooks<'_> {
+impl ProbeHooks {
+    pub fn new(probe: Arc<Probe>, n_tokens: usize) -> Self {
+        Self {
+            layers: vec![vec![None; probe.layers.len()]; n_tokens],
+            neurons: vec![vec![None; probe.neurons.len()]; n_tokens],
+            probe,
+        }
+    }
+
+    /// What was recorded at every token.
+    pub fn report(mut self, model: &Model, tokens: &[u32]) -> Vec<TokenActivations> {
+        tokens
+            .iter()
+            .enumerate()
+            .map(|(p, &id)| TokenActivations {
+                position: p,
+                id,
+                text: model.tokenizer.token_text(id),
+                layers: self.layers[p].iter_mut().filter_map(Option::take).collect(),
+                neurons: self
+                    .probe
+                    .neurons
+                    .iter()
+                    .zip(&self.neurons[p])
+                    .filter_map(|(&(layer, index), v)| {
+                        v.map(|value| NeuronValue {
+                            layer,
+                            index,
+                            value,
+                        })
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+impl Hooks for ProbeHooks {
     fn is_active(&self, site: HookSite, layer: usize) -> bool {
         (site == self.probe.site && self.probe.layers.contains(&layer))
             || (site == HookSite::MlpAct && self.probe.neurons.iter().any(|&(l, _)| l == layer))
@@ -199,52 +238,6 @@ impl Hooks for ProbeHooks<'_> {
     }
 }
 
-/// Runs `tokens` once (steered by `plan`, if any; `prompt_len` tokens count as the prompt) and
-/// reports the probe at every token.
-pub fn activations(
-    model: &Model,
-    tokens: &[u32],
-    prompt_len: usize,
-    plan: Option<&SteeringPlan>,
-    probe: &Probe,
-) -> anyhow::Result<Vec<TokenActivations>> {
-    let n = tokens.len();
-    let mut rec = ProbeHooks {
-        probe,
-        layers: vec![vec![None; probe.layers.len()]; n],
-        neurons: vec![vec![None; probe.neurons.len()]; n],
-    };
-    let n_layers = model.dims().n_layers;
-    let mut steer = BatchSteering::new(n_layers, vec![(plan, prompt_len)]);
-    let mut hooks = ChainHooks {
-        first: &mut steer,
-        second: &mut rec,
-    };
-    model.run_fresh(&[tokens], Logits::None, usize::MAX, &mut hooks)?;
-    Ok(tokens
-        .iter()
-        .enumerate()
-        .map(|(p, &id)| TokenActivations {
-            position: p,
-            id,
-            text: model.tokenizer.token_text(id),
-            layers: rec.layers[p].iter_mut().filter_map(Option::take).collect(),
-            neurons: probe
-                .neurons
-                .iter()
-                .zip(&rec.neurons[p])
-                .filter_map(|(&(layer, index), v)| {
-                    v.map(|value| NeuronValue {
-                        layer,
-                        index,
-                        value,
-                    })
-                })
-                .collect(),
-        })
-        .collect())
-}
-
 /// Next-token distribution after a prompt, and the log-probability of each continuation.
 #[derive(Debug, Clone)]
 pub struct Scores {
@@ -254,36 +247,20 @@ pub struct Scores {
     pub targets: Vec<Vec<f32>>,
 }
 
-/// Scores continuations of `prompt`: one pass for the prompt, then each target's tokens
-/// teacher-forced on a copy of the cache (target tokens count as generated positions for
-/// steering).
-pub fn score(
+/// Scores continuations of a prompt already run into `cache` (`last` its last logits): each
+/// target's tokens are teacher-forced on a copy of the cache (they count as generated
+/// positions for steering).
+pub fn score_continuations(
     model: &Model,
-    prompt: &[u32],
+    cache: &KvCache,
+    last: &[f32],
     targets: &[Vec<u32>],
     plan: Option<&SteeringPlan>,
     top_k: usize,
 ) -> anyhow::Result<Scores> {
     let n_layers = model.dims().n_layers;
-    let forward =
-        |tokens: &[u32], cache: &mut KvCache, logits: Logits| -> anyhow::Result<Vec<Vec<f32>>> {
-            let mut segment = [Segment {
-                tokens,
-                cache,
-                logits,
-            }];
-            let mut rows = match plan {
-                Some(p) => {
-                    let mut hooks = BatchSteering::new(n_layers, vec![(Some(p), prompt.len())]);
-                    model.run(&mut segment, &mut hooks)?
-                }
-                None => model.run(&mut segment, &mut NoHooks)?,
-            };
-            Ok(rows.pop().unwrap_or_default())
-        };
-    let mut cache = model.new_cache();
-    let first = forward(prompt, &mut cache, Logits::Last)?;
-    let last = log_softmax(first.last().ok_or_else(|| anyhow::anyhow!("no logits"))?);
+    let prompt_len = cache.len();
+    let last = log_softmax(last);
     let mut out = Vec::with_capacity(targets.len());
     for target in targets {
         let mut lps = Vec::with_capacity(target.len());
@@ -291,11 +268,26 @@ pub fn score(
             out.push(lps);
             continue;
         };
-        lps.push(last[t0 as usize]);
+        lps.push(
+            *last
+                .get(t0 as usize)
+                .ok_or_else(|| anyhow::anyhow!("no logits"))?,
+        );
         if target.len() > 1 {
             let mut c = cache.clone();
-            let rows = forward(&target[..target.len() - 1], &mut c, Logits::Every)?;
-            for (row, &next) in rows.iter().zip(&target[1..]) {
+            let mut segment = [Segment {
+                tokens: &target[..target.len() - 1],
+                cache: &mut c,
+                logits: Logits::Every,
+            }];
+            let mut rows = match plan {
+                Some(p) => {
+                    let mut hooks = BatchSteering::new(n_layers, vec![(Some(p), prompt_len)]);
+                    model.run(&mut segment, &mut hooks)?
+                }
+                None => model.run(&mut segment, &mut NoHooks)?,
+            };
+            for (row, &next) in rows.pop().unwrap_or_default().iter().zip(&target[1..]) {
                 lps.push(log_softmax(row)[next as usize]);
             }
         }
@@ -321,15 +313,25 @@ pub enum Signal {
     },
 }
 
-struct SignalHooks<'a> {
-    signal: &'a Signal,
+/// Records a [`Signal`] at every token (carried between the chunks of a pass).
+pub struct SignalHooks {
+    signal: Signal,
     /// `[sequence][position]`.
-    values: Vec<Vec<f32>>,
+    pub values: Vec<Vec<f32>>,
 }
 
-impl Hooks for SignalHooks<'_> {
+impl SignalHooks {
+    pub fn new(signal: Signal, lengths: impl IntoIterator<Item = usize>) -> Self {
+        Self {
+            signal,
+            values: lengths.into_iter().map(|n| vec![0.0; n]).collect(),
+        }
+    }
+}
+
+impl Hooks for SignalHooks {
     fn is_active(&self, site: HookSite, layer: usize) -> bool {
-        match self.signal {
+        match &self.signal {
             Signal::Neuron { layer: l, .. } => site == HookSite::MlpAct && layer == *l,
             Signal::Direction { layer: l, .. } => site == HookSite::ResidPost && layer == *l,
             Signal::Feature { sae, .. } => site == sae.site && layer == sae.layer,
@@ -345,7 +347,7 @@ impl Hooks for SignalHooks<'_> {
     ) -> candle_core::Result<Option<Tensor>> {
         let h: Vec<Vec<f32>> = x.to_vec2()?;
         for (r, row) in h.iter().enumerate() {
-            let v = match self.signal {
+            let v = match &self.signal {
                 Signal::Neuron { index, .. } => row.get(*index).copied().unwrap_or(0.0),
                 Signal::Direction { unit, .. } => {
                     row.iter().zip(unit.iter()).map(|(a, b)| a * b).sum()
@@ -364,10 +366,7 @@ pub fn signal_values(
     sequences: &[Vec<u32>],
     signal: &Signal,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
-    let mut hooks = SignalHooks {
-        signal,
-        values: sequences.iter().map(|s| vec![0.0; s.len()]).collect(),
-    };
+    let mut hooks = SignalHooks::new(signal.clone(), sequences.iter().map(Vec::len));
     let seqs: Vec<&[u32]> = sequences.iter().map(Vec::as_slice).collect();
     model.run_fresh(&seqs, Logits::None, usize::MAX, &mut hooks)?;
     Ok(hooks.values)

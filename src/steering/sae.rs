@@ -55,6 +55,8 @@ pub struct Sae {
     /// when it was loaded at start or uploaded, not when loaded from a folder by path (those
     /// files are the user's).
     pub files: Option<std::path::PathBuf>,
+    /// Compiled into the binary (see [`BUILTIN_SAES`]).
+    pub builtin: bool,
     /// `[d_in, d_sae]`.
     w_enc: Tensor,
     /// `[d_sae, d_in]`, rows are features.
@@ -323,6 +325,7 @@ impl Sae {
             layer,
             hook_name: hook_name.to_string(),
             files: None,
+            builtin: false,
             w_enc,
             w_dec: parts.w_dec,
             w_dec_t,
@@ -343,9 +346,11 @@ impl Sae {
         )
         .with_context(|| format!("parsing {}", cfg_path.display()))?;
         let npz = !dir.join("sae_weights.safetensors").exists();
-        let parts = if !npz {
-            SaeParts::from_safetensors(&std::fs::read(dir.join("sae_weights.safetensors"))?)?
-        } else if dir.join("params.npz").exists() {
+        if !npz {
+            let weights = std::fs::read(dir.join("sae_weights.safetensors"))?;
+            return Self::from_saelens(name, &cfg, &weights);
+        }
+        let parts = if dir.join("params.npz").exists() {
             SaeParts::from_npz(&dir.join("params.npz"))?
         } else {
             bail!(
@@ -365,14 +370,25 @@ impl Sae {
             name,
             parts,
             arch,
-            // SAELens' default; Gemma Scope encodes `x · W_enc + b_enc`.
-            cfg.apply_b_dec_to_input.unwrap_or(!npz),
+            // Gemma Scope encodes `x · W_enc + b_enc`.
+            cfg.apply_b_dec_to_input.unwrap_or(false),
             &hook,
         )
     }
 
-    /// Writes the SAELens layout.
-    pub fn save_dir(&self, dir: &Path) -> Result<()> {
+    /// The SAELens layout from its two files' contents.
+    pub fn from_saelens(name: &str, cfg: &SaeConfig, weights: &[u8]) -> Result<Self> {
+        let parts = SaeParts::from_safetensors(weights)?;
+        let hook = cfg
+            .hook_name()
+            .context("cfg.json has no `hook_name` (e.g. blocks.12.hook_resid_post)")?;
+        // SAELens' default.
+        let apply_b_dec = cfg.apply_b_dec_to_input.unwrap_or(true);
+        Self::new(name, parts, cfg.architecture()?, apply_b_dec, &hook)
+    }
+
+    /// Writes the SAELens layout, with the tensors in `dtype` (F32, or F16 for half the size).
+    pub fn save_dir(&self, dir: &Path, dtype: candle_core::DType) -> Result<()> {
         std::fs::create_dir_all(dir)?;
         let (arch, k) = match self.architecture {
             SaeArchitecture::Standard => ("standard", None),
@@ -406,8 +422,12 @@ impl Sae {
                 Tensor::from_slice(t, self.d_sae, &Device::Cpu)?,
             ));
         }
+        let tensors = tensors
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
         let tmp = dir.join(".sae_weights.safetensors.tmp");
-        candle_core::safetensors::save(&tensors.into_iter().collect::<HashMap<_, _>>(), &tmp)?;
+        candle_core::safetensors::save(&tensors, &tmp)?;
         std::fs::rename(&tmp, dir.join("sae_weights.safetensors"))?;
         std::fs::write(
             dir.join(OWNED_MARKER),
@@ -511,6 +531,14 @@ impl Sae {
     }
 }
 
+/// SAEs compiled into the binary: `(name, cfg.json, sae_weights.safetensors)`, built from
+/// `config/saes/NAME/` (`tiller sae train --half --out config/saes/NAME` remakes one).
+pub const BUILTIN_SAES: [(&str, &[u8], &[u8]); 1] = [(
+    "res12_4k",
+    include_bytes!("../../config/saes/res12_4k/cfg.json"),
+    include_bytes!("../../config/saes/res12_4k/sae_weights.safetensors"),
+)];
+
 /// Loaded SAEs by name.
 #[derive(Debug, Default)]
 pub struct SaeStore {
@@ -558,6 +586,25 @@ impl SaeStore {
             .keys()
             .cloned()
             .collect()
+    }
+
+    /// Loads the SAEs compiled into the binary whose width and layer fit the model (they are
+    /// made for the default model; others skip them). Folders in `saes.dir` load after them,
+    /// so one there of the same name (`tiller sae train` writes `res12_4k`) replaces it.
+    pub fn load_builtins(&self, width_of: impl Fn(HookSite, usize) -> Option<usize>) {
+        for (name, cfg, weights) in BUILTIN_SAES {
+            let sae = serde_json::from_slice::<SaeConfig>(cfg)
+                .map_err(anyhow::Error::from)
+                .and_then(|cfg| Sae::from_saelens(name, &cfg, weights));
+            match sae {
+                Ok(mut sae) if width_of(sae.site, sae.layer) == Some(sae.d_in) => {
+                    sae.builtin = true;
+                    self.insert(sae);
+                }
+                Ok(_) => tracing::debug!(sae = name, "built-in SAE does not fit this model"),
+                Err(e) => tracing::error!(sae = name, error = %format!("{e:#}"), "built-in SAE"),
+            }
+        }
     }
 
     /// Loads every subfolder of `dir` as an SAE named after it; returns a line per failure.
