@@ -70,6 +70,7 @@ pub struct Limits {
     pub max_logprobs: usize,
     pub max_tokenize_tokens: usize,
     pub max_inspect_values: usize,
+    pub max_prompts_per_request: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -369,22 +369,121 @@ async fn errors_use_openai_envelope_and_400() {
         .contains("item 1 (`nope:1`)"));
     let r = post(&s, "/v1/chat/completions", "{not json").await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = post_with(
+    for (body, code, param) in [
+        (
+            json!({"prompt": "x", "echo": true, "stream": true}),
+            "unsupported_stream",
+            "echo",
+        ),
+        (
+            json!({"prompt": ["a", "b"], "stream": true}),
+            "unsupported_stream",
+            "prompt",
+        ),
+        (
+            json!({"prompt": "x", "max_tokens": 0}),
+            "invalid_max_tokens",
+            "max_tokens",
+        ),
+        (
+            json!({"prompt": [[1, 2], [3, 1_000_000]]}),
+            "invalid_prompt",
+            "prompt[1]",
+        ),
+        (
+            json!({"prompt": [[1, 2], []]}),
+            "invalid_prompt",
+            "prompt[1]",
+        ),
+        (json!({"prompt": [1, -2]}), "invalid_prompt", "prompt"),
+        (json!({"prompt": [{"a": 1}]}), "invalid_prompt", "prompt[0]"),
+        (json!({"prompt": []}), "invalid_prompt", "prompt"),
+        (json!({"prompt": vec!["a"; 33]}), "invalid_prompt", "prompt"),
+    ] {
+        let mut body = body;
+        body["model"] = json!("tiny");
+        let r = post_with(&s, "/v1/completions", body.clone(), &[]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], code, "{body}");
+        assert_eq!(r.json()["error"]["param"], param, "{body}");
+    }
+}
+
+/// `echo` with `logprobs` scores the prompt the way lm-evaluation-harness reads it: one choice
+/// per prompt (strings or token ids), the prompt's tokens first (the first without a
+/// log-probability), each token's log-probability also in its `top_logprobs`, equal to
+/// teacher-forced scoring, and changed by steering.
+#[tokio::test]
+async fn echo_scores_prompts_as_evaluation_harnesses_read_them() {
+    let s = tiny_state(test_config(None));
+    let tok = &s.engine.model.tokenizer;
+    let context = tok.encode("the theater in", false).unwrap();
+    let continuation = tok.encode(" a tin", false).unwrap();
+    let whole: Vec<u32> = context.iter().chain(&continuation).copied().collect();
+    let body = json!({"model": "tiny", "prompt": [whole, context], "temperature": 0,
+        "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": true});
+    let r = post_with(&s, "/v1/completions", body.clone(), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let b = r.json();
+    let choices = b["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    assert_eq!(
+        (choices[0]["index"].as_u64(), choices[1]["index"].as_u64()),
+        (Some(0), Some(1))
+    );
+    let lp = &choices[0]["logprobs"];
+    let lps = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(
+        lps.len(),
+        whole.len() + 1,
+        "prompt tokens and the generated one"
+    );
+    assert!(lps[0].is_null() && lp["top_logprobs"][0].is_null());
+    let text = choices[0]["text"].as_str().unwrap();
+    assert!(text.starts_with(&tok.decode(&whole).unwrap()), "{text}");
+    // Each token's value is also in its top_logprobs, written the same way.
+    for (i, v) in lps.iter().enumerate().skip(1) {
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        let token = lp["tokens"][i].as_str().unwrap();
+        assert_eq!(&top[token], v, "token {i}");
+    }
+    // The continuation's log-likelihood, read as lm-eval reads it, is what teacher forcing
+    // gives after the context.
+    let ctxlen = context.len();
+    let summed: f64 = lps[ctxlen..lps.len() - 1]
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    let forced = post_json(&s, "/inspect/logprobs", json!({"prompt": tok.decode(&context).unwrap(), "targets": [tok.decode(&continuation).unwrap()]})).await.json();
+    let expected = forced["targets"][0]["unsteered"]["logprob"]
+        .as_f64()
+        .unwrap();
+    assert!((summed - expected).abs() < 1e-3, "{summed} vs {expected}");
+    // max_tokens 0 scores only; a list of strings gives the same numbers as token ids.
+    let scored = post_with(
         &s,
         "/v1/completions",
-        json!({"model": "tiny", "prompt": "x", "echo": true}),
+        json!({"model": "tiny", "max_tokens": 0,
+        "echo": true, "logprobs": 1, "prompt": [tok.decode(&whole).unwrap()]}),
         &[],
     )
-    .await;
-    assert_eq!(r.json()["error"]["code"], "unsupported_echo");
-    let r = post_with(
-        &s,
-        "/v1/completions",
-        json!({"model": "tiny", "prompt": ["a", "b"]}),
-        &[],
-    )
-    .await;
-    assert_eq!(r.json()["error"]["code"], "unsupported_prompt");
+    .await
+    .json();
+    let only = &scored["choices"][0]["logprobs"]["token_logprobs"];
+    assert_eq!(only.as_array().unwrap().len(), whole.len());
+    assert_eq!(only.as_array().unwrap()[..], lps[..whole.len()]);
+    assert_eq!(scored["usage"]["completion_tokens"], 0);
+    // Steering from the header changes the scores, and is echoed.
+    let v = vec![0.5f64; s.engine.model.dims().d_model];
+    let header =
+        serde_json::to_string(&json!([{"values": v, "layer": 1, "coefficient": 4.0}])).unwrap();
+    let steered = post_with(&s, "/v1/completions", body, &[("x-steering", &header)]).await;
+    assert!(steered.headers.get("x-steering-applied").is_some());
+    let steered = steered.json();
+    assert_ne!(
+        steered["choices"][0]["logprobs"]["token_logprobs"],
+        lp["token_logprobs"]
+    );
 }
 
 /// `X-Steering` is read the same way on every route that steers: on `/generate` and the

@@ -467,7 +467,7 @@ pub(super) async fn run_chunked<H: Hooks + Send + 'static>(
     let chunk = state.config.engine.prefill_chunk;
     state
         .engine
-        .run_chunked(tokens.into(), chunk, plan, tokens.len(), hooks)
+        .run_chunked(tokens.into(), chunk, plan, tokens.len(), hooks, None)
         .await?
         .map_err(|e| ApiError::internal(what, format!("{e:#}")))
 }

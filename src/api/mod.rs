@@ -200,7 +200,7 @@ fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(generate::generate))
         .routes(routes!(openai::chat_completions))
-        .routes(routes!(openai::completions))
+        .routes(routes!(openai::completions::completions))
         .routes(routes!(openai::list_models))
         .routes(routes!(openai::get_model))
         .routes(routes!(inspect::activations))

@@ -123,6 +123,15 @@ pub struct Chunked<H> {
     pub cache: KvCache,
     /// The logits after the last token (empty for an empty sequence).
     pub last_logits: Vec<f32>,
+    /// With `score_top`: tokens 1.. of the sequence, each scored after the ones before it.
+    pub scored: Vec<ScoredToken>,
+}
+
+/// A token's log-probability where it stands, and the likeliest tokens there.
+#[derive(Debug, Clone)]
+pub struct ScoredToken {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Work for the engine thread.
@@ -232,8 +241,9 @@ impl EngineHandle {
     /// inspects) travel from one job to the next, and the running generations take a step
     /// between any two, so a long inspection never holds the engine for more than about one
     /// step. `plan` steers the pass (`prompt_len` tokens count as the prompt). Returns the
-    /// hooks, the cache, and the last token's logits. Dropping the future (the client went
-    /// away) stops it before the next chunk.
+    /// hooks, the cache, and the last token's logits; with `score_top: Some(n)`, also every
+    /// token's log-probability after the ones before it, with the `n` likeliest there.
+    /// Dropping the future (the client went away) stops it before the next chunk.
     pub async fn run_chunked<H: Hooks + Send + 'static>(
         &self,
         tokens: Arc<[u32]>,
@@ -241,12 +251,14 @@ impl EngineHandle {
         plan: Option<Arc<SteeringPlan>>,
         prompt_len: usize,
         hooks: H,
+        score_top: Option<usize>,
     ) -> Result<anyhow::Result<Chunked<H>>, SubmitError> {
         let chunk = chunk.max(1);
         let mut done = Chunked {
             hooks,
             cache: self.model.new_cache(),
             last_logits: Vec::new(),
+            scored: Vec::new(),
         };
         let mut start = 0;
         while start < tokens.len() {
@@ -261,18 +273,35 @@ impl EngineHandle {
                         first: &mut steer,
                         second: &mut state.hooks,
                     };
-                    let logits = if end == toks.len() {
-                        Logits::Last
-                    } else {
-                        Logits::None
+                    let logits = match (score_top, end == toks.len()) {
+                        (Some(_), _) => Logits::Every,
+                        (None, true) => Logits::Last,
+                        (None, false) => Logits::None,
                     };
                     let mut segment = [Segment {
                         tokens: &toks[start..end],
                         cache: &mut state.cache,
                         logits,
                     }];
-                    let rows = m.run(&mut segment, &mut chain)?;
-                    if let Some(last) = rows.into_iter().next().and_then(|mut r| r.pop()) {
+                    let mut rows = m.run(&mut segment, &mut chain)?.into_iter().next();
+                    let rows = rows.get_or_insert_with(Vec::new);
+                    if let Some(n) = score_top {
+                        // Row i predicts the token at start + i + 1.
+                        for (i, row) in rows.iter().enumerate() {
+                            let Some(&next) = toks.get(start + i + 1) else {
+                                break;
+                            };
+                            let lp = sampling::log_softmax(row);
+                            state.scored.push(ScoredToken {
+                                logprob: lp
+                                    .get(next as usize)
+                                    .copied()
+                                    .unwrap_or(f32::NEG_INFINITY),
+                                top: sampling::top_n(&lp, n),
+                            });
+                        }
+                    }
+                    if let Some(last) = rows.pop() {
                         state.last_logits = last;
                     }
                     Ok(state)

@@ -94,6 +94,18 @@ def main():
         check(False, "n=2 is refused")
     except openai.BadRequestError as e:
         check(e.status_code == 400, "n=2 is a 400")
+    # echo with logprobs scores a prompt (one choice per prompt, token ids or strings).
+    ids = [[504, 3575, 282, 4649, 314], [504, 3575]]
+    scored = client.completions.create(model=model, prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    first, second = sorted(scored.choices, key=lambda c: c.index)
+    check(len(first.logprobs.tokens) == 5 and len(second.logprobs.tokens) == 2, "echo: one choice per prompt, its tokens")
+    check(first.logprobs.token_logprobs[0] is None and all(x < 0 for x in first.logprobs.token_logprobs[1:]),
+          "echo: the first token has no log-probability, the others do")
+    check(first.logprobs.token_logprobs[1] == second.logprobs.token_logprobs[1], "echo: a shared prefix scores the same")
+    check(first.text == "".join(first.logprobs.tokens), "echo: the text is the prompt")
+    texts = client.completions.create(model=model, prompt=["The capital of France is", "Once upon a time"],
+                                      max_tokens=4, temperature=0)
+    check([c.index for c in texts.choices] == [0, 1] and all(c.text for c in texts.choices), "a list of prompts")
     print("all OpenAI client checks passed")
 
 

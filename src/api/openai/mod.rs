@@ -28,6 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+pub mod completions;
 mod wire;
 pub use wire::*;
 
@@ -315,8 +316,19 @@ impl StreamSpec {
 fn top_map(lp: &TokenLogprob) -> serde_json::Map<String, serde_json::Value> {
     lp.top
         .iter()
-        .map(|t| (t.token.clone(), serde_json::json!(t.logprob)))
+        .map(|t| (t.token.clone(), logprob_json(t.logprob)))
         .collect()
+}
+
+/// A log-probability as JSON, written as its `f32` is everywhere else (`-0.33782566`, not
+/// `-0.3378256559371948`), so a client comparing a token's log-probability with the same
+/// value in `top_logprobs` finds them equal.
+fn logprob_json(x: f32) -> serde_json::Value {
+    x.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(serde_json::Value::Null, serde_json::Value::Number)
 }
 
 fn openai_stream(
@@ -565,96 +577,6 @@ async fn collect_openai(
         "generation",
         "the engine dropped the request",
     ))
-}
-
-/// Text completion (legacy OpenAI format), optionally steered.
-#[utoipa::path(post, path = "/v1/completions", tag = "openai",
-    request_body = CompletionRequest,
-    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or `name:layer:coefficient[,...]` (the body's `steering` wins)")),
-    responses(
-        (status = 200, description = "The completion, or with `stream: true` SSE `text_completion` chunks ending `data: [DONE]`", body = Completion),
-        (status = 400, description = "Invalid parameter or bad `X-Steering` header", body = ErrorBody),
-        (status = 404, description = "Unknown model", body = ErrorBody),
-        (status = 429, description = "Queue full", body = ErrorBody)))]
-pub async fn completions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    OpenAiJson(req): OpenAiJson<CompletionRequest>,
-) -> Result<Response, OpenAiError> {
-    check_model(&state, req.model.as_deref())?;
-    check_n(req.n)?;
-    if req.echo.unwrap_or(false) {
-        return Err(ApiError::invalid("echo", "unsupported_echo", "echo is not supported").into());
-    }
-    let prompt_text = match &req.prompt {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(serde_json::Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-            a[0].as_str().unwrap_or_default().to_string()
-        }
-        Some(serde_json::Value::Array(_)) => {
-            return Err(ApiError::invalid(
-                "prompt",
-                "unsupported_prompt",
-                "only one prompt per request is supported",
-            )
-            .into())
-        }
-        _ => {
-            return Err(
-                ApiError::invalid("prompt", "missing_input", "give `prompt` as a string").into(),
-            )
-        }
-    };
-    let prompt = encode_input(&state, Some(&prompt_text), None)?;
-    let raw = RawSettings {
-        max_tokens: Some(req.max_tokens.unwrap_or(16)),
-        temperature: temperature(req.temperature)?,
-        top_p: req.top_p,
-        top_k: None,
-        seed: req.seed,
-        stop: req.stop.as_ref(),
-        logprobs: req.logprobs,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-    };
-    let how = Streaming::new(req.stream, req.stream_options, false);
-    let Collected { p, rx, id, created } =
-        match launch(&state, &headers, prompt, &raw, req.steering, how)? {
-            Launched::Streamed(resp) => return Ok(resp),
-            Launched::Collect(c) => c,
-        };
-    let (text, reason, usage, lps) = collect_openai(rx).await?;
-    let logprobs = p.settings.logprobs.map(|_| {
-        let mut offset = 0;
-        let mut offsets = Vec::new();
-        for lp in &lps {
-            offsets.push(offset);
-            offset += lp.token.chars().count();
-        }
-        CompletionLogprobs {
-            tokens: lps.iter().map(|l| l.token.clone()).collect(),
-            token_logprobs: lps.iter().map(|l| l.logprob).collect(),
-            top_logprobs: lps.iter().map(top_map).collect(),
-            text_offset: offsets,
-        }
-    });
-    let resp = Json(Completion {
-        id,
-        object: "text_completion".into(),
-        created,
-        model: state.engine.model.id.clone(),
-        system_fingerprint: fingerprint(&state),
-        choices: vec![CompletionChoice {
-            text,
-            index: 0,
-            logprobs,
-            finish_reason: reason.into(),
-        }],
-        usage,
-        steering: p.applied.clone(),
-    })
-    .into_response();
-    Ok(with_applied(resp, &p.applied))
 }
 
 fn card(state: &AppState) -> ModelCard {

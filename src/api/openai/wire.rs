@@ -128,10 +128,11 @@ pub struct CompletionRequest {
     /// The served model's id (see `GET /v1/models`).
     #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
     pub model: Option<String>,
-    /// A string, or a list holding one string.
+    /// A string, a list of strings, a list of token ids, or a list of token-id lists: one
+    /// choice per prompt (at most `limits.max_prompts_per_request`).
     #[schema(value_type = Object, example = "Once upon a time")]
     pub prompt: Option<serde_json::Value>,
-    /// Default 16, as OpenAI's.
+    /// Default 16, as OpenAI's; 0 with `echo` scores the prompt only.
     #[serde(default)]
     #[schema(example = 32)]
     pub max_tokens: Option<u64>,
@@ -160,7 +161,8 @@ pub struct CompletionRequest {
     #[schema(example = 2)]
     pub logprobs: Option<u64>,
     #[schema(example = false)]
-    /// Not supported (must be false).
+    /// Return the prompt before the completion; with `logprobs`, its tokens'
+    /// log-probabilities too (the first `null`). Not with `stream`.
     #[serde(default)]
     pub echo: Option<bool>,
     /// Stream `text_completion` chunks.
@@ -312,16 +314,17 @@ pub struct ChatCompletion {
 /// Legacy completions log-probabilities.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CompletionLogprobs {
-    /// The generated tokens.
+    /// The tokens: the echoed prompt's (with `echo`), then the generated ones.
     #[schema(example = json!([" a", " bridge"]))]
     pub tokens: Vec<String>,
-    /// Their log-probabilities.
+    /// Their log-probabilities (`null` for the first token of an echoed prompt).
     #[schema(example = json!([-0.5, -1.2]))]
-    pub token_logprobs: Vec<f32>,
+    pub token_logprobs: Vec<Option<f32>>,
     #[schema(example = json!([{" a": -0.5, " the": -1.1}]))]
-    /// For each token, the alternatives as `{token: logprob}`.
+    /// For each token, the likeliest tokens there as `{token: logprob}` (with the token itself
+    /// for an echoed prompt; `null` for its first token).
     #[schema(value_type = Vec<Object>)]
-    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    pub top_logprobs: Vec<Option<serde_json::Map<String, serde_json::Value>>>,
     #[schema(example = json!([0, 2]))]
     /// Character offset of each token in the text.
     pub text_offset: Vec<usize>,
@@ -329,10 +332,10 @@ pub struct CompletionLogprobs {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CompletionChoice {
-    /// The generated text.
+    /// The generated text (after the prompt, with `echo`).
     #[schema(example = " a suspension bridge in San Francisco.")]
     pub text: String,
-    /// Always 0 (n = 1).
+    /// The prompt's place in `prompt`.
     #[schema(example = 0)]
     pub index: usize,
     /// With `logprobs`: tokens and their log-probabilities.
@@ -360,7 +363,7 @@ pub struct Completion {
     /// Identifies the server version and weights.
     #[schema(example = "fp_tiller_0.1.0_1a2b3c4d")]
     pub system_fingerprint: String,
-    /// One choice (n = 1).
+    /// One choice per prompt, in order.
     pub choices: Vec<CompletionChoice>,
     /// Token counts.
     pub usage: OpenAiUsage,
