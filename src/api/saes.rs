@@ -156,9 +156,13 @@ pub struct SaePathBody {
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Loaded", body = SaeInfo),
+        (status = 400, description = "Malformed JSON or an invalid query parameter", body = ErrorBody),
         (status = 403, description = "An admin key is needed", body = ErrorBody),
+        (status = 409, description = "The folder holds files tiller did not write (`folder_not_owned`)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 422, description = "Unreadable, or its width does not match the model at its hook", body = ErrorBody)))]
+        (status = 422, description = "Unreadable, or its width does not match the model at its hook", body = ErrorBody),
+        (status = 503, description = "The SAE folder cannot be written (`store_unavailable`)", body = ErrorBody),
+        (status = 507, description = "The disk is full (`storage_full`)", body = ErrorBody)))]
 pub async fn put_sae(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -593,6 +597,7 @@ const EMBEDDED_CORPUS: [&str; 2] = [
     request_body = FeatureTopRequest,
     responses(
         (status = 200, description = "The top contexts, largest activation first", body = TopContextsResponse),
+        (status = 400, description = "Malformed JSON or an invalid path parameter", body = ErrorBody),
         (status = 404, description = "No such SAE", body = ErrorBody),
         (status = 422, description = "Feature out of range, invalid prompts, or none given and an empty corpus", body = ErrorBody),
         (status = 429, description = "Queue full", body = ErrorBody)))]

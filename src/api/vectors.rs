@@ -742,7 +742,10 @@ pub async fn run_extraction(
         (status = 200, description = "The stored vector and the per-layer report; with `stream: true`, SSE `progress` events (ExtractProgress) then `result` (ExtractResponse)", body = ExtractResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 403, description = "An admin key is needed", body = ErrorBody),
-        (status = 422, description = "Invalid examples, method, position or layers", body = ErrorBody)))]
+        (status = 409, description = "The name is a built-in vector (`read_only`)", body = ErrorBody),
+        (status = 422, description = "Invalid examples, method, position or layers", body = ErrorBody),
+        (status = 503, description = "The store cannot be written (`store_unavailable`)", body = ErrorBody),
+        (status = 507, description = "The disk is full (`storage_full`)", body = ErrorBody)))]
 pub async fn extract_vector(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<ExtractRequest>,
