@@ -279,7 +279,7 @@ pub fn extract_from_file(
         acts.extend(crate::steering::extract::collect(
             &model,
             &batch,
-            &plan.layers,
+            std::sync::Arc::new(plan.layers.clone()),
             plan.site,
         )?);
         eprint!("\rextracting: {}/{total} examples", acts.len());

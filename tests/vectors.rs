@@ -846,3 +846,37 @@ async fn storage_failures_are_503_or_507() {
     assert_eq!(full.code, "storage_full");
     std::fs::remove_file(&dir).unwrap();
 }
+
+/// An example longer than a prefill chunk is extracted in chunks (generation runs between
+/// them) and gives the vector one unchunked pass gives.
+#[tokio::test]
+async fn long_examples_extract_in_chunks_to_the_same_vector() {
+    let mut cfg = test_config(None);
+    cfg.engine.prefill_chunk = 16;
+    let s = tiny_state(cfg);
+    let long = |w: &str| [w; 12].join(" ");
+    let req = json!({"name": "long", "positive": [long("theater tin"), "the bridge"],
+        "negative": [long("apple fog"), "the bay"], "layers": [1, 2], "position": "mean"});
+    let r = post_json(&s, "/vectors/extract", req.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let served: Vec<f32> = serde_json::from_value(
+        get(&s, "/vectors/long?format=json").await.json()["layers"]["1"].clone(),
+    )
+    .unwrap();
+    let model = &s.engine.model;
+    let req: tiller::api::vectors::ExtractRequest = serde_json::from_value(req).unwrap();
+    let plan = tiller::api::vectors::ExtractPlan::validate(model, &s.config, req).unwrap();
+    let examples = plan.examples();
+    assert!(
+        examples[0].tokens.len() > 16 * 4,
+        "the long example spans several chunks"
+    );
+    let layers = std::sync::Arc::new(plan.layers.clone());
+    let acts = tiller::steering::extract::collect(model, &examples, layers, plan.site).unwrap();
+    let whole = plan.finish(&model.id, acts, plan.positive.len()).vector;
+    let expected = whole.layers[&1].clone();
+    let scale = expected.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for (a, b) in served.iter().zip(expected.iter()) {
+        assert!((a - b).abs() <= 1e-4 * scale, "{a} vs {b}");
+    }
+}

@@ -568,7 +568,7 @@ pub fn new_id(prefix: &str) -> String {
 /// Generate text, optionally steered.
 #[utoipa::path(post, path = "/generate", tag = "generate",
     request_body = GenerateRequest,
-    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or `name:layer:coefficient[,...]` (the body's `steering` wins)")),
+    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or the compact form (docs/steering.md); the body's `steering` wins")),
     responses(
         (status = 200, description = "The completion (JSON), or with `stream: true` an SSE stream of `token` events (StreamToken) then `done` (StreamDone)", body = GenerateResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),

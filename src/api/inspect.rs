@@ -161,7 +161,7 @@ pub(super) fn check_prompt_len(state: &AppState, field: &str, len: usize) -> Res
 /// Activations at every token: top neurons or dimensions, norms, projections, chosen neurons.
 #[utoipa::path(post, path = "/inspect/activations", tag = "inspect",
     request_body = ActivationsRequest,
-    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or `name:layer:coefficient[,...]` (the body's `steering` wins)")),
+    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or the compact form (docs/steering.md); the body's `steering` wins")),
     responses(
         (status = 200, description = "Per-token activations", body = ActivationsResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
@@ -358,7 +358,7 @@ fn target_score(lps: &[f32]) -> TargetScore {
 /// Score continuations after a prompt, with and without the request's steering.
 #[utoipa::path(post, path = "/inspect/logprobs", tag = "inspect",
     request_body = LogprobsRequest,
-    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or `name:layer:coefficient[,...]` (the body's `steering` wins)")),
+    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or the compact form (docs/steering.md); the body's `steering` wins")),
     responses(
         (status = 200, description = "Target probabilities and top tokens, side by side", body = LogprobsResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),

@@ -442,7 +442,7 @@ pub struct FeaturesResponse {
 /// The SAE's active features at every token of a prompt, with reconstruction error and L0.
 #[utoipa::path(post, path = "/inspect/features", tag = "saes",
     request_body = FeaturesRequest,
-    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or `name:layer:coefficient[,...]` (the body's `steering` wins)")),
+    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or the compact form (docs/steering.md); the body's `steering` wins")),
     responses(
         (status = 200, description = "Per-token features", body = FeaturesResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),

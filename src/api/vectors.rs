@@ -671,6 +671,38 @@ pub fn batches(examples: Vec<Example>, budget: usize) -> Vec<Vec<Example>> {
     out
 }
 
+/// One batch's activations, in order: runs of short examples packed into one engine job, and
+/// each example longer than a prefill chunk alone, in chunks like a prefill.
+async fn collect_batch(
+    state: &AppState,
+    batch: Vec<Example>,
+    layers: Arc<Vec<usize>>,
+    site: HookSite,
+) -> Result<Vec<Activations>, ApiError> {
+    let chunk = state.config.engine.prefill_chunk;
+    let failed = |e: anyhow::Error| ApiError::internal("extraction", format!("{e:#}"));
+    let mut out = Vec::with_capacity(batch.len());
+    let mut rest = batch.as_slice();
+    while !rest.is_empty() {
+        let short = rest.iter().take_while(|e| e.tokens.len() <= chunk).count();
+        if short > 0 {
+            let (run, layers) = (rest[..short].to_vec(), layers.clone());
+            let job = move |m: &crate::model::Model| extract::collect(m, &run, layers, site);
+            out.extend(state.engine.run_job(job).await?.map_err(failed)?);
+            rest = &rest[short..];
+            continue;
+        }
+        let one = &rest[..1];
+        let rec = extract::Recorder::new(one, layers.clone(), site);
+        let tokens: Arc<[u32]> = one[0].tokens.as_slice().into();
+        let n = tokens.len();
+        let done = state.engine.run_chunked(tokens, chunk, None, n, rec, None);
+        out.extend(done.await?.map_err(failed)?.hooks.finish(one));
+        rest = &rest[1..];
+    }
+    Ok(out)
+}
+
 /// Runs an extraction: collects activations pass by pass on the engine thread (other requests
 /// are served in between), computes the vectors and stores them. Dropping the future (the
 /// client went away) stops it after the pass in flight.
@@ -694,12 +726,7 @@ pub async fn run_extraction(
                 "the client went away",
             ));
         }
-        let (layers, site) = (layers.clone(), plan.site);
-        let got = state
-            .engine
-            .run_job(move |m| extract::collect(m, &batch, &layers, site))
-            .await?
-            .map_err(|e| ApiError::internal("extraction", format!("{e:#}")))?;
+        let got = collect_batch(state, batch, layers.clone(), plan.site).await?;
         acts.extend(got);
         if let Some(p) = progress {
             let _ = p

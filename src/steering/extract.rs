@@ -23,6 +23,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// How to turn activations into a vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -158,16 +159,43 @@ pub fn encode_example(
 /// Per-layer activations of one example, each reduced over its read positions.
 pub type Activations = Vec<Vec<f32>>;
 
-/// Records the mean activation over each sequence's read positions at a set of layers.
-struct Recorder<'a> {
+/// Records the mean activation over each sequence's read positions at a set of layers
+/// (carried between the chunks of a long example's pass).
+pub struct Recorder {
     site: HookSite,
-    layers: &'a [usize],
+    layers: Arc<Vec<usize>>,
     reads: Vec<Range<usize>>,
     /// `[sequence][layer index]` running sums.
     sums: Vec<Vec<Vec<f64>>>,
 }
 
-impl Hooks for Recorder<'_> {
+impl Recorder {
+    pub fn new(examples: &[Example], layers: Arc<Vec<usize>>, site: HookSite) -> Self {
+        Self {
+            site,
+            sums: vec![vec![Vec::new(); layers.len()]; examples.len()],
+            layers,
+            reads: examples.iter().map(|e| e.read.clone()).collect(),
+        }
+    }
+
+    /// Each example's activations, averaged over its read positions.
+    pub fn finish(self, examples: &[Example]) -> Vec<Activations> {
+        self.sums
+            .into_iter()
+            .zip(examples)
+            .map(|(per_layer, ex)| {
+                let n = ex.read.len().max(1) as f64;
+                per_layer
+                    .into_iter()
+                    .map(|s| s.into_iter().map(|v| (v / n) as f32).collect())
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+impl Hooks for Recorder {
     fn is_active(&self, site: HookSite, layer: usize) -> bool {
         site == self.site && self.layers.contains(&layer)
     }
@@ -215,29 +243,13 @@ impl Hooks for Recorder<'_> {
 pub fn collect(
     model: &Model,
     examples: &[Example],
-    layers: &[usize],
+    layers: Arc<Vec<usize>>,
     site: HookSite,
 ) -> anyhow::Result<Vec<Activations>> {
-    let mut rec = Recorder {
-        site,
-        layers,
-        reads: examples.iter().map(|e| e.read.clone()).collect(),
-        sums: vec![vec![Vec::new(); layers.len()]; examples.len()],
-    };
+    let mut rec = Recorder::new(examples, layers, site);
     let seqs: Vec<&[u32]> = examples.iter().map(|e| e.tokens.as_slice()).collect();
     model.run_fresh(&seqs, Logits::None, usize::MAX, &mut rec)?;
-    Ok(rec
-        .sums
-        .into_iter()
-        .zip(examples)
-        .map(|(per_layer, ex)| {
-            let n = ex.read.len().max(1) as f64;
-            per_layer
-                .into_iter()
-                .map(|s| s.into_iter().map(|v| (v / n) as f32).collect())
-                .collect()
-        })
-        .collect())
+    Ok(rec.finish(examples))
 }
 
 /// What extraction found at one layer.

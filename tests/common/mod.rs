@@ -309,7 +309,13 @@ pub fn rebuild_demo_vectors(s: &AppState, names: &[&str]) {
         let mut acts = Vec::new();
         for batch in tiller::api::vectors::batches(plan.examples(), 512) {
             acts.extend(
-                tiller::steering::extract::collect(model, &batch, &plan.layers, plan.site).unwrap(),
+                tiller::steering::extract::collect(
+                    model,
+                    &batch,
+                    std::sync::Arc::new(plan.layers.clone()),
+                    plan.site,
+                )
+                .unwrap(),
             );
         }
         let rebuilt = plan.finish(&model.id, acts, n_pos).vector;

@@ -474,7 +474,7 @@ fn launch(
 /// Chat completion (OpenAI format), optionally steered.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
     request_body = ChatCompletionRequest,
-    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or `name:layer:coefficient[,...]` (the body's `steering` wins)")),
+    params(("X-Steering" = Option<String>, Header, description = "Steering as a JSON list or the compact form (docs/steering.md); the body's `steering` wins")),
     responses(
         (status = 200, description = "The completion, or with `stream: true` SSE `chat.completion.chunk` events ending `data: [DONE]`; header `X-Steering-Applied` echoes the plan", body = ChatCompletion),
         (status = 400, description = "Invalid parameter, bad `X-Steering` header, or wrong types (OpenAI error envelope)", body = ErrorBody),

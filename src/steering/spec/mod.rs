@@ -6,7 +6,7 @@
 //! `ablate` (directional ablation, Arditi et al. 2024: with no layer it projects the direction
 //! out of the embeddings and of every attention and MLP write, so no residual stream ever holds
 //! it), `clamp` (set the projection to a value), and neuron `zero` / `mean` / `scale` / `set`
-//! on `mlp_act`.
+//! on `mlp_act`. The user's reference to all of it is `docs/steering.md`.
 
 use super::sae::{Sae, SaeStore};
 use super::store::VectorStore;
