@@ -71,6 +71,7 @@ pub struct Limits {
     pub max_tokenize_tokens: usize,
     pub max_inspect_values: usize,
     pub max_prompts_per_request: usize,
+    pub max_lens_cells: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

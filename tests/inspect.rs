@@ -369,3 +369,107 @@ async fn inspection_errors_name_the_field() {
         assert!(r.text().contains(field), "{path} {body}: {}", r.text());
     }
 }
+
+/// The logit lens at the last layer is the model's own next-token distribution, bit for bit,
+/// steered or not; earlier layers differ; targets get their rank and probability; the bounds
+/// are refused with the field named.
+#[tokio::test]
+async fn the_logit_lens_at_the_last_layer_is_the_models_own_distribution() {
+    let mut cfg = test_config(None);
+    cfg.engine.prefill_chunk = 3;
+    let s = tiny_state(cfg);
+    let n_layers = s.engine.model.dims().n_layers;
+    let prompt = "the theater in a tin";
+    let d = s.engine.model.dims().d_model;
+    let steer = json!([{"values": vec![0.7; d], "layer": 1, "coefficient": 3.0}]);
+    for steering in [json!(null), steer] {
+        let own = post_json(
+            &s,
+            "/inspect/logprobs",
+            json!({"prompt": prompt, "targets": ["a"], "top_k": 5, "steering": steering}),
+        )
+        .await
+        .json();
+        let own_top = if steering.is_null() {
+            &own["top"]["unsteered"]
+        } else {
+            &own["top"]["steered"]
+        };
+        let r = post_json(&s, "/inspect/logit_lens", json!({"prompt": prompt, "positions": [-1], "top_k": 5, "targets": ["a"], "steering": steering})).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let b = r.json();
+        assert_eq!(b["layers"].as_array().unwrap().len(), n_layers);
+        let last = &b["cells"][n_layers - 1][0];
+        assert_eq!(&last["top"], own_top, "steering {steering}");
+        assert_ne!(
+            &b["cells"][0][0]["top"], own_top,
+            "the first layer reads differently"
+        );
+        // The target's log-probability is the model's own; its rank places it in the top list.
+        let t = &last["targets"][0];
+        let which = if steering.is_null() {
+            "unsteered"
+        } else {
+            "steered"
+        };
+        assert_eq!(t["logprob"], own["targets"][0][which]["logprob"]);
+        let lp = t["logprob"].as_f64().unwrap();
+        assert!((t["prob"].as_f64().unwrap() - lp.exp()).abs() < 1e-6);
+        let rank = t["rank"].as_u64().unwrap() as usize;
+        let above = last["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["logprob"].as_f64().unwrap() > lp)
+            .count();
+        assert!(
+            rank >= 1 && (rank > 5 || rank == above + 1),
+            "rank {rank}, {above} above"
+        );
+        if rank <= 5 {
+            assert_eq!(last["top"][rank - 1]["id"], b["targets"][0]["id"]);
+        }
+    }
+    // Every position by default, in order; bounds refused.
+    let all = post_json(
+        &s,
+        "/inspect/logit_lens",
+        json!({"prompt": prompt, "layers": [0]}),
+    )
+    .await
+    .json();
+    let n = all["positions"].as_array().unwrap().len();
+    assert!(n > 3 && all["cells"][0].as_array().unwrap().len() == n);
+    for (body, code, field) in [
+        (
+            json!({"prompt": prompt, "positions": [99]}),
+            "invalid_positions",
+            "positions[0]",
+        ),
+        (
+            json!({"prompt": prompt, "targets": ["the theater"]}),
+            "invalid_targets",
+            "targets[0]",
+        ),
+        (
+            json!({"prompt": prompt, "top_k": 21}),
+            "invalid_top_k",
+            "top_k",
+        ),
+        (
+            json!({"prompt": prompt, "layers": [n_layers]}),
+            "invalid_layer",
+            "layers[0]",
+        ),
+    ] {
+        let r = post_json(&s, "/inspect/logit_lens", body.clone()).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(r.error_code(), code, "{body}");
+        assert_eq!(r.json()["error"]["param"], field, "{body}");
+    }
+    let mut cfg = test_config(None);
+    cfg.limits.max_lens_cells = 4;
+    let small = tiny_state(cfg);
+    let r = post_json(&small, "/inspect/logit_lens", json!({"prompt": prompt})).await;
+    assert_eq!(r.error_code(), "too_much_output");
+}

@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 /// Most values one activation inspection may return (tokens × layers).
 const MAX_CELLS: usize = 200_000;
 
-fn layer_list(
+pub(super) fn layer_list(
     state: &AppState,
     field: &str,
     layers: Option<&[i64]>,

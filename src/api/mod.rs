@@ -7,6 +7,7 @@ pub mod generate;
 pub mod health;
 pub mod inspect;
 pub mod json;
+pub mod lens;
 pub mod openai;
 pub mod playground;
 pub mod saes;
@@ -204,6 +205,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(openai::list_models))
         .routes(routes!(openai::get_model))
         .routes(routes!(inspect::activations))
+        .routes(routes!(lens::logit_lens))
         .routes(routes!(inspect::logprobs))
         .routes(routes!(inspect::neurons_top))
         .routes(routes!(saes::list_saes))

@@ -235,6 +235,26 @@ impl Model {
         })
     }
 
+    /// The final norm and unembedding of residual rows (`d_model` each): the logits the model
+    /// would give if its residual stream were these rows after the last block (logit lens).
+    pub fn unembed(&self, rows: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        let d = self.dims.d_model;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(bad) = rows.iter().find(|r| r.len() != d) {
+            bail!(
+                "a residual row of {} values; the model's width is {d}",
+                bad.len()
+            );
+        }
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        self.pool.install(|| {
+            let x = candle_core::Tensor::from_vec(flat, (rows.len(), d), &self.device)?;
+            Ok(self.net.logits(&x)?.to_vec2::<f32>()?)
+        })
+    }
+
     fn check_batch(&self, batch: &PackedBatch, caches: &[&mut KvCache]) -> Result<()> {
         if caches.len() != batch.chunks.len() {
             bail!(

@@ -6,6 +6,7 @@ pub mod extract;
 pub mod formats;
 pub mod inspect;
 pub mod intervention;
+pub mod lens;
 pub mod sae;
 pub mod sae_train;
 pub mod spec;
