@@ -630,3 +630,87 @@ async fn the_playground_is_served_from_the_binary_without_a_key() {
         StatusCode::NOT_FOUND
     );
 }
+
+/// A schedule (`from`, `until`, `decay`) decides which generated tokens an intervention
+/// shapes: before `from` the distributions are the unsteered ones bit for bit; a strong vector
+/// changes the ones it covers; the echo carries it; bad schedules name the field.
+#[tokio::test]
+async fn schedules_steer_only_the_generated_tokens_they_cover() {
+    let s = tiny_state(test_config(None));
+    let d = s.engine.model.dims().d_model;
+    let v: Vec<f64> = (0..d).map(|i| ((i as f64) * 0.7).sin()).collect();
+    let run = |steering: serde_json::Value| {
+        let s = s.clone();
+        async move {
+            let body = json!({"prompt": "the theater", "max_tokens": 8, "temperature": 0,
+                "ignore_eos": true, "logprobs": 1, "steering": steering});
+            let r = post_json(&s, "/generate", body).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+            r.json()
+        }
+    };
+    let plain = run(json!(null)).await;
+    let iv = |extra: serde_json::Value| {
+        let mut spec = json!({"values": v, "layer": 1, "coefficient": 40.0, "normalize": true});
+        for (k, x) in extra.as_object().unwrap() {
+            spec[k] = x.clone();
+        }
+        json!([spec])
+    };
+    let late = run(iv(json!({"from": 3}))).await;
+    let lps = |r: &serde_json::Value| -> Vec<serde_json::Value> {
+        r["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["top"].clone())
+            .collect()
+    };
+    let (p, l) = (lps(&plain), lps(&late));
+    assert_eq!(
+        p[..3],
+        l[..3],
+        "tokens before `from` are chosen as unsteered"
+    );
+    assert_ne!(p[3..], l[3..], "tokens from `from` on are steered");
+    assert_eq!(late["steering"][0]["schedule"], json!({"from": 3}));
+    let early = run(iv(json!({"until": 2, "decay": "linear"}))).await;
+    assert_ne!(lps(&early)[0], p[0], "the first token is steered");
+    assert_eq!(
+        early["steering"][0]["schedule"],
+        json!({"from": 0, "until": 2, "decay": "linear"})
+    );
+    for (extra, code, field) in [
+        (
+            json!({"from": 4, "until": 4}),
+            "invalid_schedule",
+            "steering[0].until",
+        ),
+        (
+            json!({"decay": "linear"}),
+            "invalid_schedule",
+            "steering[0].decay",
+        ),
+        (
+            json!({"until": 3, "positions": "prompt"}),
+            "invalid_schedule",
+            "steering[0].positions",
+        ),
+        (
+            json!({"until": 3, "decay": "linear", "op": "clamp"}),
+            "invalid_schedule",
+            "steering[0].decay",
+        ),
+    ] {
+        let body = json!({"prompt": "the theater", "max_tokens": 2, "steering": iv(extra.clone())});
+        let r = post_json(&s, "/generate", body).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{extra}: {}",
+            r.text()
+        );
+        assert_eq!(r.error_code(), code, "{extra}");
+        assert_eq!(r.json()["error"]["param"], field, "{extra}");
+    }
+}

@@ -10,7 +10,7 @@
 //!          | "neuron" ":" LAYER ":" INDEX ":" OP [":" NUMBER]  a neuron (zero, mean, scale, set)
 //! LAYERS  := "*" | SPAN ("+" SPAN)*                           SPAN := LAYER | LAYER "-" LAYER
 //! option  := "site=" SITE | "positions=" ("all" | "prompt" | "generated" | "last:" K)
-//!          | "normalize" | "means=" NAME
+//!          | "normalize" | "means=" NAME | "from=" N | "until=" N | "decay=linear"
 //! ```
 //!
 //! `*` means the vector's own layers (for `ablate`: every attention and MLP write and the
@@ -22,7 +22,7 @@
 //! header also accepts.
 
 use super::spec::{
-    AppliedIntervention, FeatureRef, InterventionSpec, NeuronRef, OpName, Positions,
+    AppliedIntervention, Decay, FeatureRef, InterventionSpec, NeuronRef, OpName, Positions,
 };
 use crate::model::hooks::HookSite;
 
@@ -151,9 +151,28 @@ impl Item<'_> {
                     return Err(twice());
                 }
             }
+            ("from" | "until", Some(v)) => {
+                let n = v
+                    .parse::<u64>()
+                    .map_err(|_| self.err(format!("`{v}` is not a token count ({key})")))?;
+                let slot = if key == "from" {
+                    &mut spec.from
+                } else {
+                    &mut spec.until
+                };
+                if slot.replace(n).is_some() {
+                    return Err(twice());
+                }
+            }
+            ("decay", Some("linear")) => {
+                if spec.decay.replace(Decay::Linear).is_some() {
+                    return Err(twice());
+                }
+            }
             _ => {
                 return Err(self.err(format!(
-                    "unknown option `{option}` (site=SITE, positions=P, normalize, means=NAME)"
+                    "unknown option `{option}` (site=SITE, positions=P, normalize, means=NAME, \
+                     from=N, until=N, decay=linear)"
                 )))
             }
         }
@@ -264,6 +283,9 @@ pub fn to_spec(a: &AppliedIntervention) -> InterventionSpec {
         site: a.site,
         positions: Some(a.positions),
         normalize: a.normalize.then_some(true),
+        from: a.schedule.map(|s| s.from as u64),
+        until: a.schedule.and_then(|s| s.until).map(|u| u as u64),
+        decay: a.schedule.and_then(|s| s.decay),
         ..Default::default()
     };
     if let Some(n) = a.neuron {
@@ -333,6 +355,15 @@ fn format_one(a: &AppliedIntervention) -> String {
     }
     if let (OpName::Mean, Some(means)) = (a.op, &a.vector) {
         out += &format!(";means={means}");
+    }
+    if let Some(s) = a.schedule {
+        out += &format!(";from={}", s.from);
+        if let Some(u) = s.until {
+            out += &format!(";until={u}");
+        }
+        if s.decay == Some(Decay::Linear) {
+            out += ";decay=linear";
+        }
     }
     out
 }
@@ -584,6 +615,12 @@ mod tests {
                 }
             }
         }
+        if spec.positions.is_none() && rng.random_bool(0.3) {
+            spec.from = rng.random_bool(0.5).then(|| rng.random_range(0..4));
+            spec.until = Some(spec.from.unwrap_or(0) + 1 + rng.random_range(0..6));
+            let adds = matches!(spec.op, None | Some(OpName::Add)) && spec.neuron.is_none();
+            spec.decay = (adds && rng.random_bool(0.5)).then_some(Decay::Linear);
+        }
         spec
     }
 
@@ -622,6 +659,7 @@ mod tests {
             for (a, b) in again.interventions.iter().zip(&plan.interventions) {
                 assert_eq!(a.op, b.op, "{echo}");
                 assert_eq!(a.positions, b.positions, "{echo}");
+                assert_eq!(a.schedule, b.schedule, "{echo}");
                 let points = |iv: &crate::steering::spec::Intervention| {
                     iv.points
                         .iter()
@@ -631,7 +669,14 @@ mod tests {
                 assert_eq!(points(a), points(b), "{echo}");
             }
             for a in &applied {
-                forms.insert((a.op, a.site, a.positions.name().is_none(), a.normalize));
+                let scheduled = a.schedule.map(|s| s.decay.is_some());
+                forms.insert((
+                    a.op,
+                    a.site,
+                    a.positions.name().is_none(),
+                    a.normalize,
+                    scheduled,
+                ));
             }
             checked += 1;
         }
@@ -663,6 +708,7 @@ mod tests {
                 vector_norm: None,
                 all_writes: false,
                 values: None,
+                schedule: None,
             };
         let mut ablate = applied(OpName::Ablate, (0..30).collect(), None);
         ablate.all_writes = true;

@@ -10,13 +10,20 @@ use super::spec::{HookPoint, NeuronAction, Op, SteeringPlan};
 use crate::model::hooks::{BatchRows, HookSite, Hooks};
 use candle_core::{Result, Tensor};
 
-/// Rewrites one activation row `h` for one intervention at one hook point.
-pub fn apply_op(op: &Op, point: &HookPoint, h: &mut [f32]) {
+/// Rewrites one activation row `h` for one intervention at one hook point; `strength` (1 for
+/// full, less where a schedule fades) scales what `add` adds.
+pub fn apply_op(op: &Op, point: &HookPoint, h: &mut [f32], strength: f32) {
     match op {
         Op::Add => {
             if let Some(delta) = &point.vector {
-                for (x, d) in h.iter_mut().zip(delta.iter()) {
-                    *x += d;
+                if strength == 1.0 {
+                    for (x, d) in h.iter_mut().zip(delta.iter()) {
+                        *x += d;
+                    }
+                } else {
+                    for (x, d) in h.iter_mut().zip(delta.iter()) {
+                        *x += strength * d;
+                    }
                 }
             }
         }
@@ -109,8 +116,13 @@ impl Hooks for BatchSteering<'_> {
                 continue;
             };
             for (iv, point) in plan.at(site, layer) {
-                if iv.positions.contains(rows.position[r], prompt_len) {
-                    apply_op(&iv.op, point, h);
+                let (pos, plen) = (rows.position[r], prompt_len);
+                let strength = match &iv.schedule {
+                    Some(s) => s.factor(pos, plen),
+                    None => iv.positions.contains(pos, plen).then_some(1.0),
+                };
+                if let Some(strength) = strength {
+                    apply_op(&iv.op, point, h, strength);
                     *self.applied.entry(iv.applied.op.as_str()).or_default() += 1;
                     touched = true;
                 }
@@ -146,7 +158,7 @@ mod tests {
         let h0 = vec![1.5f32, -2.0, 0.25, 1e-3];
         let delta = vec![0.1f32, 0.2, -0.3, 4.0];
         let mut h = h0.clone();
-        apply_op(&Op::Add, &point(delta.clone()), &mut h);
+        apply_op(&Op::Add, &point(delta.clone()), &mut h, 1.0);
         for i in 0..4 {
             assert_eq!(h[i], h0[i] + delta[i]);
         }
@@ -163,7 +175,7 @@ mod tests {
                 .sum::<f64>()
         };
         let mut h = h0.clone();
-        apply_op(&Op::Ablate, &point(u.clone()), &mut h);
+        apply_op(&Op::Ablate, &point(u.clone()), &mut h, 1.0);
         assert!(proj(&h).abs() < 1e-5, "{}", proj(&h));
         // The orthogonal part is untouched.
         let p0 = proj(&h0);
@@ -171,8 +183,28 @@ mod tests {
             assert!((h[i] as f64 - (h0[i] as f64 - p0 * u[i] as f64)).abs() < 1e-5);
         }
         let mut h = h0.clone();
-        apply_op(&Op::Clamp { value: 3.5 }, &point(u.clone()), &mut h);
+        apply_op(&Op::Clamp { value: 3.5 }, &point(u.clone()), &mut h, 1.0);
         assert!((proj(&h) - 3.5).abs() < 1e-5);
+    }
+
+    #[test]
+    fn schedules_pick_the_passes_that_choose_their_tokens_and_fade() {
+        use crate::steering::spec::{Decay, Schedule};
+        let s = Schedule {
+            from: 1,
+            until: Some(5),
+            decay: Some(Decay::Linear),
+        };
+        // Prompt of 4 tokens: the pass over position 3 chooses generated token 0.
+        let at = |position| s.factor(position, 4);
+        assert_eq!([at(0), at(2), at(3)], [None, None, None]);
+        assert_eq!([at(4), at(5), at(7)], [Some(1.0), Some(0.75), Some(0.25)]);
+        assert_eq!(at(8), None);
+        let flat = Schedule { decay: None, ..s };
+        assert_eq!(flat.factor(6, 4), Some(1.0));
+        let mut h = vec![1.0f32, 1.0];
+        apply_op(&Op::Add, &point(vec![2.0, -4.0]), &mut h, 0.25);
+        assert_eq!(h, vec![1.5, 0.0]);
     }
 
     #[test]
@@ -189,7 +221,7 @@ mod tests {
             (NeuronAction::Set(-1.5), -1.5),
         ] {
             let mut h = h0.clone();
-            apply_op(&Op::Neuron { index: 1, action }, &p, &mut h);
+            apply_op(&Op::Neuron { index: 1, action }, &p, &mut h, 1.0);
             assert_eq!(h, vec![1.0, expect, 3.0]);
         }
     }

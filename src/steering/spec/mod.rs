@@ -80,6 +80,58 @@ pub struct InterventionSpec {
     /// For the neuron `mean` op: the stored neuron means to use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub means: Option<String>,
+    /// Act only from generated token `from` on (0: the first, chosen by the pass over the last
+    /// prompt token). A schedule replaces `positions`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 0)]
+    pub from: Option<u64>,
+    /// Act only before generated token `until` (so `until: 5` shapes the first five).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 5)]
+    pub until: Option<u64>,
+    /// `linear`: an `add` fades from full strength at `from` to zero at `until`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decay: Option<Decay>,
+}
+
+/// How a scheduled `add` changes strength over its steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Decay {
+    /// Full strength at `from`, falling linearly to zero at `until`.
+    Linear,
+}
+
+/// When an intervention acts during generation: on the passes that choose generated tokens
+/// `from..until` (the pass over position `prompt_len - 1 + i` chooses token `i`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Schedule {
+    /// The first generated token it shapes.
+    #[schema(example = 0)]
+    pub from: usize,
+    /// The first it no longer shapes (none: to the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 5)]
+    pub until: Option<usize>,
+    /// How an `add` fades (none: full strength throughout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decay: Option<Decay>,
+}
+
+impl Schedule {
+    /// The strength at the row at `position` (1 for full), or `None` where it does not act.
+    pub fn factor(&self, position: usize, prompt_len: usize) -> Option<f32> {
+        let i = (position + 1).checked_sub(prompt_len)?;
+        if i < self.from || self.until.is_some_and(|u| i >= u) {
+            return None;
+        }
+        match (self.decay, self.until) {
+            (Some(Decay::Linear), Some(u)) => {
+                Some(1.0 - (i - self.from) as f32 / (u - self.from) as f32)
+            }
+            _ => Some(1.0),
+        }
+    }
 }
 
 /// An MLP neuron: `index` in `mlp_act` of block `layer`.
@@ -391,6 +443,8 @@ pub struct HookPoint {
 pub struct Intervention {
     pub op: Op,
     pub positions: Positions,
+    /// When set, it decides which rows are touched (and how strongly) instead of `positions`.
+    pub schedule: Option<Schedule>,
     pub points: Vec<HookPoint>,
     /// The normalized form, echoed to the client.
     pub applied: AppliedIntervention,
@@ -442,6 +496,9 @@ pub struct AppliedIntervention {
     /// An inline direction as sent (`values`), kept so the echo can be sent back.
     #[serde(skip)]
     pub values: Option<Arc<[f32]>>,
+    /// When it acts during generation, if scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
 }
 
 /// A request's validated interventions, indexed by hook point.

@@ -111,13 +111,53 @@ impl Validator<'_> {
             c => c,
         };
         let positions = s.positions.unwrap_or(Positions::All);
-        if let Some(f) = &s.feature {
-            return self.feature(s, f, coefficient, positions);
+        let schedule = self.schedule(s)?;
+        let mut iv = if let Some(f) = &s.feature {
+            self.feature(s, f, coefficient, positions)?
+        } else if let Some(n) = s.neuron {
+            self.neuron(s, n, coefficient, positions)?
+        } else {
+            self.direction_op(s, coefficient, positions)?
+        };
+        if let Some(sc) = schedule {
+            if sc.decay.is_some() && iv.applied.op != OpName::Add {
+                return Err(self.err("decay", "invalid_schedule", "`decay` applies to `add` only"));
+            }
         }
-        if let Some(n) = s.neuron {
-            return self.neuron(s, n, coefficient, positions);
+        iv.schedule = schedule;
+        iv.applied.schedule = schedule;
+        Ok(iv)
+    }
+
+    /// `from`, `until` and `decay`, checked.
+    fn schedule(&self, s: &InterventionSpec) -> Result<Option<Schedule>, SpecError> {
+        if s.from.is_none() && s.until.is_none() && s.decay.is_none() {
+            return Ok(None);
         }
-        self.direction_op(s, coefficient, positions)
+        let to_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        let sc = Schedule {
+            from: s.from.map_or(0, to_usize),
+            until: s.until.map(to_usize),
+            decay: s.decay,
+        };
+        if sc.until.is_some_and(|u| u <= sc.from) {
+            return Err(self.err(
+                "until",
+                "invalid_schedule",
+                "`until` must be greater than `from`",
+            ));
+        }
+        if sc.decay.is_some() && sc.until.is_none() {
+            return Err(self.err("decay", "invalid_schedule", "`decay` needs `until`"));
+        }
+        if s.positions.is_some_and(|p| p != Positions::All) {
+            return Err(self.err(
+                "positions",
+                "invalid_schedule",
+                "a schedule (`from`, `until`) replaces `positions`; give one or the other",
+            ));
+        }
+        Ok(Some(sc))
     }
 
     fn layer(&self, field: &str, l: i64) -> Result<usize, SpecError> {
@@ -225,6 +265,7 @@ impl Validator<'_> {
         Ok(Intervention {
             op: Op::Neuron { index, action },
             positions,
+            schedule: None,
             points: vec![HookPoint {
                 site: HookSite::MlpAct,
                 layer,
@@ -244,6 +285,7 @@ impl Validator<'_> {
                 vector_norm: None,
                 all_writes: false,
                 values: None,
+                schedule: None,
             },
         })
     }
@@ -357,6 +399,7 @@ impl Validator<'_> {
         Ok(Intervention {
             op,
             positions,
+            schedule: None,
             points: vec![HookPoint {
                 site: sae.site,
                 layer: sae.layer,
@@ -376,6 +419,7 @@ impl Validator<'_> {
                 vector_norm: Some(norm),
                 all_writes: false,
                 values: None,
+                schedule: None,
             },
         })
     }
@@ -675,6 +719,7 @@ impl Validator<'_> {
         Ok(Intervention {
             op,
             positions,
+            schedule: None,
             applied: AppliedIntervention {
                 op: op_name,
                 values: dir.inline.clone(),
@@ -689,6 +734,7 @@ impl Validator<'_> {
                 normalize,
                 vector_norm: norm,
                 all_writes,
+                schedule: None,
             },
             points,
         })
