@@ -57,6 +57,7 @@ pub struct EngineSettings {
     pub max_batch_tokens: usize,
     pub prefill_chunk: usize,
     pub max_queue: usize,
+    pub max_chunked_passes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -4,12 +4,16 @@
 //!   immediate `503` with the error envelope and `Retry-After`, and the socket is closed, so a
 //!   flood of clients can neither exhaust the process's file descriptors nor hang.
 //! - **A header-read timeout** (`server.header_read_timeout_secs`): once a client starts a
-//!   request, its headers must arrive within this time, or the connection is closed (a
-//!   half-sent request does not hold a socket forever).
+//!   request, its headers must arrive within this time, or the connection is closed; a request
+//!   body that stalls for as long fails the request (a half-sent request does not hold a
+//!   socket forever).
+//! - **A client that stops reading** its response (the socket's buffer full for
+//!   `server.keep_alive_idle_secs`) is disconnected.
 //! - **A keep-alive idle timeout** (`server.keep_alive_idle_secs`): a connection with no
 //!   request in flight and no bytes for this long is closed.
 //! - **Graceful shutdown**: on the signal, stop accepting and let each connection finish the
-//!   request it is serving (HTTP/1 keep-alive is turned off for them).
+//!   request it is serving (HTTP/1 keep-alive is turned off for them), for at most
+//!   `server.shutdown_grace_secs` and a few seconds more.
 //!
 //! The timeouts are watched per connection from what its socket reads and whether a response
 //! is still being sent, so a long generation (or a quiet SSE stream) is never cut by them.
@@ -33,6 +37,8 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub keep_alive_idle: Duration,
+    /// After the shutdown signal, how long connections may take to finish.
+    pub drain: Duration,
 }
 
 impl ConnectionLimits {
@@ -41,6 +47,7 @@ impl ConnectionLimits {
             max_connections: s.max_connections,
             header_read_timeout: Duration::from_secs(s.header_read_timeout_secs),
             keep_alive_idle: Duration::from_secs(s.keep_alive_idle_secs),
+            drain: Duration::from_secs(s.shutdown_grace_secs.saturating_add(5)),
         }
     }
 }
@@ -57,6 +64,8 @@ struct Clock {
     idle_since: Instant,
     /// The first byte of a request not yet handed to the router.
     request_started: Option<Instant>,
+    /// Since when a write has been waiting for the client to read.
+    write_stalled: Option<Instant>,
 }
 
 impl Activity {
@@ -66,6 +75,7 @@ impl Activity {
             clock: Mutex::new(Clock {
                 idle_since: Instant::now(),
                 request_started: None,
+                write_stalled: None,
             }),
         })
     }
@@ -82,6 +92,15 @@ impl Activity {
         }
     }
 
+    fn write_progress(&self, pending: bool) {
+        let mut clock = self.clock();
+        if pending {
+            clock.write_stalled.get_or_insert_with(Instant::now);
+        } else {
+            clock.write_stalled = None;
+        }
+    }
+
     fn request_began(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.clock().request_started = None;
@@ -90,10 +109,16 @@ impl Activity {
 
     /// Why the connection should be closed now, if it should.
     fn expired(&self, limits: &ConnectionLimits) -> Option<&'static str> {
+        let clock = self.clock();
+        if clock
+            .write_stalled
+            .is_some_and(|t| t.elapsed() >= limits.keep_alive_idle)
+        {
+            return Some("the client stopped reading");
+        }
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let clock = self.clock();
         match clock.request_started {
             Some(t) if t.elapsed() >= limits.header_read_timeout => Some("header read timeout"),
             None if clock.idle_since.elapsed() >= limits.keep_alive_idle => Some("idle"),
@@ -138,6 +163,57 @@ impl http_body::Body for TrackedBody {
     }
 }
 
+/// A request body that fails when no data arrives for `stall` (a client that stops sending
+/// mid-body does not hold its connection).
+struct StallingBody {
+    inner: Incoming,
+    stall: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl StallingBody {
+    fn new(inner: Incoming, stall: Duration) -> Self {
+        Self {
+            inner,
+            stall,
+            timer: Box::pin(tokio::time::sleep(stall)),
+        }
+    }
+}
+
+impl http_body::Body for StallingBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + self.stall;
+                self.timer.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|f| f.map_err(std::io::Error::other)))
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the request body stalled",
+                )))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A socket that tells the watchdog when request bytes arrive.
 struct WatchedStream {
     inner: TcpStream,
@@ -165,7 +241,9 @@ impl AsyncWrite for WatchedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.write_progress(r.is_pending());
+        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -181,7 +259,9 @@ impl AsyncWrite for WatchedStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.write_progress(r.is_pending());
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -199,6 +279,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    // Refusals in progress (each holds its socket for at most a second).
+    let refusals = Arc::new(Semaphore::new(64));
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -228,7 +310,12 @@ pub async fn serve(
                     1.0,
                 );
             }
-            tokio::spawn(refuse(stream, limits.max_connections));
+            if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(stream, limits.max_connections).await;
+                    drop(slot);
+                });
+            }
             continue;
         };
         if let Some(m) = &metrics {
@@ -250,11 +337,13 @@ pub async fn serve(
             }
         });
     }
-    // Every connection holds a permit until it ends.
-    let _ = permits
-        .acquire_many(limits.max_connections as u32)
-        .await
-        .map(|p| p.forget());
+    drop(listener);
+    // Every connection holds a permit until it ends; a client that never finishes does not
+    // hold the process past the drain time.
+    let all = permits.acquire_many(limits.max_connections as u32);
+    if tokio::time::timeout(limits.drain, all).await.is_err() {
+        tracing::warn!("shutdown: connections still open after the drain time; closing them");
+    }
 }
 
 async fn serve_connection(
@@ -274,8 +363,10 @@ async fn serve_connection(
         move |req: hyper::Request<Incoming>| {
             let in_flight = activity.request_began();
             let app = app.clone();
+            let stall = limits.header_read_timeout;
             async move {
-                let resp = app.oneshot(req.map(Body::new)).await?;
+                let req = req.map(|b| Body::new(StallingBody::new(b, stall)));
+                let resp = app.oneshot(req).await?;
                 Ok::<_, std::convert::Infallible>(resp.map(|inner| {
                     Body::new(TrackedBody {
                         inner,
@@ -328,7 +419,7 @@ async fn refuse(mut stream: TcpStream, cap: usize) {
          content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body.as_bytes()).await?;
         stream.shutdown().await?;

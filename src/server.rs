@@ -148,6 +148,7 @@ pub fn build_state(cfg: Config, model: Model) -> Result<AppState> {
                 prefill_chunk: cfg.engine.prefill_chunk,
             },
             max_queue: cfg.engine.max_queue,
+            max_chunked_passes: cfg.engine.max_chunked_passes,
         },
         Some(step_observer(metrics.clone())),
     )?;

@@ -8,9 +8,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 fn app() -> axum::Router {
-    use axum::routing::get;
+    use axum::routing::{get, post};
     axum::Router::new()
         .route("/ok", get(|| async { "ok" }))
+        .route(
+            "/echo",
+            post(|b: axum::body::Bytes| async move { b.len().to_string() }),
+        )
         .route(
             "/slow",
             get(|| async {
@@ -45,6 +49,7 @@ fn limits(max_connections: usize, header_secs: f64, idle_secs: f64) -> Connectio
         max_connections,
         header_read_timeout: Duration::from_secs_f64(header_secs),
         keep_alive_idle: Duration::from_secs_f64(idle_secs),
+        drain: Duration::from_secs(5),
     }
 }
 
@@ -98,6 +103,23 @@ async fn a_half_sent_request_is_cut_off_at_the_header_timeout() {
         .await
         .expect("a connection with half-sent headers stayed open");
     assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_fails_the_request() {
+    let server = start(limits(8, 1.0, 30.0)).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(6), read_response(&mut s))
+        .await
+        .expect("a stalled body held the connection");
+    if let Some(r) = answer {
+        assert!(!r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    assert!(t.elapsed() >= Duration::from_millis(900));
 }
 
 #[tokio::test]

@@ -481,22 +481,29 @@ async fn score(
     plan: Option<Arc<SteeringPlan>>,
     top_k: usize,
 ) -> Result<inspect::Scores, ApiError> {
-    let done = run_chunked(state, prompt, plan.clone(), NoHooks, "scoring").await?;
-    let targets = targets.to_vec();
-    state
-        .engine
-        .run_job(move |m| {
-            inspect::score_continuations(
-                m,
-                &done.cache,
-                &done.last_logits,
-                &targets,
-                plan.as_deref(),
-                top_k,
-            )
-        })
-        .await?
-        .map_err(|e| ApiError::internal("scoring", format!("{e:#}")))
+    let done = Arc::new(run_chunked(state, prompt, plan.clone(), NoHooks, "scoring").await?);
+    // One job per target (at most 64 tokens each), so generation steps run between them.
+    let mut scores = inspect::Scores {
+        top: Vec::new(),
+        targets: Vec::with_capacity(targets.len()),
+    };
+    for (i, target) in targets.iter().enumerate() {
+        let (done, plan, target) = (done.clone(), plan.clone(), vec![target.clone()]);
+        let k = if i == 0 { top_k } else { 0 };
+        let s = state
+            .engine
+            .run_job(move |m| {
+                let (cache, last) = (&done.cache, &done.last_logits);
+                inspect::score_continuations(m, cache, last, &target, plan.as_deref(), k)
+            })
+            .await?
+            .map_err(|e| ApiError::internal("scoring", format!("{e:#}")))?;
+        if i == 0 {
+            scores.top = s.top;
+        }
+        scores.targets.extend(s.targets);
+    }
+    Ok(scores)
 }
 
 /// Which token contexts make a neuron or a direction fire most.

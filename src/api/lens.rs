@@ -211,7 +211,7 @@ pub async fn logit_lens(
     let mut targets = Vec::with_capacity(target_texts.len());
     for (i, t) in target_texts.iter().enumerate() {
         match model.tokenizer.encode(t, false).as_deref() {
-            Ok([id]) => targets.push(*id),
+            Ok([id]) if (*id as usize) < model.dims().vocab_size => targets.push(*id),
             _ => {
                 return Err(ApiError::invalid(
                     &format!("targets[{i}]"),

@@ -157,6 +157,8 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     /// Requests waiting for a place in the batch before new ones are refused.
     pub max_queue: usize,
+    /// Chunked passes (inspection, scoring) in progress at once; more are refused (429).
+    pub max_chunked_passes: usize,
 }
 
 /// Receives a report after every step (metrics).
@@ -182,6 +184,8 @@ pub struct EngineHandle {
     pub model: Arc<Model>,
     pub stats: Arc<EngineStats>,
     tx: mpsc::Sender<Command>,
+    /// Chunked passes in progress, each holding a KV cache between its jobs.
+    chunked: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -206,7 +210,13 @@ impl EngineHandle {
         std::thread::Builder::new()
             .name("tiller-engine".into())
             .spawn(move || run(m, rx, cfg.scheduler, observer, st))?;
-        Ok(Self { model, stats, tx })
+        let chunked = Arc::new(tokio::sync::Semaphore::new(cfg.max_chunked_passes.max(1)));
+        Ok(Self {
+            model,
+            stats,
+            tx,
+            chunked,
+        })
     }
 
     /// Queues a generation; fails at once when the queue is full.
@@ -253,6 +263,9 @@ impl EngineHandle {
         hooks: H,
         score_top: Option<usize>,
     ) -> Result<anyhow::Result<Chunked<H>>, SubmitError> {
+        let Ok(_pass) = self.chunked.clone().try_acquire_owned() else {
+            return Err(SubmitError::QueueFull);
+        };
         let chunk = chunk.max(1);
         let mut done = Chunked {
             hooks,
@@ -380,7 +393,14 @@ fn run(
         }
         while open && sched.has_room() {
             match rx.try_recv() {
-                Ok(cmd) => handle(&model, &mut sched, cmd),
+                Ok(cmd) => {
+                    // After a job, the running sequences take a step before the next one.
+                    let job = matches!(cmd, Command::Job(_));
+                    handle(&model, &mut sched, cmd);
+                    if job {
+                        break;
+                    }
+                }
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }

@@ -299,7 +299,11 @@ pub fn to_spec(a: &AppliedIntervention) -> InterventionSpec {
     }
     match (&a.feature, &a.values) {
         (Some(f), _) => spec.feature = Some(f.clone()),
-        (None, Some(v)) => spec.values = Some(v.iter().map(|&x| x as f64).collect()),
+        // Written with an f32's shortest digits (`0.1`, not `0.10000000149011612`).
+        (None, Some(v)) => {
+            let short = |x: f32| x.to_string().parse::<f64>().unwrap_or(x as f64);
+            spec.values = Some(v.iter().map(|&x| short(x)).collect())
+        }
         (None, None) => spec.vector = a.vector.clone(),
     }
     spec

@@ -589,7 +589,8 @@ impl SaeStore {
     }
 
     /// Loads the SAEs compiled into the binary whose width and layer fit the model (they are
-    /// made for the default model; others skip them). Folders in `saes.dir` load after them,
+    /// made for the default model; a model of another width or depth skips them, one of the
+    /// same shape loads them though they mean nothing there). Folders in `saes.dir` load after them,
     /// so one there of the same name (`tiller sae train` writes `res12_4k`) replaces it.
     pub fn load_builtins(&self, width_of: impl Fn(HookSite, usize) -> Option<usize>) {
         for (name, cfg, weights) in BUILTIN_SAES {
@@ -629,6 +630,13 @@ impl SaeStore {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            if !crate::steering::store::valid_name(&name) {
+                skipped.push(format!(
+                    "{}: an SAE's name must be [a-z0-9_.-]{{1,64}}, not starting with a dot",
+                    d.display()
+                ));
+                continue;
+            }
             match Sae::load_dir(&name, &d) {
                 Ok(mut sae) => match width_of(sae.site, sae.layer) {
                     Some(w) if w == sae.d_in => {

@@ -52,6 +52,19 @@ fn prompts(
             text: s.to_string(),
         })
     };
+    let max = state.config.limits.max_prompts_per_request;
+    if let Some(Value::Array(items)) = prompt {
+        let several = items.first().is_some_and(|i| !i.is_number());
+        if several && items.len() > max {
+            return Err(bad(
+                "prompt",
+                &format!(
+                    "{} prompts given; at most {max} per request (limits.max_prompts_per_request)",
+                    items.len()
+                ),
+            ));
+        }
+    }
     let list = match prompt {
         None | Some(Value::Null) => {
             return Err(ApiError::invalid("prompt", "missing_input", shape))
@@ -71,16 +84,6 @@ fn prompts(
             .collect::<Result<_, _>>()?,
         Some(_) => return Err(bad("prompt", shape)),
     };
-    let max = state.config.limits.max_prompts_per_request;
-    if list.len() > max {
-        return Err(bad(
-            "prompt",
-            &format!(
-                "{} prompts given; at most {max} per request (limits.max_prompts_per_request)",
-                list.len()
-            ),
-        ));
-    }
     for (i, p) in list.iter().enumerate() {
         if p.ids.is_empty() {
             return Err(bad(&format!("prompt[{i}]"), "the prompt has no tokens"));
@@ -246,10 +249,12 @@ fn choice_logprobs(
         top_logprobs: Vec::new(),
         text_offset: Vec::new(),
     };
+    // `width`: the characters a token adds to the choice's text (none for a special token
+    // such as BOS, which the echoed text leaves out).
     let mut offset = 0;
-    let mut push = |out: &mut CompletionLogprobs, token: String, lp, top| {
+    let mut push = |out: &mut CompletionLogprobs, token: String, width: usize, lp, top| {
         out.text_offset.push(offset);
-        offset += token.chars().count();
+        offset += width;
         out.tokens.push(token);
         out.token_logprobs.push(lp);
         out.top_logprobs.push(top);
@@ -267,16 +272,24 @@ fn choice_logprobs(
                     .or_insert_with(|| logprob_json(s.logprob));
                 m
             });
-            push(&mut out, tok.token_text(id), at.map(|s| s.logprob), top);
+            let width = tok.decode(&[id]).map_or(0, |t| t.chars().count());
+            push(
+                &mut out,
+                tok.token_text(id),
+                width,
+                at.map(|s| s.logprob),
+                top,
+            );
         }
     }
+    // The generated text starts right after the echoed prompt as the choice spells it.
+    let mut generated_offset = echoed.map_or(0, |(p, _)| p.text.chars().count());
     for lp in generated {
-        push(
-            &mut out,
-            lp.token.clone(),
-            Some(lp.logprob),
-            Some(top_map(lp)),
-        );
+        out.text_offset.push(generated_offset);
+        generated_offset += lp.token.chars().count();
+        out.tokens.push(lp.token.clone());
+        out.token_logprobs.push(Some(lp.logprob));
+        out.top_logprobs.push(Some(top_map(lp)));
     }
     out
 }

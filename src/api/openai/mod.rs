@@ -159,9 +159,14 @@ fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
+/// Longest `X-Steering-Applied` sent: clients and proxies limit response headers (h11 and
+/// nginx to 16 KiB or less); a longer echo (inline values) is left to the body's `steering`.
+const MAX_APPLIED_HEADER: usize = 8192;
+
 fn with_applied(mut resp: Response, applied: &[AppliedIntervention]) -> Response {
-    if !applied.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&compact::format(applied)) {
+    let echo = compact::format(applied);
+    if !applied.is_empty() && echo.len() <= MAX_APPLIED_HEADER {
+        if let Ok(v) = HeaderValue::from_str(&echo) {
             resp.headers_mut().insert(APPLIED_HEADER, v);
         }
     }
