@@ -103,3 +103,55 @@ async fn the_server_serves_its_document() {
     assert_eq!(r.status, axum::http::StatusCode::OK);
     assert_eq!(r.text(), tiller::api::openapi_json());
 }
+
+/// utoipa names a schema after its type: two wire types of the same name would share one
+/// schema in the document, and one of them would be described wrongly. Every `ToSchema` type
+/// in the source has its own name (or a `#[schema(as = …)]` one).
+#[test]
+fn schema_names_are_unique() {
+    fn rs_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                rs_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    rs_files(std::path::Path::new("src"), &mut files);
+    let mut seen = std::collections::BTreeMap::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            let derives = l.contains("derive(") && l.contains("ToSchema");
+            if !derives && !l.trim().ends_with("ToSchema,") {
+                continue;
+            }
+            let mut renamed = None;
+            for next in lines.iter().skip(i + 1).take(6) {
+                if let Some(r) = next.split("schema(as = ").nth(1) {
+                    renamed = r.split(')').next().map(str::to_string);
+                }
+                let decl = next.trim_start();
+                if let Some(rest) = decl
+                    .strip_prefix("pub struct ")
+                    .or(decl.strip_prefix("pub enum "))
+                {
+                    let name: String = rest
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    let name = renamed.take().unwrap_or(name);
+                    if let Some(other) = seen.insert(name.clone(), f.display().to_string()) {
+                        panic!("two schemas named {name}: {other} and {}", f.display());
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    assert!(seen.len() > 50, "found only {} schema types", seen.len());
+}

@@ -347,6 +347,7 @@ pub struct CompletionChoice {
 
 /// The answer of `POST /v1/completions`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(as = TextCompletion)]
 pub struct Completion {
     /// Unique id of this completion.
     #[schema(example = "cmpl-3f2a9c1d0b7e4a55")]
