@@ -336,6 +336,21 @@ pub fn encode_chat_messages(
 }
 
 /// Validates sampling and length settings for an encoded prompt.
+/// `logprobs`: alternatives per token, at most `limits.max_logprobs`.
+pub fn logprobs_param(
+    limits: &crate::config::Limits,
+    logprobs: Option<u64>,
+) -> Result<Option<usize>, ApiError> {
+    match logprobs {
+        Some(n) if n as u128 > limits.max_logprobs as u128 => Err(ApiError::invalid(
+            "logprobs",
+            "invalid_logprobs",
+            format!("at most {} alternatives per token", limits.max_logprobs),
+        )),
+        n => Ok(n.map(|n| n as usize)),
+    }
+}
+
 pub fn validate_settings(
     state: &AppState,
     prompt: Vec<u32>,
@@ -448,17 +463,7 @@ pub fn validate_settings(
             "stop sequences must not be empty",
         ));
     }
-    let logprobs = match raw.logprobs {
-        None => None,
-        Some(n) if n as u128 > limits.max_logprobs as u128 => {
-            return Err(ApiError::invalid(
-                "logprobs",
-                "invalid_logprobs",
-                format!("at most {} alternatives per token", limits.max_logprobs),
-            ))
-        }
-        Some(n) => Some(n as usize),
-    };
+    let logprobs = logprobs_param(limits, raw.logprobs)?;
     Ok(GenerationSettings {
         prompt,
         max_tokens,

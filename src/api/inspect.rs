@@ -464,10 +464,22 @@ pub(super) async fn run_chunked<H: Hooks + Send + 'static>(
     hooks: H,
     what: &str,
 ) -> Result<Chunked<H>, ApiError> {
+    run_pass(state, tokens, plan, hooks, None, what).await
+}
+
+/// [`run_chunked`], also scoring every token with the `score_top` likeliest at its place.
+pub(super) async fn run_pass<H: Hooks + Send + 'static>(
+    state: &AppState,
+    tokens: &[u32],
+    plan: Option<Arc<SteeringPlan>>,
+    hooks: H,
+    score_top: Option<usize>,
+    what: &str,
+) -> Result<Chunked<H>, ApiError> {
     let chunk = state.config.engine.prefill_chunk;
     state
         .engine
-        .run_chunked(tokens.into(), chunk, plan, tokens.len(), hooks, None)
+        .run_chunked(tokens.into(), chunk, plan, tokens.len(), hooks, score_top)
         .await?
         .map_err(|e| ApiError::internal(what, format!("{e:#}")))
 }

@@ -694,10 +694,8 @@ async fn collect_batch(
         }
         let one = &rest[..1];
         let rec = extract::Recorder::new(one, layers.clone(), site);
-        let tokens: Arc<[u32]> = one[0].tokens.as_slice().into();
-        let n = tokens.len();
-        let done = state.engine.run_chunked(tokens, chunk, None, n, rec, None);
-        out.extend(done.await?.map_err(failed)?.hooks.finish(one));
+        let done = super::inspect::run_chunked(state, &one[0].tokens, None, rec, "extraction");
+        out.extend(done.await?.hooks.finish(one));
         rest = &rest[1..];
     }
     Ok(out)

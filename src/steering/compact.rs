@@ -275,6 +275,12 @@ fn fmt_number(x: f64) -> String {
     s.strip_suffix(".0").map(str::to_string).unwrap_or(s)
 }
 
+/// An f32 as the f64 that JSON writes with the f32's shortest digits (`0.1`, not
+/// `0.10000000149011612`); read back as f32 it is the same number.
+pub fn shortest_f64(x: f32) -> f64 {
+    x.to_string().parse::<f64>().unwrap_or(x as f64)
+}
+
 /// The request that validates to this intervention again.
 pub fn to_spec(a: &AppliedIntervention) -> InterventionSpec {
     let mut spec = InterventionSpec {
@@ -299,11 +305,7 @@ pub fn to_spec(a: &AppliedIntervention) -> InterventionSpec {
     }
     match (&a.feature, &a.values) {
         (Some(f), _) => spec.feature = Some(f.clone()),
-        // Written with an f32's shortest digits (`0.1`, not `0.10000000149011612`).
-        (None, Some(v)) => {
-            let short = |x: f32| x.to_string().parse::<f64>().unwrap_or(x as f64);
-            spec.values = Some(v.iter().map(|&x| short(x)).collect())
-        }
+        (None, Some(v)) => spec.values = Some(v.iter().map(|&x| shortest_f64(x)).collect()),
         (None, None) => spec.vector = a.vector.clone(),
     }
     spec

@@ -143,20 +143,10 @@ pub async fn completions(
     }
     let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
-    let top = match (echo, req.logprobs) {
-        (true, Some(_)) => Some(
-            validate_settings(
-                &state,
-                inputs[0].ids.clone(),
-                &RawSettings {
-                    max_tokens: Some(1),
-                    ..raw.clone()
-                },
-            )?
-            .logprobs
-            .unwrap_or(0),
-        ),
-        _ => None,
+    let top = if echo {
+        logprobs_param(&state.config.limits, req.logprobs)?
+    } else {
+        None
     };
     // Every generation is admitted first, so the engine batches them.
     let rid = request_id(&headers);
@@ -226,13 +216,9 @@ async fn score_prompt(
     plan: Option<Arc<SteeringPlan>>,
     top: usize,
 ) -> Result<Vec<ScoredToken>, ApiError> {
-    let chunk = state.config.engine.prefill_chunk;
-    Ok(state
-        .engine
-        .run_chunked(ids.into(), chunk, plan, ids.len(), NoHooks, Some(top))
-        .await?
-        .map_err(|e| ApiError::internal("scoring the prompt", format!("{e:#}")))?
-        .scored)
+    let what = "scoring the prompt";
+    let done = super::super::inspect::run_pass(state, ids, plan, NoHooks, Some(top), what);
+    Ok(done.await?.scored)
 }
 
 /// The legacy `logprobs` object: the echoed prompt's tokens (the first without a
@@ -249,16 +235,13 @@ fn choice_logprobs(
         top_logprobs: Vec::new(),
         text_offset: Vec::new(),
     };
-    // `width`: the characters a token adds to the choice's text (none for a special token
-    // such as BOS, which the echoed text leaves out).
-    let mut offset = 0;
-    let mut push = |out: &mut CompletionLogprobs, token: String, width: usize, lp, top| {
+    let push = |out: &mut CompletionLogprobs, offset: usize, token: String, lp, top| {
         out.text_offset.push(offset);
-        offset += width;
         out.tokens.push(token);
         out.token_logprobs.push(lp);
         out.top_logprobs.push(top);
     };
+    let mut offset = 0;
     if let Some((p, scored)) = echoed {
         for (i, &id) in p.ids.iter().enumerate() {
             let at = i.checked_sub(1).and_then(|j| scored?.get(j));
@@ -272,24 +255,28 @@ fn choice_logprobs(
                     .or_insert_with(|| logprob_json(s.logprob));
                 m
             });
-            let width = tok.decode(&[id]).map_or(0, |t| t.chars().count());
             push(
                 &mut out,
+                offset,
                 tok.token_text(id),
-                width,
                 at.map(|s| s.logprob),
                 top,
             );
+            // What the token adds to the echoed text (nothing for a special token like BOS).
+            offset += tok.decode(&[id]).map_or(0, |t| t.chars().count());
         }
+        // The generated text starts right after the prompt as the choice spells it.
+        offset = p.text.chars().count();
     }
-    // The generated text starts right after the echoed prompt as the choice spells it.
-    let mut generated_offset = echoed.map_or(0, |(p, _)| p.text.chars().count());
     for lp in generated {
-        out.text_offset.push(generated_offset);
-        generated_offset += lp.token.chars().count();
-        out.tokens.push(lp.token.clone());
-        out.token_logprobs.push(Some(lp.logprob));
-        out.top_logprobs.push(Some(top_map(lp)));
+        push(
+            &mut out,
+            offset,
+            lp.token.clone(),
+            Some(lp.logprob),
+            Some(top_map(lp)),
+        );
+        offset += lp.token.chars().count();
     }
     out
 }

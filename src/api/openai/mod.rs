@@ -6,7 +6,8 @@
 //! and status codes (400 for any invalid parameter, 404 for an unknown model).
 
 use super::generate::{
-    encode_input, new_id, request_id, start, validate_settings, GenerationSettings, RawSettings,
+    encode_input, logprobs_param, new_id, request_id, start, validate_settings, GenerationSettings,
+    RawSettings,
 };
 use super::json::{body_error, parse_json};
 use super::AppState;
@@ -329,10 +330,7 @@ fn top_map(lp: &TokenLogprob) -> serde_json::Map<String, serde_json::Value> {
 /// `-0.3378256559371948`), so a client comparing a token's log-probability with the same
 /// value in `top_logprobs` finds them equal.
 fn logprob_json(x: f32) -> serde_json::Value {
-    x.to_string()
-        .parse::<f64>()
-        .ok()
-        .and_then(serde_json::Number::from_f64)
+    serde_json::Number::from_f64(compact::shortest_f64(x))
         .map_or(serde_json::Value::Null, serde_json::Value::Number)
 }
 
