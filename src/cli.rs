@@ -94,11 +94,7 @@ pub fn bench(
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(prompt_tokens / 5 + 10);
     let mut prompt = model.encode_prompt(&text)?;
     prompt.truncate(prompt_tokens);
-    let store = VectorStore::in_memory(ModelShape {
-        model_id: model.id.clone(),
-        d_model: c.d_model,
-        n_neurons: c.intermediate_size,
-    });
+    let store = VectorStore::in_memory(crate::server::model_shape(&model));
     // A fixed pseudo-random direction of norm ~10 at every layer.
     let values: Vec<f64> = (0..c.d_model)
         .map(|i| ((i as f64 * 0.7).sin()) * 0.6)
@@ -111,14 +107,7 @@ pub fn bench(
     };
     let plan = validate(
         &[spec],
-        &ModelLimits {
-            n_layers: c.n_layers,
-            d_model: c.d_model,
-            n_neurons: c.intermediate_size,
-            max_interventions: 1,
-            store: &store,
-            saes: &Default::default(),
-        },
+        &ModelLimits::new(c, 1, &store, &Default::default()),
     )
     .map_err(|e| anyhow!("{e}"))?;
     let runs = [
@@ -443,6 +432,7 @@ pub fn stress_write(dir: &Path, name: &str, count: u64, width: usize) -> Result<
         model_id: "stress".into(),
         d_model: width,
         n_neurons: width,
+        head_width: width,
     };
     let (store, _) = VectorStore::open(shape, Some(dir))?;
     for _ in 0..count {

@@ -180,14 +180,7 @@ fn steering_plan(cfg: &Config, model: &Model, prompt: &[u32]) -> Result<(String,
         .unwrap_or_else(|| "random direction".into());
     let plan = validate(
         &[spec],
-        &ModelLimits {
-            n_layers: d.n_layers,
-            d_model: d.d_model,
-            n_neurons: d.intermediate_size,
-            max_interventions: 1,
-            store: &store,
-            saes: &Default::default(),
-        },
+        &ModelLimits::new(d, 1, &store, &Default::default()),
     )
     .map_err(|e| anyhow!("{e}"))?;
     Ok((label, plan))

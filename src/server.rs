@@ -117,6 +117,7 @@ pub fn model_shape(model: &Model) -> ModelShape {
         model_id: model.id.clone(),
         d_model: c.d_model,
         n_neurons: c.intermediate_size,
+        head_width: c.n_heads * c.head_dim,
     }
 }
 

@@ -398,6 +398,41 @@ async fn steering_errors_name_the_field() {
         ),
         (json!([{"layer": 1}]), "missing_target", "steering[0]"),
         (
+            json!([{"site": "attn_head", "layer": 1, "head": 4, "op": "zero"}]),
+            "invalid_head",
+            "steering[0].head",
+        ),
+        (
+            json!([{"site": "resid_post", "layer": 1, "head": 0}]),
+            "invalid_site",
+            "steering[0].head",
+        ),
+        (
+            json!([{"layer": 1, "head": 0, "op": "add"}]),
+            "invalid_op",
+            "steering[0].op",
+        ),
+        (
+            json!([{"head": 0, "op": "zero"}]),
+            "missing_layer",
+            "steering[0].layer",
+        ),
+        (
+            json!([{"layer": 1, "head": 0, "op": "mean"}]),
+            "head_means_missing",
+            "steering[0].means",
+        ),
+        (
+            json!([{"values": v64, "layer": 1, "head": 0}]),
+            "dimension_mismatch",
+            "steering[0].values",
+        ),
+        (
+            json!([{"neuron": {"layer": 1, "index": 1}, "head": 0}]),
+            "conflicting_targets",
+            "steering[0]",
+        ),
+        (
             json!([{"values": v64, "vector": "x", "layer": 1}]),
             "conflicting_targets",
             "steering[0]",

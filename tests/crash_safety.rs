@@ -33,6 +33,7 @@ fn a_writer_killed_mid_write_leaves_a_whole_version() {
             model_id: "stress".into(),
             d_model: WIDTH,
             n_neurons: WIDTH,
+            head_width: WIDTH,
         };
         let (store, skipped) = VectorStore::open(shape, Some(dir.path())).unwrap();
         assert!(skipped.is_empty(), "round {round}: {skipped:?}");

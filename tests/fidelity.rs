@@ -204,19 +204,9 @@ fn fixture_plan(model: &Model, steering: &Value) -> tiller::steering::spec::Stee
         model_id: model.id.clone(),
         d_model: d.d_model,
         n_neurons: d.intermediate_size,
+        head_width: d.n_heads * d.head_dim,
     });
-    validate(
-        &specs,
-        &ModelLimits {
-            n_layers: d.n_layers,
-            d_model: d.d_model,
-            n_neurons: d.intermediate_size,
-            max_interventions: 8,
-            store: &store,
-            saes: &Default::default(),
-        },
-    )
-    .unwrap()
+    validate(&specs, &ModelLimits::new(d, 8, &store, &Default::default())).unwrap()
 }
 
 fn check_agreement(model: &Model, name: &str) {

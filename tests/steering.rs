@@ -79,6 +79,7 @@ fn store_with(model: &Model, layers: &[(usize, Vec<f32>)]) -> VectorStore {
         model_id: "tiny".into(),
         d_model: c.d_model,
         n_neurons: c.intermediate_size,
+        head_width: c.n_heads * c.head_dim,
     });
     store.insert(
         SteeringVector {
@@ -102,18 +103,7 @@ fn store_with(model: &Model, layers: &[(usize, Vec<f32>)]) -> VectorStore {
 fn plan(model: &Model, store: &VectorStore, specs: serde_json::Value) -> SteeringPlan {
     let specs: Vec<InterventionSpec> = serde_json::from_value(specs).unwrap();
     let c = model.dims();
-    validate(
-        &specs,
-        &ModelLimits {
-            n_layers: c.n_layers,
-            d_model: c.d_model,
-            n_neurons: c.intermediate_size,
-            max_interventions: 16,
-            store,
-            saes: &Default::default(),
-        },
-    )
-    .unwrap()
+    validate(&specs, &ModelLimits::new(c, 16, store, &Default::default())).unwrap()
 }
 
 const PROMPT: &[u32] = &[1, 50, 60, 70, 80, 90, 2];
@@ -379,11 +369,7 @@ fn every_site_of_every_block_is_hooked_and_add_acts_there() {
         let (_, rec) = run(&m, None, all.clone(), PROMPT.len());
         for &(site, l) in &all {
             let (before, _) = &rec.seen[&(site, l)];
-            let width = if site.is_residual_width() {
-                d.d_model
-            } else {
-                d.intermediate_size
-            };
+            let width = d.site_width(site);
             assert_eq!(before.len(), PROMPT.len(), "{name} {site} {l}");
             assert!(before.iter().all(|r| r.len() == width), "{name} {site} {l}");
         }
@@ -409,5 +395,50 @@ fn every_site_of_every_block_is_hooked_and_add_acts_there() {
             }
             assert_ne!(logits, plain, "{name}: add at {site} {l} changed nothing");
         }
+    }
+}
+
+/// Head ops and directions in a head change that head's values exactly and no other value of
+/// `attn_head`; scaling a head by 1 changes nothing at all.
+#[test]
+fn head_ops_change_exactly_that_head() {
+    for (name, m) in models() {
+        let d = m.dims().clone();
+        let (hd, l, h) = (d.head_dim, 1, d.n_heads - 1);
+        let store = store_with(&m, &[(0, pseudo_random(d.d_model, 7, 1.0))]);
+        let v = pseudo_random(hd, 11, 1.0);
+        let cases = [
+            serde_json::json!({"site": "attn_head", "layer": l, "head": h, "op": "zero"}),
+            serde_json::json!({"layer": l, "head": h, "op": "scale", "coefficient": -2.0}),
+            serde_json::json!({"layer": l, "head": h, "values": v, "coefficient": 1.5}),
+        ];
+        for (k, spec) in cases.into_iter().enumerate() {
+            let p = plan(&m, &store, serde_json::json!([spec]));
+            let (logits, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+            assert_ne!(logits, plain_logits(&m), "{name} case {k} changed nothing");
+            let (before, after) = &rec.seen[&(HookSite::AttnHead, l)];
+            for (b, a) in before.iter().zip(after) {
+                assert_eq!(b.len(), d.n_heads * hd, "{name}");
+                for j in 0..b.len() {
+                    let want = match (j / hd == h, k) {
+                        (false, _) => b[j],
+                        (true, 0) => 0.0,
+                        (true, 1) => b[j] * -2.0,
+                        (true, _) => b[j] + 1.5 * v[j % hd],
+                    };
+                    assert_eq!(a[j], want, "{name} case {k} value {j}");
+                }
+            }
+        }
+        let p = plan(
+            &m,
+            &store,
+            serde_json::json!([{"layer": l, "head": 0, "op": "scale", "coefficient": 1.0}]),
+        );
+        assert_eq!(
+            run(&m, Some(&p), vec![], PROMPT.len()).0,
+            plain_logits(&m),
+            "{name}"
+        );
     }
 }

@@ -759,14 +759,7 @@ async fn an_imported_control_vector_steers_as_llama_cpp_defines() {
     let c = s.engine.model.dims();
     let plan = tiller::steering::spec::validate(
         &[serde_json::from_value(json!({"vector": "cv", "coefficient": scale})).unwrap()],
-        &tiller::steering::spec::ModelLimits {
-            n_layers: c.n_layers,
-            d_model: c.d_model,
-            n_neurons: c.intermediate_size,
-            max_interventions: 4,
-            store,
-            saes: &Default::default(),
-        },
+        &tiller::steering::spec::ModelLimits::new(c, 4, store, &Default::default()),
     )
     .unwrap();
     let tokens: Vec<u32> = s
@@ -878,5 +871,103 @@ async fn long_examples_extract_in_chunks_to_the_same_vector() {
     let scale = expected.iter().fold(0f32, |m, x| m.max(x.abs()));
     for (a, b) in served.iter().zip(expected.iter()) {
         assert!((a - b).abs() <= 1e-4 * scale, "{a} vs {b}");
+    }
+}
+
+/// Per-head extraction: `mean_diff` at `attn_head` is the exact mean difference of every head
+/// side by side (a `head_direction`), `head_means` the exact mean, and a head's `mean` op sets
+/// that head to its stored mean and leaves the others alone.
+#[tokio::test]
+async fn per_head_extraction_and_mean_ablation() {
+    let s = tiny_state(test_config(None));
+    let (pos, neg) = (["the theater", "in a theater"], ["a cat sat", "an apple"]);
+    let r = post_json(
+        &s,
+        "/vectors/extract",
+        json!({"name": "heads", "positive": pos, "negative": neg, "layers": [1],
+               "site": "attn_head"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["vector"]["kind"], "head_direction");
+    let last = |text: &str| -> Vec<f32> {
+        let toks = s.engine.model.encode_prompt(text).unwrap();
+        record(&s, &toks, HookSite::AttnHead, 1).pop().unwrap()
+    };
+    let (mp, mn) = (mean(&pos.map(last)), mean(&neg.map(last)));
+    let got = get(&s, "/vectors/heads?format=json").await.json();
+    let got: Vec<f32> = serde_json::from_value(got["layers"]["1"].clone()).unwrap();
+    let d = s.engine.model.dims().clone();
+    assert_eq!(got.len(), d.n_heads * d.head_dim);
+    for (j, g) in got.iter().enumerate() {
+        assert!((*g as f64 - (mp[j] - mn[j])).abs() < 1e-4, "value {j}");
+    }
+    // A head direction steers the attn_head site, one head's part with `head`.
+    let r = post_json(
+        &s,
+        "/generate",
+        json!({"prompt": "the", "max_tokens": 1, "steering": [{"vector": "heads", "head": 2, "coefficient": 3.0}]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let applied = &r.json()["steering"][0];
+    assert_eq!(
+        (applied["site"].as_str(), applied["head"].as_u64()),
+        (Some("attn_head"), Some(2))
+    );
+    let r = post_json(
+        &s,
+        "/generate",
+        json!({"prompt": "the", "steering": [{"vector": "heads", "layer": 1}]}),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "a head direction without `head` acts on every head"
+    );
+    let r = post_json(
+        &s,
+        "/generate",
+        json!({"prompt": "the", "steering": [{"vector": "heads", "layer": 1, "site": "resid_post"}]}),
+    )
+    .await;
+    assert_eq!(r.error_code(), "wrong_vector_kind", "{}", r.text());
+
+    // Head means, then mean ablation of head 1 to them.
+    let prompts = ["the theater", "a cat sat", "dogs run far"];
+    let r = post_json(
+        &s,
+        "/vectors/extract",
+        json!({"name": "head_means_default", "method": "head_means", "prompts": prompts}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["vector"]["kind"], "head_means");
+    // The mean over prompts of each prompt's mean over its tokens but the first.
+    let rows: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|t| {
+            let toks = s.engine.model.encode_prompt(t).unwrap();
+            let h = record(&s, &toks, HookSite::AttnHead, 1);
+            mean(&h[1..]).iter().map(|&x| x as f32).collect()
+        })
+        .collect();
+    let want = mean(&rows);
+    let plan = s
+        .steering_plan(
+            Some(&[serde_json::from_value(json!({"layer": 1, "head": 1, "op": "mean"})).unwrap()]),
+            &Default::default(),
+        )
+        .unwrap()
+        .unwrap();
+    let vector = plan.interventions[0].points[0].vector.clone().unwrap();
+    let hd = d.head_dim;
+    assert_eq!(vector.len(), hd);
+    for (j, m) in vector.iter().enumerate() {
+        assert!(
+            (*m as f64 - want[hd + j]).abs() < 1e-4,
+            "mean of head 1 value {j}"
+        );
     }
 }

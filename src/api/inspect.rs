@@ -197,18 +197,26 @@ pub async fn activations(
                 format!("no vector named `{name}`"),
             )
         })?;
-        if e.vector.meta.kind != VectorKind::Direction {
-            return Err(ApiError::invalid(
-                &format!("project_onto[{i}]"),
-                "wrong_vector_kind",
-                format!("`{name}` is not a direction"),
-            ));
-        }
-        if !site.is_residual_width() {
+        if site == HookSite::MlpAct {
             return Err(ApiError::invalid(
                 "project_onto",
                 "invalid_site",
-                "projections need a residual-width site, not mlp_act",
+                "projections need a residual-width site or `attn_head`, not mlp_act",
+            ));
+        }
+        let wanted = match site {
+            HookSite::AttnHead => VectorKind::HeadDirection,
+            _ => VectorKind::Direction,
+        };
+        if e.vector.meta.kind != wanted {
+            return Err(ApiError::invalid(
+                &format!("project_onto[{i}]"),
+                "wrong_vector_kind",
+                format!(
+                    "`{name}` is a {}; projections at `{site}` take a {}",
+                    e.vector.meta.kind.as_str(),
+                    wanted.as_str()
+                ),
             ));
         }
         project_onto.push((name, e.vector));
@@ -244,6 +252,7 @@ pub async fn activations(
         top_k,
         project_onto,
         neurons,
+        head_dim: state.engine.model.dims().head_dim,
     });
     let hooks = inspect::ProbeHooks::new(probe, tokens.len());
     let done = run_chunked(&state, &tokens, plan, hooks, "inspection").await?;

@@ -95,14 +95,12 @@ impl AppState {
         let cfg = self.engine.model.dims();
         let plan = validate(
             specs,
-            &ModelLimits {
-                n_layers: cfg.n_layers,
-                d_model: cfg.d_model,
-                n_neurons: cfg.intermediate_size,
-                max_interventions: self.config.limits.max_interventions,
-                store: &self.store,
-                saes: &self.saes,
-            },
+            &ModelLimits::new(
+                cfg,
+                self.config.limits.max_interventions,
+                &self.store,
+                &self.saes,
+            ),
         )?;
         Ok(Some(Arc::new(plan)))
     }

@@ -268,11 +268,7 @@ pub async fn put_sae(
             format!("the model has no layer {}", sae.layer),
         ));
     }
-    let width = if sae.site.is_residual_width() {
-        c.d_model
-    } else {
-        c.intermediate_size
-    };
+    let width = c.site_width(sae.site);
     if sae.d_in != width {
         return Err(ApiError::invalid(
             "body",

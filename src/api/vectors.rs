@@ -327,10 +327,16 @@ pub struct ExtractRequest {
     /// Where to store the vector (a new version if it exists).
     pub name: String,
     #[schema(example = "mean_diff")]
-    /// `mean_diff` (default), `pca`, `caa` (pairs: same prompt, two completions) or
-    /// `neuron_means` (mean `mlp_act` over `prompts`, for the neuron `mean` op).
+    /// `mean_diff` (default), `pca`, `caa` (pairs: same prompt, two completions),
+    /// `neuron_means` (mean `mlp_act` over `prompts`, for the neuron `mean` op) or
+    /// `head_means` (mean `attn_head` over `prompts`, for the head `mean` op).
     #[serde(default)]
     pub method: Option<String>,
+    /// Where directions are read: `resid_post` (default), `resid_pre`, `attn_out`, `mlp_out`,
+    /// or `attn_head` (every head's mean difference side by side: a `head_direction` whose
+    /// part for head `h` steers that head with `head: h`).
+    #[serde(default)]
+    pub site: Option<HookSite>,
     #[schema(example = json!(["The Golden Gate Bridge glows in the fog."]))]
     /// Examples showing the behaviour: texts, or `{"prompt", "completion"}`.
     #[serde(default)]
@@ -340,7 +346,7 @@ pub struct ExtractRequest {
     #[serde(default)]
     pub negative: Vec<ExampleSpec>,
     #[schema(example = json!(["Any text to average over."]))]
-    /// For `neuron_means`: the prompts to average over.
+    /// For `neuron_means` and `head_means`: the prompts to average over.
     #[serde(default)]
     pub prompts: Vec<ExampleSpec>,
     #[schema(example = json!([8, 12, 16]))]
@@ -440,12 +446,12 @@ impl ExtractPlan {
                 bad(
                     "method",
                     "invalid_method",
-                    format!("`{m}`: use mean_diff, pca, caa or neuron_means"),
+                    format!("`{m}`: use mean_diff, pca, caa, neuron_means or head_means"),
                 )
             })?,
         };
         let position = match req.position.as_deref() {
-            None if method == Method::NeuronMeans => Position::Mean,
+            None if method.is_means() => Position::Mean,
             None => Position::Last,
             Some(p) => Position::parse(p).ok_or_else(|| {
                 bad(
@@ -515,19 +521,41 @@ impl ExtractPlan {
                 })
                 .collect()
         };
-        let (positive, negative) = if method == Method::NeuronMeans {
+        let site = match (method, req.site) {
+            (Method::NeuronMeans, None | Some(HookSite::MlpAct)) => HookSite::MlpAct,
+            (Method::HeadMeans, None | Some(HookSite::AttnHead)) => HookSite::AttnHead,
+            (m, Some(site)) if m.is_means() => {
+                return Err(bad(
+                    "site",
+                    "invalid_site",
+                    format!("`{}` reads its own site, not `{site}`", m.as_str()),
+                ))
+            }
+            (_, None) => HookSite::ResidPost,
+            (_, Some(HookSite::MlpAct)) => {
+                return Err(bad(
+                    "site",
+                    "invalid_site",
+                    "directions are read at a residual site or `attn_head`; for neurons use \
+                     `neuron_means`",
+                ))
+            }
+            (_, Some(site)) => site,
+        };
+        let (positive, negative) = if method.is_means() {
+            let m = method.as_str();
             if req.prompts.is_empty() {
                 return Err(bad(
                     "prompts",
                     "missing_examples",
-                    "`neuron_means` needs `prompts`",
+                    format!("`{m}` needs `prompts`"),
                 ));
             }
             if !req.positive.is_empty() || !req.negative.is_empty() {
                 return Err(bad(
                     "positive",
                     "invalid_examples",
-                    "`neuron_means` takes `prompts`, not positive/negative",
+                    format!("`{m}` takes `prompts`, not positive/negative"),
                 ));
             }
             (encode("prompts", &req.prompts)?, Vec::new())
@@ -536,7 +564,7 @@ impl ExtractPlan {
                 return Err(bad(
                     "prompts",
                     "invalid_examples",
-                    "`prompts` is for `neuron_means`; use positive and negative",
+                    "`prompts` is for `neuron_means` and `head_means`; use positive and negative",
                 ));
             }
             if req.positive.is_empty() {
@@ -574,11 +602,7 @@ impl ExtractPlan {
             name: req.name,
             method,
             position,
-            site: if method == Method::NeuronMeans {
-                HookSite::MlpAct
-            } else {
-                HookSite::ResidPost
-            },
+            site,
             layers,
             positive,
             negative,
@@ -599,25 +623,25 @@ impl ExtractPlan {
     /// Computes the vector from the collected activations (positives first, `n_pos` of them).
     pub fn finish(&self, model_id: &str, acts: Vec<Activations>, n_pos: usize) -> ExtractionDone {
         let (pos, neg) = acts.split_at(n_pos.min(acts.len()));
-        let (vectors, reports, recommended_layer, heldout, kind) =
-            if self.method == Method::NeuronMeans {
-                (
-                    extract::means(pos, &self.layers),
-                    Vec::new(),
-                    None,
-                    0,
-                    VectorKind::NeuronMeans,
-                )
-            } else {
-                let e = extract::compute(self.method, pos, neg, &self.layers);
-                (
-                    e.vectors,
-                    e.reports,
-                    e.recommended_layer,
-                    e.heldout,
-                    VectorKind::Direction,
-                )
+        let (vectors, reports, recommended_layer, heldout, kind) = if self.method.is_means() {
+            let kind = match self.method {
+                Method::HeadMeans => VectorKind::HeadMeans,
+                _ => VectorKind::NeuronMeans,
             };
+            (extract::means(pos, &self.layers), Vec::new(), None, 0, kind)
+        } else {
+            let e = extract::compute(self.method, pos, neg, &self.layers);
+            (
+                e.vectors,
+                e.reports,
+                e.recommended_layer,
+                e.heldout,
+                match self.site {
+                    HookSite::AttnHead => VectorKind::HeadDirection,
+                    _ => VectorKind::Direction,
+                },
+            )
+        };
         let width = vectors.values().next().map_or(0, Vec::len);
         ExtractionDone {
             vector: SteeringVector {

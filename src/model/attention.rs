@@ -8,6 +8,7 @@
 
 use super::batch::LayerKv;
 use super::cpu::attention::{attend, AttentionSpec, RopeLayout};
+use super::hooks::HookSite;
 use super::layers::{with_host_f32, Linear, RmsNorm};
 use super::pass::Pass;
 use super::Backend;
@@ -33,6 +34,7 @@ impl Attention {
             Backend::CpuKernels => self.attend_host(p, layer, &qkv)?,
             Backend::Candle => self.attend_tensors(p, layer, &qkv)?,
         };
+        let heads = p.hook(HookSite::AttnHead, layer, heads)?;
         Ok(self.o.forward(&heads)?)
     }
 

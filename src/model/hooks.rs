@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 pub enum HookSite {
     /// Input of block L (for L = 0, the token embeddings).
     ResidPre,
+    /// Each attention head's output before the output projection, the heads side by side
+    /// (`n_heads * head_dim` wide; head `h` is `[h * head_dim, (h + 1) * head_dim)`).
+    AttnHead,
     /// Output of the attention sub-layer, before it is added to the residual stream.
     AttnOut,
     /// The MLP hidden activation `act(gate) * up`: one value per neuron.
@@ -38,8 +41,9 @@ pub enum HookSite {
 }
 
 impl HookSite {
-    pub const ALL: [HookSite; 5] = [
+    pub const ALL: [HookSite; 6] = [
         HookSite::ResidPre,
+        HookSite::AttnHead,
         HookSite::AttnOut,
         HookSite::MlpAct,
         HookSite::MlpOut,
@@ -49,6 +53,7 @@ impl HookSite {
     pub fn as_str(self) -> &'static str {
         match self {
             HookSite::ResidPre => "resid_pre",
+            HookSite::AttnHead => "attn_head",
             HookSite::AttnOut => "attn_out",
             HookSite::MlpAct => "mlp_act",
             HookSite::MlpOut => "mlp_out",
@@ -66,9 +71,9 @@ impl HookSite {
     }
 
     /// Whether the activation at this site lives in the residual stream (width `d_model`) rather
-    /// than the MLP hidden layer (width `intermediate_size`).
+    /// than the MLP hidden layer or the attention heads.
     pub fn is_residual_width(self) -> bool {
-        !matches!(self, HookSite::MlpAct)
+        !matches!(self, HookSite::MlpAct | HookSite::AttnHead)
     }
 }
 

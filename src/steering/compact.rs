@@ -8,15 +8,18 @@
 //! target  := NAME ":" LAYERS ":" NUMBER [":" OP]              a stored vector (add, clamp, ablate)
 //!          | SAE "#" INDEX ":" LAYERS ":" NUMBER [":" OP]     an SAE feature (add, clamp)
 //!          | "neuron" ":" LAYER ":" INDEX ":" OP [":" NUMBER]  a neuron (zero, mean, scale, set)
+//!          | "head" ":" LAYERS ":" HEAD ":" OP [":" NUMBER]   an attention head (zero, mean, scale)
 //! LAYERS  := "*" | SPAN ("+" SPAN)*                           SPAN := LAYER | LAYER "-" LAYER
 //! option  := "site=" SITE | "positions=" ("all" | "prompt" | "generated" | "last:" K)
 //!          | "normalize" | "means=" NAME | "from=" N | "until=" N | "decay=linear"
+//!          | "head=" HEAD
 //! ```
 //!
 //! `*` means the vector's own layers (for `ablate`: every attention and MLP write and the
 //! embeddings). `refusal:14:-4,golden_gate:10-12+14:2.5` adds two vectors;
 //! `refusal:*:0:ablate` projects a direction out everywhere; `neuron:10:1234:zero` zeroes one
-//! neuron; `golden_gate:12:8;site=mlp_out;positions=last:3;normalize` adds a unit vector to
+//! neuron; `head:20:3:zero` zeroes head 3 of block 20 and `honest:20:4;head=3` adds head 3's
+//! part of a `head_direction` vector to it; `golden_gate:12:8;site=mlp_out;positions=last:3;normalize` adds a unit vector to
 //! the MLP output of block 12 on the last 3 prompt tokens and every generated one. Inline
 //! `values` have no compact form: a plan holding them is echoed as the JSON list, which the
 //! header also accepts.
@@ -164,6 +167,12 @@ impl Item<'_> {
                     return Err(twice());
                 }
             }
+            ("head", Some(v)) => {
+                let h = self.integer(v, "head")?;
+                if spec.head.replace(h).is_some() {
+                    return Err(twice());
+                }
+            }
             ("decay", Some("linear")) => {
                 if spec.decay.replace(Decay::Linear).is_some() {
                     return Err(twice());
@@ -172,7 +181,7 @@ impl Item<'_> {
             _ => {
                 return Err(self.err(format!(
                     "unknown option `{option}` (site=SITE, positions=P, normalize, means=NAME, \
-                     from=N, until=N, decay=linear)"
+                     from=N, until=N, decay=linear, head=H)"
                 )))
             }
         }
@@ -192,6 +201,24 @@ impl Item<'_> {
                     layer: self.integer(parts[1], "layer")?,
                     index: self.integer(parts[2], "neuron index")?,
                 }),
+                op: Some(self.op(parts[3])?),
+                coefficient: parts
+                    .get(4)
+                    .map(|c| self.number(c, "coefficient"))
+                    .transpose()?,
+                ..Default::default()
+            });
+        }
+        let is_head_op = |p: &str| OpName::parse(p.trim()).is_some_and(OpName::is_head_op);
+        if parts[0].trim() == "head" && parts.len() >= 4 && is_head_op(parts[3]) {
+            if parts.len() > 5 {
+                return Err(self.err("expected head:layers:head:op[:coefficient]"));
+            }
+            let (layer, layers) = self.layers(parts[1])?;
+            return Ok(InterventionSpec {
+                layer,
+                layers,
+                head: Some(self.integer(parts[2], "head")?),
                 op: Some(self.op(parts[3])?),
                 coefficient: parts
                     .get(4)
@@ -300,6 +327,13 @@ pub fn to_spec(a: &AppliedIntervention) -> InterventionSpec {
         spec.site = None;
         return spec;
     }
+    spec.head = a.head.map(|h| h as i64);
+    if a.op.is_head_op() && a.head.is_some() {
+        spec.layers = Some(a.layers.iter().map(|&l| l as i64).collect());
+        spec.means = a.vector.clone().filter(|_| a.op == OpName::Mean);
+        spec.site = None;
+        return spec;
+    }
     if !a.all_writes {
         spec.layers = Some(a.layers.iter().map(|&l| l as i64).collect());
     }
@@ -329,6 +363,12 @@ fn format_one(a: &AppliedIntervention) -> String {
             _ => String::new(),
         };
         format!("neuron:{}:{}:{}{tail}", n.layer, n.index, a.op)
+    } else if let (Some(h), true) = (a.head, a.op.is_head_op()) {
+        let tail = match a.op {
+            OpName::Scale => format!(":{c}"),
+            _ => String::new(),
+        };
+        format!("head:{}:{h}:{}{tail}", runs(&a.layers), a.op)
     } else {
         let target = match &a.feature {
             Some(f) => format!("{}#{}", f.sae, f.index),
@@ -345,11 +385,13 @@ fn format_one(a: &AppliedIntervention) -> String {
         };
         format!("{target}:{layers}:{c}{op}")
     };
+    let is_unit = a.neuron.is_some() || a.op.is_head_op();
     match a.site {
-        Some(site) if a.neuron.is_none() && site != HookSite::ResidPost => {
-            out += &format!(";site={site}")
-        }
+        Some(site) if !is_unit && site != HookSite::ResidPost => out += &format!(";site={site}"),
         _ => {}
+    }
+    if let (Some(h), false) = (a.head, is_unit) {
+        out += &format!(";head={h}");
     }
     match a.positions {
         Positions::All => {}
@@ -461,6 +503,8 @@ mod tests {
     const N_LAYERS: usize = 4;
     const D_MODEL: usize = 4;
     const N_NEURONS: usize = 6;
+    const N_HEADS: usize = 2;
+    const HEAD_DIM: usize = 2;
 
     fn stored(name: &str, kind: VectorKind, width: usize, layers: &[usize]) -> SteeringVector {
         SteeringVector {
@@ -489,6 +533,7 @@ mod tests {
             model_id: String::new(),
             d_model: D_MODEL,
             n_neurons: N_NEURONS,
+            head_width: N_HEADS * HEAD_DIM,
         });
         let all: Vec<usize> = (0..N_LAYERS).collect();
         store.insert(
@@ -508,6 +553,19 @@ mod tests {
                 crate::steering::spec::DEFAULT_NEURON_MEANS,
                 VectorKind::NeuronMeans,
                 N_NEURONS,
+                &all,
+            ),
+            VectorOrigin::Builtin,
+        );
+        store.insert(
+            stored("hd", VectorKind::HeadDirection, N_HEADS * HEAD_DIM, &all),
+            VectorOrigin::Stored,
+        );
+        store.insert(
+            stored(
+                crate::steering::spec::DEFAULT_HEAD_MEANS,
+                VectorKind::HeadMeans,
+                N_HEADS * HEAD_DIM,
                 &all,
             ),
             VectorOrigin::Builtin,
@@ -563,7 +621,51 @@ mod tests {
         if layers.len() > 1 && rng.random_bool(0.5) {
             layers.reverse();
         }
-        match pick(rng, 4) {
+        match pick(rng, 6) {
+            4 => {
+                spec.head = Some(pick(rng, N_HEADS) as i64);
+                spec.op = [
+                    None,
+                    Some(OpName::Zero),
+                    Some(OpName::Mean),
+                    Some(OpName::Scale),
+                ][pick(rng, 4)];
+                if spec.op != Some(OpName::Scale) {
+                    spec.coefficient = None;
+                }
+                if layers.is_empty() {
+                    layers.push(pick(rng, N_LAYERS) as i64);
+                }
+                spec.layers = Some(layers);
+                spec.site = rng.random_bool(0.5).then_some(HookSite::AttnHead);
+            }
+            5 => {
+                spec.head = rng.random_bool(0.7).then(|| pick(rng, N_HEADS) as i64);
+                let width = if spec.head.is_some() {
+                    HEAD_DIM
+                } else {
+                    N_HEADS * HEAD_DIM
+                };
+                if rng.random_bool(0.5) {
+                    spec.vector = Some("hd".into());
+                } else {
+                    spec.values = Some((0..width).map(|i| i as f64 - 0.5).collect());
+                    spec.site = Some(HookSite::AttnHead);
+                    layers.push(pick(rng, N_LAYERS) as i64);
+                    layers.dedup();
+                    layers.sort();
+                    layers.dedup();
+                }
+                spec.op = [
+                    None,
+                    Some(OpName::Add),
+                    Some(OpName::Clamp),
+                    Some(OpName::Ablate),
+                ][pick(rng, 4)];
+                if !layers.is_empty() {
+                    spec.layers = Some(layers);
+                }
+            }
             0 => {
                 spec.neuron = Some(NeuronRef {
                     layer: pick(rng, N_LAYERS) as i64,
@@ -638,12 +740,15 @@ mod tests {
             n_layers: N_LAYERS,
             d_model: D_MODEL,
             n_neurons: N_NEURONS,
+            n_heads: N_HEADS,
+            head_dim: HEAD_DIM,
             max_interventions: 16,
             store: &store,
             saes: &saes,
         };
         let mut rng = StdRng::seed_from_u64(7);
         let (mut checked, mut compact, mut forms) = (0, 0, std::collections::BTreeSet::new());
+        let mut heads = 0;
         for _ in 0..600 {
             let specs: Vec<InterventionSpec> = (0..1 + rng.random_range(0..4))
                 .map(|_| random_spec(&mut rng))
@@ -669,7 +774,7 @@ mod tests {
                 let points = |iv: &crate::steering::spec::Intervention| {
                     iv.points
                         .iter()
-                        .map(|p| (p.site, p.layer, p.vector.clone()))
+                        .map(|p| (p.site, p.layer, p.vector.clone(), p.span))
                         .collect::<Vec<_>>()
                 };
                 assert_eq!(points(a), points(b), "{echo}");
@@ -685,7 +790,9 @@ mod tests {
                 ));
             }
             checked += 1;
+            heads += applied.iter().filter(|a| a.head.is_some()).count();
         }
+        assert!(heads > 50, "only {heads} head interventions validated");
         assert!(
             checked > 300 && compact > 100,
             "{checked} plans, {compact} compact"
@@ -705,6 +812,7 @@ mod tests {
                 vector: Some("v".into()),
                 vector_version: Some(1),
                 neuron: None,
+                head: None,
                 feature: None,
                 coefficient,
                 layers,
@@ -729,15 +837,22 @@ mod tests {
         at_mlp.site = Some(HookSite::MlpOut);
         at_mlp.positions = Positions::Last(4);
         at_mlp.normalize = true;
+        let mut head = applied(OpName::Scale, vec![4, 5], Some(0.5));
+        (head.head, head.vector, head.site) = (Some(3), None, Some(HookSite::AttnHead));
+        let mut in_head = applied(OpName::Add, vec![7], Some(2.0));
+        (in_head.head, in_head.site) = (Some(1), Some(HookSite::AttnHead));
         let plan = vec![
             applied(OpName::Add, vec![10, 11, 12, 14], Some(2.5)),
             ablate,
             neuron,
             at_mlp,
+            head,
+            in_head,
         ];
         assert_eq!(
             format(&plan),
-            "v:10-12+14:2.5,v:*:0:ablate,neuron:10:5:scale:3,v:3:2;site=mlp_out;positions=last:4;normalize"
+            "v:10-12+14:2.5,v:*:0:ablate,neuron:10:5:scale:3,v:3:2;site=mlp_out;positions=last:4;normalize,\
+             head:4-5:3:scale:0.5,v:7:2;site=attn_head;head=1"
         );
     }
 }

@@ -33,6 +33,8 @@ pub enum Method {
     Pca,
     Caa,
     NeuronMeans,
+    /// The mean `attn_head` activation over a prompt set, for mean-ablating heads.
+    HeadMeans,
 }
 
 impl Method {
@@ -42,6 +44,7 @@ impl Method {
             "pca" => Some(Self::Pca),
             "caa" => Some(Self::Caa),
             "neuron_means" => Some(Self::NeuronMeans),
+            "head_means" => Some(Self::HeadMeans),
             _ => None,
         }
     }
@@ -52,7 +55,13 @@ impl Method {
             Self::Pca => "pca",
             Self::Caa => "caa",
             Self::NeuronMeans => "neuron_means",
+            Self::HeadMeans => "head_means",
         }
+    }
+
+    /// Methods that average one prompt set (`prompts`) rather than contrast two.
+    pub fn is_means(self) -> bool {
+        matches!(self, Self::NeuronMeans | Self::HeadMeans)
     }
 
     /// Methods that pair `positive[i]` with `negative[i]`.
@@ -306,7 +315,7 @@ fn norm(v: &[f64]) -> f64 {
 /// The direction for one layer from positive and negative activations.
 fn direction(method: Method, pos: &[&[f32]], neg: &[&[f32]]) -> Vec<f64> {
     match method {
-        Method::MeanDiff | Method::NeuronMeans => {
+        Method::MeanDiff | Method::NeuronMeans | Method::HeadMeans => {
             let (mp, mn) = (mean_of(pos), mean_of(neg));
             mp.iter().zip(&mn).map(|(a, b)| a - b).collect()
         }

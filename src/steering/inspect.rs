@@ -59,8 +59,13 @@ pub struct LayerActivation {
     pub norm: f32,
     /// The `top_k` neurons by value (`mlp_act`), or dimensions by magnitude (residual sites).
     pub top: Vec<IndexValue>,
-    /// Projections onto the requested vectors (residual-width sites).
+    /// Projections onto the requested vectors (residual-width sites, and `attn_head` for
+    /// `head_direction` vectors).
     pub projections: Vec<Projection>,
+    /// At `attn_head`: the L2 norm of each head's output, by head.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(example = json!([3.1, 0.4, 7.9]))]
+    pub head_norms: Vec<f32>,
 }
 
 /// A requested neuron's value at one token.
@@ -105,6 +110,8 @@ pub struct Probe {
     pub project_onto: Vec<(String, Arc<super::vector::SteeringVector>)>,
     /// `(layer, index)` of neurons to report.
     pub neurons: Vec<(usize, usize)>,
+    /// Values per attention head, for `head_norms` at `attn_head`.
+    pub head_dim: usize,
 }
 
 /// Records what a [`Probe`] asks for as the activations pass (carried between the chunks of a
@@ -194,7 +201,7 @@ impl Hooks for ProbeHooks {
                     .map(|(i, _)| (i, row[i as usize]))
                     .collect()
             };
-            let projections = if site.is_residual_width() {
+            let projections = if site != HookSite::MlpAct {
                 self.probe
                     .project_onto
                     .iter()
@@ -232,6 +239,13 @@ impl Hooks for ProbeHooks {
                     })
                     .collect(),
                 projections,
+                head_norms: match site {
+                    HookSite::AttnHead => row
+                        .chunks(self.probe.head_dim.max(1))
+                        .map(|head| head.iter().map(|v| v * v).sum::<f32>().sqrt())
+                        .collect(),
+                    _ => Vec::new(),
+                },
             });
         }
         Ok(None)

@@ -6,12 +6,13 @@
 //! The arithmetic of each op is in [`apply_op`], kept free of tensors so it can be checked
 //! exactly.
 
-use super::spec::{HookPoint, NeuronAction, Op, SteeringPlan};
+use super::spec::{HeadAction, HookPoint, NeuronAction, Op, SteeringPlan};
 use crate::model::hooks::{BatchRows, HookSite, Hooks};
 use candle_core::{Result, Tensor};
 
-/// Rewrites one activation row `h` for one intervention at one hook point; `strength` (1 for
-/// full, less where a schedule fades) scales what `add` adds.
+/// Rewrites one activation row `h` (the point's span of it, for a head) for one intervention
+/// at one hook point; `strength` (1 for full, less where a schedule fades) scales what `add`
+/// adds.
 pub fn apply_op(op: &Op, point: &HookPoint, h: &mut [f32], strength: f32) {
     match op {
         Op::Add => {
@@ -48,6 +49,15 @@ pub fn apply_op(op: &Op, point: &HookPoint, h: &mut [f32], strength: f32) {
                 *x += shift * d;
             }
         }
+        Op::Head(action) => match action {
+            HeadAction::Zero => h.fill(0.0),
+            HeadAction::Scale(c) => h.iter_mut().for_each(|x| *x *= c),
+            HeadAction::Mean => {
+                if let Some(mean) = &point.vector {
+                    h.iter_mut().zip(mean.iter()).for_each(|(x, m)| *x = *m);
+                }
+            }
+        },
         Op::Neuron { index, action } => {
             if let Some(x) = h.get_mut(*index) {
                 *x = match *action {
@@ -122,7 +132,13 @@ impl Hooks for BatchSteering<'_> {
                     None => iv.positions.contains(pos, plen).then_some(1.0),
                 };
                 if let Some(strength) = strength {
-                    apply_op(&iv.op, point, h, strength);
+                    let part = match point.span {
+                        Some((start, len)) => h.get_mut(start..start + len),
+                        None => Some(&mut *h),
+                    };
+                    if let Some(part) = part {
+                        apply_op(&iv.op, point, part, strength);
+                    }
                     *self.applied.entry(iv.applied.op.as_str()).or_default() += 1;
                     touched = true;
                 }
@@ -141,11 +157,7 @@ mod tests {
     use std::sync::Arc;
 
     fn point(v: Vec<f32>) -> HookPoint {
-        HookPoint {
-            site: HookSite::ResidPost,
-            layer: 0,
-            vector: Some(Arc::from(v)),
-        }
+        HookPoint::whole(HookSite::ResidPost, 0, Some(Arc::from(v)))
     }
 
     fn unit(v: &[f32]) -> Vec<f32> {
@@ -210,11 +222,7 @@ mod tests {
     #[test]
     fn neuron_ops_change_only_their_neuron() {
         let h0 = vec![1.0f32, 2.0, 3.0];
-        let p = HookPoint {
-            site: HookSite::MlpAct,
-            layer: 0,
-            vector: None,
-        };
+        let p = HookPoint::whole(HookSite::MlpAct, 0, None);
         for (action, expect) in [
             (NeuronAction::Zero, 0.0),
             (NeuronAction::Scale(3.0), 6.0),

@@ -86,7 +86,8 @@ pub fn parse_hook_name(name: &str) -> Result<(HookSite, usize)> {
         "hook_attn_out" | "attn.hook_z_out" => HookSite::AttnOut,
         "hook_mlp_out" => HookSite::MlpOut,
         "mlp.hook_post" => HookSite::MlpAct,
-        other => bail!("hook site `{other}` is not supported (hook_resid_post, hook_resid_pre, hook_attn_out, hook_mlp_out, mlp.hook_post)"),
+        "attn.hook_z" => HookSite::AttnHead,
+        other => bail!("hook site `{other}` is not supported (hook_resid_post, hook_resid_pre, hook_attn_out, hook_mlp_out, mlp.hook_post, attn.hook_z)"),
     };
     Ok((site, layer))
 }

@@ -40,6 +40,8 @@ pub struct ModelShape {
     pub model_id: String,
     pub d_model: usize,
     pub n_neurons: usize,
+    /// Width of `attn_head` (`n_heads * head_dim`).
+    pub head_width: usize,
 }
 
 impl ModelShape {
@@ -54,6 +56,7 @@ impl ModelShape {
         let width = match v.meta.kind {
             VectorKind::Direction => self.d_model,
             VectorKind::NeuronMeans => self.n_neurons,
+            VectorKind::HeadDirection | VectorKind::HeadMeans => self.head_width,
         };
         if v.meta.d_model != width {
             return Some(format!(
@@ -485,6 +488,7 @@ mod tests {
                 model_id: model_id.into(),
                 d_model,
                 n_neurons,
+                head_width: d_model,
             };
             let (store, _) = VectorStore::open(shape, None).unwrap();
             assert!(store
@@ -512,6 +516,7 @@ mod tests {
             model_id: "m".into(),
             d_model: 3,
             n_neurons: 5,
+            head_width: 4,
         }
     }
 

@@ -16,14 +16,37 @@ pub enum VectorKind {
     Direction,
     /// The mean `mlp_act` of every neuron (width `intermediate_size`), for mean-ablation.
     NeuronMeans,
+    /// A direction at the `attn_head` site (width `n_heads * head_dim`, the heads side by
+    /// side): one head's part is added to that head alone.
+    HeadDirection,
+    /// The mean `attn_head` activation (width `n_heads * head_dim`), for mean-ablating heads.
+    HeadMeans,
 }
 
 impl VectorKind {
+    pub const ALL: [VectorKind; 4] = [
+        VectorKind::Direction,
+        VectorKind::NeuronMeans,
+        VectorKind::HeadDirection,
+        VectorKind::HeadMeans,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             VectorKind::Direction => "direction",
             VectorKind::NeuronMeans => "neuron_means",
+            VectorKind::HeadDirection => "head_direction",
+            VectorKind::HeadMeans => "head_means",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<VectorKind> {
+        VectorKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Whether the vector holds means (for `mean`), not directions.
+    pub fn is_means(self) -> bool {
+        matches!(self, VectorKind::NeuronMeans | VectorKind::HeadMeans)
     }
 }
 
@@ -172,9 +195,8 @@ impl SteeringVector {
         let width = layers.values().next().map_or(0, |v: &Arc<[f32]>| v.len());
         let get = |k: &str| header.get(k).cloned();
         let kind = match get("kind").as_deref() {
-            None | Some("direction") => VectorKind::Direction,
-            Some("neuron_means") => VectorKind::NeuronMeans,
-            Some(other) => bail!("unknown vector kind `{other}`"),
+            None => VectorKind::Direction,
+            Some(k) => VectorKind::parse(k).ok_or_else(|| anyhow!("unknown vector kind `{k}`"))?,
         };
         let v = Self {
             name: defaults

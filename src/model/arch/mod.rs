@@ -34,6 +34,16 @@ pub struct ModelDims {
 }
 
 impl ModelDims {
+    /// The width of the activation at `site`.
+    pub fn site_width(&self, site: crate::model::hooks::HookSite) -> usize {
+        use crate::model::hooks::HookSite;
+        match site {
+            HookSite::MlpAct => self.intermediate_size,
+            HookSite::AttnHead => self.n_heads * self.head_dim,
+            _ => self.d_model,
+        }
+    }
+
     /// The dims of a model with `heads` in every layer.
     pub fn new(
         architecture: &str,

@@ -22,6 +22,9 @@ pub use validate::validate;
 /// The neuron means the `mean` op uses when a request names none.
 pub const DEFAULT_NEURON_MEANS: &str = "neuron_means_default";
 
+/// The per-head means the `mean` op on a head uses when a request names none.
+pub const DEFAULT_HEAD_MEANS: &str = "head_means_default";
+
 /// Largest coefficient accepted: far beyond any useful steering strength, small enough that
 /// `c·v` stays finite in f32.
 pub const MAX_COEFFICIENT: f64 = 1e6;
@@ -73,9 +76,16 @@ pub struct InterventionSpec {
     /// Which tokens: `"all"` (default), `"prompt"`, `"generated"`, or `{"last": k}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub positions: Option<Positions>,
-    /// Hook site (default `resid_post`; `mlp_act` for neurons; a feature's own SAE site).
+    /// Hook site (default `resid_post`; `mlp_act` for neurons; a feature's own SAE site;
+    /// `attn_head` with `head`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<HookSite>,
+    /// One attention head (0-based) at the `attn_head` site: alone, a target for `zero`,
+    /// `mean` or `scale`; with a vector or `values`, the head whose part of the direction is
+    /// added, ablated or clamped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 3)]
+    pub head: Option<i64>,
     #[schema(example = "neuron_means_default")]
     /// For the neuron `mean` op: the stored neuron means to use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,11 +191,11 @@ pub enum OpName {
     Ablate,
     /// Set the projection on the direction (or an SAE feature's activation) to `c`.
     Clamp,
-    /// Set a neuron to 0.
+    /// Set a neuron (or every value of an attention head) to 0.
     Zero,
-    /// Set a neuron to its stored mean (mean ablation).
+    /// Set a neuron (or a head) to its stored mean (mean ablation).
     Mean,
-    /// Multiply a neuron by `c`.
+    /// Multiply a neuron (or a head) by `c`.
     Scale,
     /// Set a neuron to `c`.
     Set,
@@ -224,6 +234,11 @@ impl OpName {
             self,
             OpName::Zero | OpName::Mean | OpName::Scale | OpName::Set
         )
+    }
+
+    /// Whether the op acts on one attention head alone (`zero`, `mean`, `scale`).
+    pub fn is_head_op(self) -> bool {
+        matches!(self, OpName::Zero | OpName::Mean | OpName::Scale)
     }
 
     /// The names of a group of ops, for error messages: `add, ablate or clamp`.
@@ -387,6 +402,17 @@ pub enum Op {
         index: usize,
         value: f32,
     },
+    /// Acts on every value of one attention head (the point's span of `attn_head`).
+    Head(HeadAction),
+}
+
+/// What a head op does to the head's values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HeadAction {
+    Zero,
+    Scale(f32),
+    /// Replace them by the point's vector: the head's stored mean.
+    Mean,
 }
 
 impl PartialEq for Op {
@@ -416,6 +442,7 @@ impl PartialEq for Op {
                     value: y,
                 },
             ) => Arc::ptr_eq(s1, s2) && a == b && x == y,
+            (Op::Head(a), Op::Head(b)) => a == b,
             _ => false,
         }
     }
@@ -430,12 +457,27 @@ pub enum NeuronAction {
 }
 
 /// One place an intervention acts, with its vector there (`c·v` for `add`, the unit vector
-/// for `ablate` and `clamp`, none for neuron ops).
+/// for `ablate` and `clamp`, the mean for a head's `mean`, none for neuron ops).
 #[derive(Debug, Clone)]
 pub struct HookPoint {
     pub site: HookSite,
     pub layer: usize,
     pub vector: Option<Arc<[f32]>>,
+    /// `(start, len)`: the part of the activation the op sees (one attention head); none for
+    /// the whole row.
+    pub span: Option<(usize, usize)>,
+}
+
+impl HookPoint {
+    /// A point acting on the whole activation row.
+    pub fn whole(site: HookSite, layer: usize, vector: Option<Arc<[f32]>>) -> Self {
+        Self {
+            site,
+            layer,
+            vector,
+            span: None,
+        }
+    }
 }
 
 /// A validated intervention.
@@ -466,6 +508,10 @@ pub struct AppliedIntervention {
     /// The neuron, for neuron ops.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub neuron: Option<NeuronRef>,
+    /// The attention head, at the `attn_head` site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 3)]
+    pub head: Option<usize>,
     /// The SAE feature, for feature ops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feature: Option<FeatureRef>,
@@ -574,7 +620,39 @@ pub struct ModelLimits<'a> {
     pub n_layers: usize,
     pub d_model: usize,
     pub n_neurons: usize,
+    pub n_heads: usize,
+    pub head_dim: usize,
     pub max_interventions: usize,
     pub store: &'a VectorStore,
     pub saes: &'a SaeStore,
+}
+
+impl<'a> ModelLimits<'a> {
+    /// The limits of a model with `dims`.
+    pub fn new(
+        dims: &crate::model::ModelDims,
+        max_interventions: usize,
+        store: &'a VectorStore,
+        saes: &'a SaeStore,
+    ) -> Self {
+        Self {
+            n_layers: dims.n_layers,
+            d_model: dims.d_model,
+            n_neurons: dims.intermediate_size,
+            n_heads: dims.n_heads,
+            head_dim: dims.head_dim,
+            max_interventions,
+            store,
+            saes,
+        }
+    }
+
+    /// The width of the activation at `site`.
+    pub fn site_width(&self, site: HookSite) -> usize {
+        match site {
+            HookSite::MlpAct => self.n_neurons,
+            HookSite::AttnHead => self.n_heads * self.head_dim,
+            _ => self.d_model,
+        }
+    }
 }

@@ -4,11 +4,18 @@
 
 use super::*;
 
-/// The neuron means a `mean` op names (or the default).
-fn name_of_means(s: &InterventionSpec) -> String {
+/// The stored means of `kind` a `mean` op names (or the default).
+fn name_of_means(s: &InterventionSpec, kind: VectorKind) -> String {
     s.means
         .clone()
-        .unwrap_or_else(|| DEFAULT_NEURON_MEANS.to_string())
+        .unwrap_or_else(|| default_means(kind).to_string())
+}
+
+fn default_means(kind: VectorKind) -> &'static str {
+    match kind {
+        VectorKind::HeadMeans => DEFAULT_HEAD_MEANS,
+        _ => DEFAULT_NEURON_MEANS,
+    }
 }
 
 /// Validates a request's `steering` list.
@@ -42,6 +49,7 @@ pub fn validate(specs: &[InterventionSpec], ctx: &ModelLimits) -> Result<Steerin
 const DIRECTION_OPS: [OpName; 3] = [OpName::Add, OpName::Ablate, OpName::Clamp];
 const FEATURE_OPS: [OpName; 2] = [OpName::Add, OpName::Clamp];
 const NEURON_OPS: [OpName; 4] = [OpName::Zero, OpName::Mean, OpName::Scale, OpName::Set];
+const HEAD_OPS: [OpName; 3] = [OpName::Zero, OpName::Mean, OpName::Scale];
 
 struct Validator<'a> {
     ctx: &'a ModelLimits<'a>,
@@ -70,11 +78,13 @@ impl Validator<'_> {
     }
 
     fn intervention(&self, s: &InterventionSpec) -> Result<Intervention, SpecError> {
+        let head_alone = s.head.is_some() && s.vector.is_none() && s.values.is_none();
         let targets = [
             s.vector.is_some(),
             s.values.is_some(),
             s.neuron.is_some(),
             s.feature.is_some(),
+            head_alone,
         ];
         match targets.iter().filter(|t| **t).count() {
             1 => {}
@@ -82,17 +92,20 @@ impl Validator<'_> {
                 return Err(self.err(
                     "",
                     "missing_target",
-                    "give one of `vector`, `values`, `neuron` or `feature`",
+                    "give one of `vector`, `values`, `neuron`, `feature` or `head`",
                 ))
             }
             _ => {
                 return Err(self.err(
                     "",
                     "conflicting_targets",
-                    "give only one of `vector`, `values`, `neuron` or `feature`",
+                    "give only one of `vector`, `values`, `neuron`, `feature` or `head` \
+                     (`head` may go with `vector` or `values`)",
                 ))
             }
         }
+        let head = self.head(s)?;
+
         if s.layer.is_some() && s.layers.is_some() {
             return Err(self.err(
                 "layers",
@@ -116,8 +129,10 @@ impl Validator<'_> {
             self.feature(s, f, coefficient, positions)?
         } else if let Some(n) = s.neuron {
             self.neuron(s, n, coefficient, positions)?
+        } else if let (true, Some(h)) = (head_alone, head) {
+            self.head_op(s, h, coefficient, positions)?
         } else {
-            self.direction_op(s, coefficient, positions)?
+            self.direction_op(s, head, coefficient, positions)?
         };
         if let Some(sc) = schedule {
             if sc.decay.is_some() && iv.applied.op != OpName::Add {
@@ -158,6 +173,118 @@ impl Validator<'_> {
             ));
         }
         Ok(Some(sc))
+    }
+
+    /// The attention head named, checked against the model and the site.
+    fn head(&self, s: &InterventionSpec) -> Result<Option<usize>, SpecError> {
+        let Some(h) = s.head else { return Ok(None) };
+        if s.site.is_some_and(|site| site != HookSite::AttnHead) {
+            return Err(self.err(
+                "head",
+                "invalid_site",
+                "`head` addresses the `attn_head` site",
+            ));
+        }
+        let n = self.ctx.n_heads;
+        if h < 0 || h as usize >= n {
+            return Err(self.err(
+                "head",
+                "invalid_head",
+                format!(
+                    "head {h} is out of range: attention layers have {n} heads (0-{})",
+                    n - 1
+                ),
+            ));
+        }
+        Ok(Some(h as usize))
+    }
+
+    /// `(start, len)` of head `h` in the `attn_head` activation.
+    fn head_span(&self, h: usize) -> (usize, usize) {
+        (h * self.ctx.head_dim, self.ctx.head_dim)
+    }
+
+    /// `zero`, `mean` or `scale` of one attention head.
+    fn head_op(
+        &self,
+        s: &InterventionSpec,
+        head: usize,
+        coefficient: Option<f64>,
+        positions: Positions,
+    ) -> Result<Intervention, SpecError> {
+        let layers = self.layers(s)?.ok_or_else(|| {
+            self.err(
+                "layer",
+                "missing_layer",
+                "a head op needs `layer` or `layers`",
+            )
+        })?;
+        let op = s.op.unwrap_or(OpName::Zero);
+        let (action, coef) = match op {
+            OpName::Zero => (HeadAction::Zero, None),
+            OpName::Mean => (HeadAction::Mean, None),
+            OpName::Scale => {
+                let c = coefficient.ok_or_else(|| {
+                    self.err(
+                        "coefficient",
+                        "missing_coefficient",
+                        "`scale` needs a coefficient (the factor)",
+                    )
+                })?;
+                (HeadAction::Scale(c as f32), Some(c))
+            }
+            other => {
+                return Err(self.err(
+                    "op",
+                    "invalid_op",
+                    format!(
+                        "`{other}` does not act on a head alone; use {} (or give `vector` or \
+                         `values` for a direction in the head)",
+                        OpName::list(&HEAD_OPS)
+                    ),
+                ))
+            }
+        };
+        let span = self.head_span(head);
+        let mut points = Vec::with_capacity(layers.len());
+        for &layer in &layers {
+            let vector = match action {
+                HeadAction::Mean => {
+                    let means = self.stored_means(s, VectorKind::HeadMeans, layer)?;
+                    Some(means[span.0..span.0 + span.1].into())
+                }
+                _ => None,
+            };
+            points.push(HookPoint {
+                site: HookSite::AttnHead,
+                layer,
+                vector,
+                span: Some(span),
+            });
+        }
+        Ok(Intervention {
+            op: Op::Head(action),
+            positions,
+            schedule: None,
+            points,
+            applied: AppliedIntervention {
+                op,
+                vector: (op == OpName::Mean).then(|| name_of_means(s, VectorKind::HeadMeans)),
+                vector_version: None,
+                neuron: None,
+                head: Some(head),
+                feature: None,
+                coefficient: coef,
+                layers,
+                site: Some(HookSite::AttnHead),
+                positions,
+                normalize: false,
+                vector_norm: None,
+                all_writes: false,
+                values: None,
+                schedule: None,
+            },
+        })
     }
 
     fn layer(&self, field: &str, l: i64) -> Result<usize, SpecError> {
@@ -250,7 +377,10 @@ impl Validator<'_> {
                 let c = need("the value")?;
                 (NeuronAction::Set(c as f32), Some(c))
             }
-            OpName::Mean => (NeuronAction::Set(self.neuron_mean(s, layer, index)?), None),
+            OpName::Mean => {
+                let means = self.stored_means(s, VectorKind::NeuronMeans, layer)?;
+                (NeuronAction::Set(means[index]), None)
+            }
             other => {
                 return Err(self.err(
                     "op",
@@ -266,16 +396,13 @@ impl Validator<'_> {
             op: Op::Neuron { index, action },
             positions,
             schedule: None,
-            points: vec![HookPoint {
-                site: HookSite::MlpAct,
-                layer,
-                vector: None,
-            }],
+            points: vec![HookPoint::whole(HookSite::MlpAct, layer, None)],
             applied: AppliedIntervention {
                 op,
-                vector: (op == OpName::Mean).then(|| name_of_means(s)),
+                vector: (op == OpName::Mean).then(|| name_of_means(s, VectorKind::NeuronMeans)),
                 vector_version: None,
                 neuron: Some(n),
+                head: None,
                 feature: None,
                 coefficient: coef,
                 layers: vec![layer],
@@ -400,16 +527,13 @@ impl Validator<'_> {
             op,
             positions,
             schedule: None,
-            points: vec![HookPoint {
-                site: sae.site,
-                layer: sae.layer,
-                vector,
-            }],
+            points: vec![HookPoint::whole(sae.site, sae.layer, vector)],
             applied: AppliedIntervention {
                 op: op_name,
                 vector: None,
                 vector_version: None,
                 neuron: None,
+                head: None,
                 feature: Some(f.clone()),
                 coefficient: Some(coef),
                 layers: vec![sae.layer],
@@ -424,22 +548,30 @@ impl Validator<'_> {
         })
     }
 
-    fn neuron_mean(
+    /// One layer of the stored means of `kind` a `mean` op names (or the default), checked to
+    /// be as wide as the site they stand in for.
+    fn stored_means(
         &self,
         s: &InterventionSpec,
+        kind: VectorKind,
         layer: usize,
-        index: usize,
-    ) -> Result<f32, SpecError> {
+    ) -> Result<Arc<[f32]>, SpecError> {
+        let default = default_means(kind);
+        let missing = match kind {
+            VectorKind::HeadMeans => "head_means_missing",
+            _ => "neuron_means_missing",
+        };
         let name = match &s.means {
             Some(n) => n.as_str(),
-            None if self.ctx.store.get(DEFAULT_NEURON_MEANS).is_some() => DEFAULT_NEURON_MEANS,
+            None if self.ctx.store.get(default).is_some() => default,
             None => {
                 return Err(self.err(
                     "means",
-                    "neuron_means_missing",
+                    missing,
                     format!(
-                        "the `mean` op needs neuron means: name them in `means`, or store \
-                         `{DEFAULT_NEURON_MEANS}` (POST /vectors/extract with method `neuron_means`)"
+                        "the `mean` op needs {kind}: name them in `means`, or store `{default}` \
+                         (POST /vectors/extract with method `{kind}`)",
+                        kind = kind.as_str()
                     ),
                 ))
             }
@@ -448,48 +580,61 @@ impl Validator<'_> {
             self.err(
                 "means",
                 "unknown_vector",
-                format!("no stored neuron means named `{name}`"),
+                format!("no stored {} named `{name}`", kind.as_str()),
             )
         })?;
         let v = entry.vector;
-        if v.meta.kind != VectorKind::NeuronMeans {
+        if v.meta.kind != kind {
             return Err(self.err(
                 "means",
                 "wrong_vector_kind",
-                format!("`{name}` is a direction, not neuron means"),
+                format!(
+                    "`{name}` holds {}, not {}",
+                    v.meta.kind.as_str(),
+                    kind.as_str()
+                ),
             ));
         }
+        let site = match kind {
+            VectorKind::HeadMeans => HookSite::AttnHead,
+            _ => HookSite::MlpAct,
+        };
         let means = v.layers.get(&layer).ok_or_else(|| {
             self.err(
                 "means",
-                "neuron_means_missing",
+                missing,
                 format!("`{name}` has no means for layer {layer}; extract them for that layer"),
             )
         })?;
-        means.get(index).copied().ok_or_else(|| {
-            self.err(
+        if means.len() != self.ctx.site_width(site) {
+            return Err(self.err(
                 "means",
                 "dimension_mismatch",
-                format!("`{name}` layer {layer} is too short"),
-            )
-        })
+                format!("`{name}` layer {layer} is not as wide as `{site}`"),
+            ));
+        }
+        Ok(means.clone())
     }
 
-    fn lookup(&self, s: &InterventionSpec) -> Result<Direction, SpecError> {
+    /// The direction named or given; inline values are as wide as `site` (one head's part of
+    /// it with `head`).
+    fn lookup(
+        &self,
+        s: &InterventionSpec,
+        site: HookSite,
+        head: Option<usize>,
+    ) -> Result<Direction, SpecError> {
         if let Some(values) = &s.values {
-            let d = self.ctx.d_model;
-            let site = s.site.unwrap_or(HookSite::ResidPost);
-            let width = if site == HookSite::MlpAct {
-                self.ctx.n_neurons
-            } else {
-                d
+            let (width, what) = match head {
+                Some(h) => (self.ctx.head_dim, format!("head {h} of `{site}`")),
+                None => (self.ctx.site_width(site), format!("the `{site}` site")),
             };
             if values.len() != width {
                 return Err(self.err(
                     "values",
                     "dimension_mismatch",
                     format!(
-                        "{} values given; the `{site}` site has {width} dimensions",
+                        "{} values given; {what} has {width} dimensions",
                         values.len()
                     ),
                 ));
@@ -526,11 +671,20 @@ impl Validator<'_> {
                 format!("no vector named `{name}` ({hint})"),
             )
         })?;
-        if entry.vector.meta.kind != VectorKind::Direction {
+        let kind = entry.vector.meta.kind;
+        let wanted = match site {
+            HookSite::AttnHead => VectorKind::HeadDirection,
+            _ => VectorKind::Direction,
+        };
+        if kind != wanted {
             return Err(self.err(
                 "vector",
                 "wrong_vector_kind",
-                format!("`{name}` holds neuron means, not a direction"),
+                format!(
+                    "`{name}` holds a {}; the `{site}` site takes a {}",
+                    kind.as_str(),
+                    wanted.as_str()
+                ),
             ));
         }
         Ok(Direction {
@@ -544,6 +698,7 @@ impl Validator<'_> {
     fn direction_op(
         &self,
         s: &InterventionSpec,
+        head: Option<usize>,
         coefficient: Option<f64>,
         positions: Positions,
     ) -> Result<Intervention, SpecError> {
@@ -558,18 +713,25 @@ impl Validator<'_> {
                 ),
             ));
         }
-        let dir = self.lookup(s)?;
+        let stored_kind = s
+            .vector
+            .as_deref()
+            .and_then(|n| self.ctx.store.get(n))
+            .map(|e| e.vector.meta.kind);
+        let site = s.site.unwrap_or(
+            if head.is_some() || stored_kind == Some(VectorKind::HeadDirection) {
+                HookSite::AttnHead
+            } else {
+                HookSite::ResidPost
+            },
+        );
+        let dir = self.lookup(s, site, head)?;
         let explicit = self.layers(s)?;
-        let site = s.site.unwrap_or(HookSite::ResidPost);
         if s.site.is_some() && explicit.is_none() {
             return Err(self.err("site", "missing_layer", "`site` needs `layer` or `layers`"));
         }
         if let Some(stored) = &dir.stored {
-            let width = if site == HookSite::MlpAct {
-                self.ctx.n_neurons
-            } else {
-                self.ctx.d_model
-            };
+            let width = self.ctx.site_width(site);
             if stored.meta.d_model != width {
                 return Err(self.err(
                     "vector",
@@ -581,7 +743,8 @@ impl Validator<'_> {
                 ));
             }
         }
-        let all_writes = op_name == OpName::Ablate && explicit.is_none();
+        let all_writes =
+            op_name == OpName::Ablate && explicit.is_none() && site != HookSite::AttnHead;
         // (site, layer) pairs and the layer whose direction each uses.
         let sites: Vec<(HookSite, usize)> = match (&explicit, &dir.stored) {
             (Some(ls), _) => ls.iter().map(|&l| (site, l)).collect(),
@@ -644,6 +807,13 @@ impl Validator<'_> {
                 })?,
                 (None, None) => unreachable!("lookup returns a direction"),
             };
+            let raw: Arc<[f32]> = match (head, &dir.stored) {
+                (Some(h), Some(_)) => {
+                    let (a, n) = self.head_span(h);
+                    raw[a..a + n].into()
+                }
+                _ => raw,
+            };
             let n = l2_norm(&raw);
             let added = match (op_name, normalize) {
                 (OpName::Add, false) => n as f64 * coef.unwrap_or(1.0).abs(),
@@ -705,6 +875,7 @@ impl Validator<'_> {
                 site,
                 layer,
                 vector: Some(vector),
+                span: head.map(|h| self.head_span(h)),
             });
         }
         let mut layers: Vec<usize> = points.iter().map(|p| p.layer).collect();
@@ -726,6 +897,7 @@ impl Validator<'_> {
                 vector: dir.name,
                 vector_version: dir.version,
                 neuron: None,
+                head,
                 feature: None,
                 coefficient: coef,
                 layers,
