@@ -73,6 +73,10 @@ pub struct Limits {
     pub max_inspect_values: usize,
     pub max_prompts_per_request: usize,
     pub max_lens_cells: usize,
+    /// Patched runs (layers × positions × heads) in one `/inspect/patch` request.
+    pub max_patch_cells: usize,
+    /// Tokens of each prompt of an `/inspect/patch` request.
+    pub max_patch_prompt_tokens: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

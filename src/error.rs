@@ -76,6 +76,22 @@ impl ApiError {
         .with_param(field)
     }
 
+    /// The error of a prompt read for the request field `field`: its `prompt` is `field`, its
+    /// `messages[..]` is `field.messages[..]`.
+    pub fn for_field(mut self, field: &str) -> Self {
+        if let Some(old) = self.param.take() {
+            let new = match old.as_str() {
+                "prompt" => field.to_string(),
+                other => format!("{field}.{other}"),
+            };
+            if let Some(rest) = self.message.strip_prefix(&format!("`{old}`")) {
+                self.message = format!("`{new}`{rest}");
+            }
+            self.param = Some(new);
+        }
+        self
+    }
+
     /// Names the request field (or header) at fault.
     pub fn with_param(mut self, param: &str) -> Self {
         self.param = Some(param.to_string());

@@ -473,3 +473,174 @@ async fn the_logit_lens_at_the_last_layer_is_the_models_own_distribution() {
     let r = post_json(&small, "/inspect/logit_lens", json!({"prompt": prompt})).await;
     assert_eq!(r.error_code(), "too_much_output");
 }
+
+fn grid(v: &Value) -> Vec<Vec<Value>> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+/// Patching between prompts that differ in one token, checked against what must hold exactly:
+/// the same prompt twice changes nothing anywhere; before the differing token nothing is
+/// restored; the differing token's embedding, or the last block's output at the last token,
+/// restores the clean metric; noising the differing embedding gives the corrupted one.
+#[tokio::test]
+async fn activation_patching_is_exact_where_it_must_be() {
+    let s = tiny_state(test_config(None));
+    let (clean, corrupted) = ("in a tin", "in the tin");
+    let enc = |t: &str| s.engine.model.encode_prompt(t).unwrap();
+    let (ct, xt) = (enc(clean), enc(corrupted));
+    assert_eq!(ct.len(), xt.len());
+    let differ: Vec<usize> = (0..ct.len()).filter(|&i| ct[i] != xt[i]).collect();
+    assert_eq!(differ.len(), 1, "{ct:?} {xt:?}");
+    let k = differ[0];
+    let last_layer = s.engine.model.dims().n_layers - 1;
+    let metric = json!({"logit_diff": ["a", "n"]});
+
+    let same = post_json(
+        &s,
+        "/inspect/patch",
+        json!({"clean": corrupted, "corrupted": corrupted, "metric": metric}),
+    )
+    .await;
+    assert_eq!(same.status, StatusCode::OK, "{}", same.text());
+    let b = same.json();
+    assert_eq!(b["clean"], b["corrupted"]);
+    for row in grid(&b["values"]) {
+        assert!(row.iter().all(|v| *v == b["corrupted"]), "{row:?}");
+    }
+    assert!(grid(&b["recovery"]).iter().flatten().all(Value::is_null));
+
+    let r = post_json(
+        &s,
+        "/inspect/patch",
+        json!({"clean": clean, "corrupted": corrupted, "metric": metric, "layers": [0]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let b = r.json();
+    assert_ne!(b["clean"], b["corrupted"]);
+    assert_eq!(b["site"], "resid_pre");
+    let rec = grid(&b["recovery"]);
+    assert_eq!(rec.len(), 1);
+    assert_eq!(rec[0].len(), ct.len());
+    for (p, v) in rec[0].iter().enumerate() {
+        let want = if p == k { 1.0 } else { 0.0 };
+        if p <= k {
+            assert_eq!(v.as_f64(), Some(want), "position {p}");
+        }
+    }
+    assert_eq!(grid(&b["values"])[0][k], b["clean"]);
+
+    let r = post_json(
+        &s,
+        "/inspect/patch",
+        json!({"clean": clean, "corrupted": corrupted, "metric": {"logprob": "a"},
+               "site": "resid_post", "layers": [last_layer, 0], "positions": [-1]}),
+    )
+    .await;
+    let b = r.json();
+    assert_eq!(b["layers"], json!([0, last_layer]), "rows ascend");
+    assert_eq!(grid(&b["recovery"])[1][0].as_f64(), Some(1.0));
+
+    let r = post_json(
+        &s,
+        "/inspect/patch",
+        json!({"clean": clean, "corrupted": corrupted, "metric": metric, "layers": [0],
+               "positions": [k], "direction": "noising"}),
+    )
+    .await;
+    let b = r.json();
+    assert_eq!(grid(&b["values"])[0][0], b["corrupted"], "{b}");
+
+    let r = post_json(
+        &s,
+        "/inspect/patch",
+        json!({"clean": clean, "corrupted": corrupted, "metric": metric, "site": "attn_head",
+               "layers": [1], "heads": [0, 2], "stream": true}),
+    )
+    .await;
+    let events = sse_events(&r.text());
+    assert!(events.iter().any(|(e, _)| e == "progress"), "{events:?}");
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "result", "{events:?}");
+    let b: Value = serde_json::from_str(data).unwrap();
+    let heads: Vec<Vec<Vec<Value>>> = serde_json::from_value(b["values"].clone()).unwrap();
+    assert_eq!(
+        (heads.len(), heads[0].len(), heads[0][0].len()),
+        (1, ct.len(), 2)
+    );
+    assert_eq!(b["cells"], 2 * ct.len());
+}
+
+#[tokio::test]
+async fn patching_errors_name_the_field() {
+    let s = tiny_state(test_config(None));
+    let m = json!({"logprob": "a"});
+    for (body, code, field) in [
+        (
+            json!({"clean": "the theater", "corrupted": "the theater in a tin", "metric": m}),
+            "unequal_lengths",
+            "corrupted",
+        ),
+        (
+            json!({"clean": "in a tin", "corrupted": "in the tin", "metric": m, "heads": [0]}),
+            "invalid_site",
+            "heads",
+        ),
+        (
+            json!({"clean": "in a tin", "corrupted": "in the tin", "metric": m, "site": "attn_head", "heads": [9]}),
+            "invalid_head",
+            "heads[0]",
+        ),
+        (
+            json!({"clean": "in a tin", "corrupted": "in the tin", "metric": {"logit_diff": ["the"]}}),
+            "invalid_metric",
+            "metric.logit_diff",
+        ),
+        (
+            json!({"clean": "in a tin", "corrupted": "in the tin", "metric": {"logprob": "the theater"}}),
+            "invalid_targets",
+            "metric.logprob",
+        ),
+        (
+            json!({"clean": "", "corrupted": "in the tin", "metric": m}),
+            "empty_prompt",
+            "clean",
+        ),
+        (
+            json!({"clean": "in a tin", "corrupted": "in the tin", "metric": m, "positions": [4]}),
+            "invalid_positions",
+            "positions[0]",
+        ),
+    ] {
+        let r = post_json(&s, "/inspect/patch", body.clone()).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}: {}",
+            r.text()
+        );
+        assert_eq!(r.error_code(), code, "{body}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], field, "{body}");
+    }
+    let mut cfg = test_config(None);
+    cfg.limits.max_patch_cells = 4;
+    let small = tiny_state(cfg);
+    let r = post_json(
+        &small,
+        "/inspect/patch",
+        json!({"clean": "in a tin", "corrupted": "in the tin", "metric": m}),
+    )
+    .await;
+    assert_eq!(r.error_code(), "too_many_cells", "{}", r.text());
+    let mut cfg = test_config(None);
+    cfg.limits.max_patch_prompt_tokens = 3;
+    let small = tiny_state(cfg);
+    let r = post_json(
+        &small,
+        "/inspect/patch",
+        json!({"clean": {"messages": [{"role": "user", "content": "in a tin"}]}, "corrupted": "in the tin", "metric": m}),
+    )
+    .await;
+    assert_eq!(r.error_code(), "prompt_too_long", "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "clean");
+}

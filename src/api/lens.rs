@@ -124,7 +124,7 @@ pub struct LogitLensResponse {
 }
 
 /// The positions asked for, resolved, checked and sorted.
-fn positions(req: Option<&[i64]>, n: usize) -> Result<Vec<usize>, ApiError> {
+pub(super) fn positions(req: Option<&[i64]>, n: usize) -> Result<Vec<usize>, ApiError> {
     let Some(ps) = req else {
         return Ok((0..n).collect());
     };
@@ -150,6 +150,22 @@ fn positions(req: Option<&[i64]>, n: usize) -> Result<Vec<usize>, ApiError> {
     out.sort_unstable();
     out.dedup();
     Ok(out)
+}
+
+/// The id of `text`, which must be one token of the vocabulary.
+pub(super) fn single_token(
+    model: &crate::model::Model,
+    field: &str,
+    text: &str,
+) -> Result<u32, ApiError> {
+    match model.tokenizer.encode(text, false).as_deref() {
+        Ok([id]) if (*id as usize) < model.dims().vocab_size => Ok(*id),
+        _ => Err(ApiError::invalid(
+            field,
+            "invalid_targets",
+            format!("`{text}` is not a single token of the vocabulary"),
+        )),
+    }
 }
 
 /// The logit lens of a prompt.
@@ -208,19 +224,11 @@ pub async fn logit_lens(
             "at most 16 targets",
         ));
     }
-    let mut targets = Vec::with_capacity(target_texts.len());
-    for (i, t) in target_texts.iter().enumerate() {
-        match model.tokenizer.encode(t, false).as_deref() {
-            Ok([id]) if (*id as usize) < model.dims().vocab_size => targets.push(*id),
-            _ => {
-                return Err(ApiError::invalid(
-                    &format!("targets[{i}]"),
-                    "invalid_targets",
-                    format!("`{t}` is not a single token of the vocabulary"),
-                ))
-            }
-        }
-    }
+    let targets = target_texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| single_token(&model, &format!("targets[{i}]"), t))
+        .collect::<Result<Vec<_>, _>>()?;
     let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let hooks = LensHooks::new(layers_sorted.clone(), positions.clone());

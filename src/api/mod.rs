@@ -9,7 +9,9 @@ pub mod inspect;
 pub mod json;
 pub mod lens;
 pub mod openai;
+pub mod patch;
 pub mod playground;
+pub mod progress;
 pub mod saes;
 pub mod tokenize;
 pub mod vectors;
@@ -204,6 +206,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(openai::get_model))
         .routes(routes!(inspect::activations))
         .routes(routes!(lens::logit_lens))
+        .routes(routes!(patch::patch))
         .routes(routes!(inspect::logprobs))
         .routes(routes!(inspect::neurons_top))
         .routes(routes!(saes::list_saes))

@@ -3,6 +3,7 @@
 //! ones from contrasting examples on the server.
 
 use super::json::{ApiJson, RawBody};
+use super::progress::{self, Progress};
 use super::AppState;
 use crate::config::Config;
 use crate::error::{ApiError, ErrorBody};
@@ -16,14 +17,12 @@ use crate::steering::store::{valid_name, Precondition, StoreEntry, StoreError, V
 use crate::steering::vector::{now_rfc3339, SteeringVector, VectorKind, VectorMeta};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use std::time::Instant;
 use utoipa::{IntoParams, ToSchema};
 
 /// A stored vector's metadata.
@@ -731,7 +730,7 @@ async fn collect_batch(
 pub async fn run_extraction(
     state: &AppState,
     plan: ExtractPlan,
-    progress: Option<&mpsc::Sender<ExtractProgress>>,
+    progress: Progress<ExtractProgress>,
 ) -> Result<ExtractResponse, ApiError> {
     let started = Instant::now();
     let (n_pos, n_neg) = (plan.positive.len(), plan.negative.len());
@@ -741,23 +740,11 @@ pub async fn run_extraction(
     let mut acts: Vec<Activations> = Vec::with_capacity(total);
     let mut logged = 0;
     for batch in batches(all, state.config.vectors.extract_batch_tokens.max(1)) {
-        if progress.is_some_and(|p| p.is_closed()) {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "cancelled",
-                "the client went away",
-            ));
-        }
+        progress::gone(&progress)?;
         let got = collect_batch(state, batch, layers.clone(), plan.site).await?;
         acts.extend(got);
-        if let Some(p) = progress {
-            let _ = p
-                .send(ExtractProgress {
-                    done: acts.len(),
-                    total,
-                })
-                .await;
-        }
+        let done = acts.len();
+        progress::report(&progress, ExtractProgress { done, total }).await?;
         if acts.len() * 10 / total.max(1) > logged {
             logged = acts.len() * 10 / total.max(1);
             tracing::info!(name = %plan.name, done = acts.len(), total, "extraction progress");
@@ -804,44 +791,9 @@ pub async fn extract_vector(
     if !stream {
         return Ok(Json(run_extraction(&state, plan, None).await?).into_response());
     }
-    let (tx, rx) = mpsc::channel::<Event>(16);
-    let (ptx, mut prx) = mpsc::channel::<ExtractProgress>(16);
-    let st = state.clone();
-    let events = tx.clone();
-    tokio::spawn(async move {
-        let forward = tokio::spawn({
-            let events = events.clone();
-            async move {
-                while let Some(p) = prx.recv().await {
-                    let ev = Event::default()
-                        .event("progress")
-                        .json_data(p)
-                        .unwrap_or_default();
-                    if events.send(ev).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        let result = run_extraction(&st, plan, Some(&ptx)).await;
-        drop(ptx);
-        let _ = forward.await;
-        let ev = match result {
-            Ok(r) => Event::default()
-                .event("result")
-                .json_data(r)
-                .unwrap_or_default(),
-            Err(e) => Event::default().event("error").data(e.to_json()),
-        };
-        let _ = events.send(ev).await;
-    });
-    drop(tx);
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    use futures_util::StreamExt;
-    let keep_alive = Duration::from_secs(state.config.server.sse_keep_alive_secs.max(1));
-    Ok(Sse::new(stream.map(Ok::<_, std::convert::Infallible>))
-        .keep_alive(KeepAlive::new().interval(keep_alive))
-        .into_response())
+    Ok(progress::stream(&state.clone(), move |p| async move {
+        run_extraction(&state, plan, p).await
+    }))
 }
 
 pub use formats::VectorJson;

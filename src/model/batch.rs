@@ -128,6 +128,38 @@ impl KvCache {
     pub fn size_in_bytes(&self) -> usize {
         self.len * self.bytes_per_token
     }
+
+    /// A copy holding only the first `len` tokens: the cache of a prefix, from which a run
+    /// that differs only at later positions can go on.
+    pub fn prefix(&self, len: usize) -> candle_core::Result<KvCache> {
+        let len = len.min(self.len);
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                Ok(match layer {
+                    LayerKv::Host(kv) => {
+                        let per_token = kv.k.len().checked_div(self.len).unwrap_or(0);
+                        LayerKv::Host(HostKv {
+                            k: kv.k[..len * per_token].to_vec(),
+                            v: kv.v[..len * per_token].to_vec(),
+                        })
+                    }
+                    LayerKv::Device(None) => LayerKv::Device(None),
+                    LayerKv::Device(Some(_)) if len == 0 => LayerKv::Device(None),
+                    LayerKv::Device(Some((k, v))) => LayerKv::Device(Some((
+                        k.narrow(1, 0, len)?.contiguous()?,
+                        v.narrow(1, 0, len)?.contiguous()?,
+                    ))),
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(KvCache {
+            len,
+            layers,
+            bytes_per_token: self.bytes_per_token,
+        })
+    }
 }
 
 #[cfg(test)]

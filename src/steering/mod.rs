@@ -7,6 +7,7 @@ pub mod formats;
 pub mod inspect;
 pub mod intervention;
 pub mod lens;
+pub mod patch;
 pub mod sae;
 pub mod sae_train;
 pub mod spec;
