@@ -749,3 +749,117 @@ async fn schedules_steer_only_the_generated_tokens_they_cover() {
         assert_eq!(r.json()["error"]["param"], field, "{extra}");
     }
 }
+
+/// Conditional steering over HTTP: the response and `X-Steering-Fired` say whether each
+/// condition held; a condition that never holds leaves the text unsteered; the compact form
+/// carries conditions; bad conditions are 422s naming the field.
+#[tokio::test]
+async fn conditions_are_reported_and_validated() {
+    let s = tiny_state(test_config(None));
+    let d = s.engine.model.dims().d_model;
+    let v: Vec<f32> = (0..d).map(|i| ((i as f32) * 0.7).sin()).collect();
+    let r = call(
+        &s,
+        Request::put("/vectors/topic")
+            .body(Body::from(json!({"layers": {"0": v}}).to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert!(r.status.is_success(), "{}", r.text());
+    let gen = |steering: serde_json::Value| {
+        let s = s.clone();
+        async move {
+            let body = json!({"prompt": "the theater", "max_tokens": 6, "temperature": 0,
+                "ignore_eos": true, "steering": steering});
+            post_json(&s, "/generate", body).await
+        }
+    };
+    let iv = |when: serde_json::Value| json!([{"vector": "topic", "layer": 1, "coefficient": 30.0, "normalize": true, "when": when}]);
+    let plain = gen(json!(null)).await.json();
+    let r = gen(iv(json!({"vector": "topic", "layer": 0, "above": -2.0}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.headers["x-steering-fired"], "0:fired");
+    let b = r.json();
+    assert_eq!(b["conditions"][0]["fired"], true, "{b}");
+    assert!(b["conditions"][0]["value"].is_number());
+    assert_ne!(b["text"], plain["text"]);
+    assert_eq!(b["steering"][0]["when"]["scope"], "prompt");
+
+    let r = gen(iv(json!({"vector": "topic", "layer": 0, "above": 2.0}))).await;
+    assert_eq!(r.headers["x-steering-fired"], "0:not_fired");
+    assert_eq!(r.json()["text"], plain["text"]);
+
+    let r = gen(iv(
+        json!({"vector": "topic", "layer": 0, "below": 2.0, "scope": "token"}),
+    ))
+    .await;
+    assert_eq!(r.headers["x-steering-fired"], "0:tokens=0-5");
+    assert_eq!(
+        r.json()["conditions"][0]["tokens"],
+        json!([0, 1, 2, 3, 4, 5])
+    );
+
+    let r = call(
+        &s,
+        Request::post("/generate")
+            .header("content-type", "application/json")
+            .header("x-steering", "topic:1:30;normalize;when=topic:0>-2")
+            .body(Body::from(json!({"prompt": "the theater", "max_tokens": 6, "temperature": 0, "ignore_eos": true}).to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.json()["text"], b["text"], "{}", r.text());
+
+    for (when, code, field) in [
+        (
+            json!({"vector": "topic", "layer": 0, "above": 1.0, "below": 2.0}),
+            "invalid_condition",
+            "steering[0].when",
+        ),
+        (
+            json!({"vector": "nope", "layer": 0, "above": 1.0}),
+            "unknown_vector",
+            "steering[0].when.vector",
+        ),
+        (
+            json!({"vector": "topic", "layer": 1, "above": 0.0, "scope": "token"}),
+            "invalid_condition",
+            "steering[0].when.layer",
+        ),
+        (
+            json!({"vector": "topic", "layer": 0, "above": 1e39}),
+            "invalid_threshold",
+            "steering[0].when.above",
+        ),
+        (
+            json!({"vector": "topic", "layer": 9, "above": 0.0}),
+            "invalid_layer",
+            "steering[0].when.layer",
+        ),
+        (
+            json!({"vector": "topic", "layer": 0, "above": 0.0, "measure": "cosine", "feature": {"sae": "x", "index": 0}}),
+            "invalid_condition",
+            "steering[0].when",
+        ),
+    ] {
+        let r = gen(iv(when.clone())).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{when}: {}",
+            r.text()
+        );
+        assert_eq!(r.error_code(), code, "{when}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], field, "{when}");
+    }
+    let r = call(
+        &s,
+        Request::post("/generate")
+            .header("content-type", "application/json")
+            .header("x-steering", "topic:1:3;when=topic:0>NaN")
+            .body(Body::from(json!({"prompt": "x"}).to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+}

@@ -531,3 +531,82 @@ fn patching_is_exact() {
         }
     }
 }
+
+/// Conditional steering decides inside the pass: a prompt condition that always holds acts
+/// like the same intervention on the last prompt token and after; one that never holds
+/// changes nothing; the decision is made on the mean reading over the prompt (all but the
+/// first token), and a token condition acts on exactly the rows whose own reading holds.
+#[test]
+fn conditions_decide_inside_the_pass() {
+    for (name, m) in models() {
+        let d = m.dims().clone();
+        let v = pseudo_random(d.d_model, 12, 1.0);
+        let store = store_with(&m, &[(0, v.clone())]);
+        let add = serde_json::json!({"vector": "dir", "layer": 1, "coefficient": 3.0});
+        let with_when = |when: serde_json::Value| {
+            let mut spec = add.clone();
+            spec["when"] = when;
+            plan(&m, &store, serde_json::json!([spec]))
+        };
+        let mut last = add.clone();
+        last["positions"] = serde_json::json!({"last": 1});
+        let on_last = run(
+            &m,
+            Some(&plan(&m, &store, serde_json::json!([last]))),
+            vec![],
+            PROMPT.len(),
+        )
+        .0;
+        let always = with_when(serde_json::json!({"vector": "dir", "layer": 0, "above": -2.0}));
+        assert_eq!(
+            run(&m, Some(&always), vec![], PROMPT.len()).0,
+            on_last,
+            "{name}"
+        );
+        let never = with_when(serde_json::json!({"vector": "dir", "layer": 0, "above": 2.0}));
+        assert_eq!(
+            run(&m, Some(&never), vec![], PROMPT.len()).0,
+            plain_logits(&m),
+            "{name}"
+        );
+
+        // The mean cosine over positions 1.. of block 0's output.
+        let (_, rec) = run(&m, None, vec![(HookSite::ResidPost, 0)], PROMPT.len());
+        let rows = &rec.seen[&(HookSite::ResidPost, 0)].0;
+        let cos = |h: &[f32]| (dot(h, &v) / (dot(h, h).sqrt() * dot(&v, &v).sqrt())) as f32;
+        let readings: Vec<f32> = rows.iter().map(|h| cos(h)).collect();
+        let mean = readings[1..].iter().map(|&x| x as f64).sum::<f64>() / (rows.len() - 1) as f64;
+        for (delta, fires) in [(-1e-3, true), (1e-3, false)] {
+            let p =
+                with_when(serde_json::json!({"vector": "dir", "layer": 0, "above": mean + delta}));
+            let (logits, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+            let trace = rec.inner.into_traces().pop().unwrap();
+            let report = trace.report(&p, PROMPT.len());
+            assert_eq!(report[0].fired, fires, "{name}");
+            assert!(
+                (report[0].value.unwrap() as f64 - mean).abs() < 1e-5,
+                "{name}"
+            );
+            assert_eq!(logits == on_last, fires, "{name}");
+        }
+
+        // Token scope at the median reading: exactly the rows above it are steered at layer 1.
+        let mut sorted = readings.clone();
+        sorted.sort_by(f32::total_cmp);
+        let k = sorted.len() / 2;
+        let t = (sorted[k - 1] + sorted[k]) / 2.0;
+        let p = with_when(
+            serde_json::json!({"vector": "dir", "layer": 0, "above": t, "scope": "token"}),
+        );
+        let (_, rec) = run(&m, Some(&p), vec![], PROMPT.len());
+        let (before, after) = &rec.seen[&(HookSite::ResidPost, 1)];
+        for (r, (b, a)) in before.iter().zip(after).enumerate() {
+            assert_eq!(b != a, readings[r] > t, "{name} row {r}");
+        }
+        let fired = rec.inner.into_traces().pop().unwrap().conditions[0]
+            .fired_positions
+            .clone();
+        let want: Vec<usize> = (0..readings.len()).filter(|&r| readings[r] > t).collect();
+        assert_eq!(fired, want, "{name}");
+    }
+}

@@ -8,6 +8,7 @@ use crate::engine::sampling::SamplingParams;
 use crate::engine::{GenerationEvent, GenerationRequest, TokenLogprob};
 use crate::error::{ApiError, ErrorBody};
 use crate::model::chat::ChatMessage;
+use crate::steering::intervention::ConditionReport;
 use crate::steering::spec::{AppliedIntervention, InterventionSpec, SteeringPlan};
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -128,6 +129,9 @@ pub struct Completion {
     /// With `logprobs`: each generated token's log-probability and alternatives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<TokenLogprob>>,
+    /// What each conditional intervention (`when`) did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<ConditionReport>,
 }
 
 /// The result of a generation.
@@ -192,6 +196,9 @@ pub struct StreamDone {
     /// The applied plan (on the steered sequence's event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steering: Option<Vec<AppliedIntervention>>,
+    /// What each conditional intervention (`when`) did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<ConditionReport>,
 }
 
 /// Sampling and length settings shared by every generation endpoint, validated.
@@ -545,6 +552,7 @@ pub async fn collect(
                         completion_tokens: f.completion_tokens,
                     },
                     logprobs: with_logprobs.then_some(logprobs),
+                    conditions: f.conditions,
                 });
             }
             GenerationEvent::Error(e) => return Err(ApiError::internal("generation", e)),
@@ -626,7 +634,8 @@ pub async fn generate(
         }
         None => (collect(steered, with_lp).await?, None),
     };
-    Ok(Json(GenerateResponse {
+    let fired = completion.conditions.clone();
+    let resp = Json(GenerateResponse {
         id,
         model: state.engine.model.id.clone(),
         seed: settings.sampling.seed,
@@ -634,7 +643,8 @@ pub async fn generate(
         steering: applied,
         baseline,
     })
-    .into_response())
+    .into_response();
+    Ok(super::openai::with_fired(resp, &[fired]))
 }
 
 fn sse_events(
@@ -661,6 +671,7 @@ fn sse_events(
                 text: f.tail,
                 sequence: sequence.clone(),
                 steering: applied.clone(),
+                conditions: f.conditions,
             }),
             GenerationEvent::Error(e) => Ok(Event::default()
                 .event("error")

@@ -114,6 +114,8 @@ pub struct Finished {
     pub completion_tokens: usize,
     /// Text released only now (held back while it might have begun a stop sequence).
     pub tail: String,
+    /// Whether each conditional intervention acted.
+    pub conditions: Vec<crate::steering::intervention::ConditionReport>,
 }
 
 /// What [`EngineHandle::run_chunked`] hands back.
@@ -125,6 +127,8 @@ pub struct Chunked<H> {
     pub last_logits: Vec<f32>,
     /// With `score_top`: tokens 1.. of the sequence, each scored after the ones before it.
     pub scored: Vec<ScoredToken>,
+    /// What the plan's conditions read over the pass.
+    pub conditions: crate::steering::intervention::ConditionTrace,
 }
 
 /// A token's log-probability where it stands, and the likeliest tokens there.
@@ -272,6 +276,7 @@ impl EngineHandle {
             cache: self.model.new_cache(),
             last_logits: Vec::new(),
             scored: Vec::new(),
+            conditions: Default::default(),
         };
         let mut start = 0;
         while start < tokens.len() {
@@ -281,11 +286,8 @@ impl EngineHandle {
             let ran = self
                 .run_job(move |m| {
                     let mut steer =
-                        BatchSteering::new(m.dims().n_layers, vec![(plan.as_deref(), prompt_len)]);
-                    let mut chain = ChainHooks {
-                        first: &mut steer,
-                        second: &mut state.hooks,
-                    };
+                        BatchSteering::new(m.dims().n_layers, vec![(plan.as_deref(), prompt_len)])
+                            .with_traces(vec![std::mem::take(&mut state.conditions)]);
                     let logits = match (score_top, end == toks.len()) {
                         (Some(_), _) => Logits::Every,
                         (None, true) => Logits::Last,
@@ -296,7 +298,12 @@ impl EngineHandle {
                         cache: &mut state.cache,
                         logits,
                     }];
+                    let mut chain = ChainHooks {
+                        first: &mut steer,
+                        second: &mut state.hooks,
+                    };
                     let mut rows = m.run(&mut segment, &mut chain)?.into_iter().next();
+                    state.conditions = steer.into_traces().pop().unwrap_or_default();
                     let rows = rows.get_or_insert_with(Vec::new);
                     if let Some(n) = score_top {
                         // Row i predicts the token at start + i + 1.

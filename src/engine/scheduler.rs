@@ -13,7 +13,7 @@ use super::{
 use crate::model::tokenizer::DetokenizeStream;
 use crate::model::Model;
 use crate::model::{KvCache, Logits, Segment};
-use crate::steering::intervention::BatchSteering;
+use crate::steering::intervention::{BatchSteering, ConditionTrace};
 use std::time::Instant;
 
 /// Batch limits.
@@ -41,6 +41,8 @@ struct Sequence {
     admitted: Instant,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
+    /// What the plan's conditions have read so far.
+    conditions: ConditionTrace,
 }
 
 impl Sequence {
@@ -146,6 +148,7 @@ impl Scheduler {
             admitted: Instant::now(),
             first_token: None,
             last_token: None,
+            conditions: ConditionTrace::default(),
             req,
         });
     }
@@ -227,10 +230,15 @@ impl Scheduler {
                 )
             })
             .collect();
+        let traces = members
+            .iter()
+            .map(|&i| std::mem::take(&mut self.active[i].conditions))
+            .collect();
         let mut hooks = BatchSteering::new(
             model.dims().n_layers,
             plans.iter().map(|(p, n)| (p.as_deref(), *n)).collect(),
-        );
+        )
+        .with_traces(traces);
         let logits = {
             let mut segments = Vec::with_capacity(members.len());
             let mut rest: &mut [Sequence] = &mut self.active;
@@ -251,6 +259,9 @@ impl Scheduler {
             model.run(&mut segments, &mut hooks)?
         };
         report.interventions = std::mem::take(&mut hooks.applied);
+        for (&i, trace) in members.iter().zip(hooks.into_traces()) {
+            self.active[i].conditions = trace;
+        }
         let mut done = vec![false; self.active.len()];
         for (&i, rows) in members.iter().zip(&logits) {
             let Some(logits) = rows.first() else { continue };
@@ -344,12 +355,17 @@ fn finish(s: &mut Sequence, reason: FinishReason, report: &mut StepReport) {
     );
     let tail = s.stop.flush();
     s.text.push_str(&tail);
+    let conditions = match &s.req.steering {
+        Some(plan) if plan.has_conditions() => s.conditions.report(plan, s.prompt_len),
+        _ => Vec::new(),
+    };
     let f = Finished {
         reason,
         text: std::mem::take(&mut s.text),
         prompt_tokens: s.prompt_len,
         completion_tokens: s.generated(),
         tail,
+        conditions,
     };
     report.finished.push(f.clone());
     report.done_events.push((s.req.events.clone(), f));

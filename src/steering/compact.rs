@@ -12,7 +12,9 @@
 //! LAYERS  := "*" | SPAN ("+" SPAN)*                           SPAN := LAYER | LAYER "-" LAYER
 //! option  := "site=" SITE | "positions=" ("all" | "prompt" | "generated" | "last:" K)
 //!          | "normalize" | "means=" NAME | "from=" N | "until=" N | "decay=linear"
-//!          | "head=" HEAD
+//!          | "head=" HEAD | "when=" COND | "scope=" ("prompt" | "token")
+//!          | "measure=" ("cosine" | "projection")
+//! COND    := (NAME | SAE "#" INDEX) ":" LAYER (">" | "<") NUMBER   conditional steering
 //! ```
 //!
 //! `*` means the vector's own layers (for `ablate`: every attention and MLP write and the
@@ -25,7 +27,8 @@
 //! header also accepts.
 
 use super::spec::{
-    AppliedIntervention, Decay, FeatureRef, InterventionSpec, NeuronRef, OpName, Positions,
+    AppliedIntervention, ConditionMeasure, ConditionScope, ConditionSpec, Decay, FeatureRef,
+    InterventionSpec, NeuronRef, OpName, Positions,
 };
 use crate::model::hooks::HookSite;
 
@@ -167,6 +170,37 @@ impl Item<'_> {
                     return Err(twice());
                 }
             }
+            ("when", Some(v)) => {
+                let cond = self.condition(v)?;
+                if spec.when.replace(cond).is_some() {
+                    return Err(twice());
+                }
+            }
+            ("scope" | "measure", Some(v)) => {
+                let when = spec.when.get_or_insert_with(Default::default);
+                let ok = if key == "scope" {
+                    let s = match v {
+                        "prompt" => ConditionScope::Prompt,
+                        "token" => ConditionScope::Token,
+                        _ => return Err(self.err(format!("unknown scope `{v}` (prompt, token)"))),
+                    };
+                    when.scope.replace(s).is_none()
+                } else {
+                    let m = match v {
+                        "cosine" => ConditionMeasure::Cosine,
+                        "projection" => ConditionMeasure::Projection,
+                        _ => {
+                            return Err(
+                                self.err(format!("unknown measure `{v}` (cosine, projection)"))
+                            )
+                        }
+                    };
+                    when.measure.replace(m).is_none()
+                };
+                if !ok {
+                    return Err(twice());
+                }
+            }
             ("head", Some(v)) => {
                 let h = self.integer(v, "head")?;
                 if spec.head.replace(h).is_some() {
@@ -181,11 +215,40 @@ impl Item<'_> {
             _ => {
                 return Err(self.err(format!(
                     "unknown option `{option}` (site=SITE, positions=P, normalize, means=NAME, \
-                     from=N, until=N, decay=linear, head=H)"
+                     from=N, until=N, decay=linear, head=H, when=V:L>T, scope=S, measure=M)"
                 )))
             }
         }
         Ok(())
+    }
+
+    /// A `when=` condition: `NAME:LAYER>T`, `NAME:LAYER<T` or `SAE#INDEX:LAYER>T`.
+    fn condition(&self, v: &str) -> Result<ConditionSpec, CompactError> {
+        let (lhs, above, t) = match (v.split_once('>'), v.split_once('<')) {
+            (Some((l, t)), None) => (l, true, t),
+            (None, Some((l, t))) => (l, false, t),
+            _ => return Err(self.err(format!("`{v}` is not a condition (NAME:LAYER>T or <T)"))),
+        };
+        let t = self.number(t, "threshold")?;
+        let (target, layer) = lhs
+            .rsplit_once(':')
+            .ok_or_else(|| self.err(format!("condition `{v}` needs NAME:LAYER")))?;
+        let mut c = ConditionSpec {
+            layer: Some(self.integer(layer, "condition layer")?),
+            above: above.then_some(t),
+            below: (!above).then_some(t),
+            ..Default::default()
+        };
+        match target.split_once('#') {
+            Some((sae, index)) => {
+                c.feature = Some(FeatureRef {
+                    sae: sae.to_string(),
+                    index: self.integer(index, "feature index")?,
+                })
+            }
+            None => c.vector = Some(target.to_string()),
+        }
+        Ok(c)
     }
 
     /// The target part: a neuron, a feature or a stored vector.
@@ -279,7 +342,7 @@ pub fn parse(text: &str) -> Result<Vec<InterventionSpec>, CompactError> {
 }
 
 /// Sorted-run form of layers, in the order given: `[10, 11, 12, 14]` is `10-12+14`.
-fn runs(layers: &[usize]) -> String {
+pub fn runs(layers: &[usize]) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < layers.len() {
@@ -319,6 +382,7 @@ pub fn to_spec(a: &AppliedIntervention) -> InterventionSpec {
         from: a.schedule.map(|s| s.from as u64),
         until: a.schedule.and_then(|s| s.until).map(|u| u as u64),
         decay: a.schedule.and_then(|s| s.decay),
+        when: a.when.clone(),
         ..Default::default()
     };
     if let Some(n) = a.neuron {
@@ -412,6 +476,33 @@ fn format_one(a: &AppliedIntervention) -> String {
         if s.decay == Some(Decay::Linear) {
             out += ";decay=linear";
         }
+    }
+    if let Some(w) = &a.when {
+        out += &format_condition(w);
+    }
+    out
+}
+
+/// `;when=…` and, where not the default, `;scope=token` and `;measure=projection`.
+fn format_condition(w: &ConditionSpec) -> String {
+    let target = match (&w.feature, &w.vector) {
+        (Some(f), _) => format!("{}#{}", f.sae, f.index),
+        (None, v) => v.clone().unwrap_or_default(),
+    };
+    let (cmp, t) = match (w.above, w.below) {
+        (Some(t), _) => ('>', t),
+        (None, t) => ('<', t.unwrap_or(0.0)),
+    };
+    let mut out = format!(
+        ";when={target}:{}{cmp}{}",
+        w.layer.unwrap_or(0),
+        fmt_number(t)
+    );
+    if w.scope == Some(ConditionScope::Token) {
+        out += ";scope=token";
+    }
+    if w.measure == Some(ConditionMeasure::Projection) {
+        out += ";measure=projection";
     }
     out
 }
@@ -723,6 +814,35 @@ mod tests {
                 }
             }
         }
+        if rng.random_bool(0.25) {
+            let t = [0.1, -0.25, 3.0, 0.0][pick(rng, 4)];
+            let above = rng.random_bool(0.5);
+            spec.when = Some(crate::steering::spec::ConditionSpec {
+                vector: Some("v".into()),
+                layer: Some(pick(rng, N_LAYERS) as i64),
+                above: above.then_some(t),
+                below: (!above).then_some(t),
+                scope: [
+                    None,
+                    Some(ConditionScope::Prompt),
+                    Some(ConditionScope::Token),
+                ][pick(rng, 3)],
+                measure: [
+                    None,
+                    Some(ConditionMeasure::Cosine),
+                    Some(ConditionMeasure::Projection),
+                ][pick(rng, 3)],
+                ..Default::default()
+            });
+            if rng.random_bool(0.3) {
+                let w = spec.when.as_mut().expect("just set");
+                (w.vector, w.measure, w.layer) = (None, None, Some(2));
+                w.feature = Some(FeatureRef {
+                    sae: "s".into(),
+                    index: pick(rng, 8) as i64,
+                });
+            }
+        }
         if spec.positions.is_none() && rng.random_bool(0.3) {
             spec.from = rng.random_bool(0.5).then(|| rng.random_range(0..4));
             spec.until = Some(spec.from.unwrap_or(0) + 1 + rng.random_range(0..6));
@@ -748,7 +868,7 @@ mod tests {
         };
         let mut rng = StdRng::seed_from_u64(7);
         let (mut checked, mut compact, mut forms) = (0, 0, std::collections::BTreeSet::new());
-        let mut heads = 0;
+        let (mut heads, mut conditional) = (0, 0);
         for _ in 0..600 {
             let specs: Vec<InterventionSpec> = (0..1 + rng.random_range(0..4))
                 .map(|_| random_spec(&mut rng))
@@ -791,8 +911,13 @@ mod tests {
             }
             checked += 1;
             heads += applied.iter().filter(|a| a.head.is_some()).count();
+            conditional += applied.iter().filter(|a| a.when.is_some()).count();
         }
         assert!(heads > 50, "only {heads} head interventions validated");
+        assert!(
+            conditional > 50,
+            "only {conditional} conditional interventions validated"
+        );
         assert!(
             checked > 300 && compact > 100,
             "{checked} plans, {compact} compact"
@@ -823,6 +948,7 @@ mod tests {
                 all_writes: false,
                 values: None,
                 schedule: None,
+                when: None,
             };
         let mut ablate = applied(OpName::Ablate, (0..30).collect(), None);
         ablate.all_writes = true;

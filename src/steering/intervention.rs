@@ -6,9 +6,11 @@
 //! The arithmetic of each op is in [`apply_op`], kept free of tensors so it can be checked
 //! exactly.
 
-use super::spec::{HeadAction, HookPoint, NeuronAction, Op, SteeringPlan};
+use super::spec::{ConditionScope, HeadAction, HookPoint, NeuronAction, Op, SteeringPlan};
 use crate::model::hooks::{BatchRows, HookSite, Hooks};
 use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// Rewrites one activation row `h` (the point's span of it, for a head) for one intervention
 /// at one hook point; `strength` (1 for full, less where a schedule fades) scales what `add`
@@ -70,13 +72,118 @@ pub fn apply_op(op: &Op, point: &HookPoint, h: &mut [f32], strength: f32) {
     }
 }
 
+/// What the conditions of one sequence's plan have read so far; it travels with the sequence
+/// from pass to pass (`scope: prompt` sums over the prompt's chunks).
+#[derive(Debug, Clone, Default)]
+pub struct ConditionTrace {
+    /// Per intervention of the plan, by index.
+    pub conditions: Vec<ConditionState>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ConditionState {
+    sum: f64,
+    count: usize,
+    /// `scope: prompt`: the decision and the mean it was made on, once the prompt is read.
+    pub decided: Option<(bool, f32)>,
+    /// `scope: token`: the positions at which it held.
+    pub fired_positions: Vec<usize>,
+    /// `scope: token`: the positions read.
+    pub read_positions: usize,
+}
+
+/// Whether and where a conditional intervention acted, for the response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ConditionReport {
+    /// The intervention's index in the request's `steering`.
+    #[schema(example = 0)]
+    pub intervention: usize,
+    /// `prompt` or `token`, as the condition was given.
+    pub scope: ConditionScope,
+    /// `prompt`: whether the condition held; `token`: whether it held on any generated
+    /// token's pass.
+    #[schema(example = true)]
+    pub fired: bool,
+    /// `prompt`: the mean reading it was decided on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 0.21)]
+    pub value: Option<f32>,
+    /// `token`: the generated tokens (0-based) whose passes it held on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = json!([0, 1, 4]))]
+    pub tokens: Option<Vec<usize>>,
+    /// `token`: how many prompt tokens it held on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 3)]
+    pub prompt_tokens: Option<usize>,
+}
+
+impl ConditionTrace {
+    /// One report per conditional intervention of `plan`.
+    pub fn report(&self, plan: &SteeringPlan, prompt_len: usize) -> Vec<ConditionReport> {
+        plan.interventions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, iv)| {
+                let c = iv.when.as_ref()?;
+                let state = self.conditions.get(i).cloned().unwrap_or_default();
+                Some(match c.scope {
+                    ConditionScope::Prompt => ConditionReport {
+                        intervention: i,
+                        scope: c.scope,
+                        fired: state.decided.is_some_and(|(f, _)| f),
+                        value: state.decided.map(|(_, v)| v),
+                        tokens: None,
+                        prompt_tokens: None,
+                    },
+                    ConditionScope::Token => {
+                        let (generated, prompt): (Vec<usize>, Vec<usize>) = state
+                            .fired_positions
+                            .iter()
+                            .partition(|&&p| p + 1 >= prompt_len);
+                        let tokens: Vec<usize> =
+                            generated.iter().map(|p| p + 1 - prompt_len).collect();
+                        ConditionReport {
+                            intervention: i,
+                            scope: c.scope,
+                            fired: !tokens.is_empty(),
+                            value: None,
+                            tokens: Some(tokens),
+                            prompt_tokens: Some(prompt.len()),
+                        }
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+/// The compact form of condition reports, for the `X-Steering-Fired` header: `0:fired`,
+/// `1:not_fired`, `2:tokens=0-3+7` (generated tokens, as layer lists are written).
+pub fn format_fired(reports: &[ConditionReport]) -> String {
+    reports
+        .iter()
+        .map(|r| match &r.tokens {
+            None if r.fired => format!("{}:fired", r.intervention),
+            None => format!("{}:not_fired", r.intervention),
+            Some(t) if t.is_empty() => format!("{}:tokens=none", r.intervention),
+            Some(t) => format!("{}:tokens={}", r.intervention, super::compact::runs(t)),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The plans of one packed batch, as model hooks.
 pub struct BatchSteering<'a> {
     /// For each sequence of the batch: its plan (if steered) and prompt length.
     sequences: Vec<(Option<&'a SteeringPlan>, usize)>,
-    /// `active[site * n_layers + layer]`: whether any plan acts there.
+    /// `active[site * n_layers + layer]`: whether any plan acts or reads a condition there.
     active: Vec<bool>,
     n_layers: usize,
+    /// For each sequence: what its conditions have read (empty when it has none).
+    traces: Vec<ConditionTrace>,
+    /// `scope: token` decisions of this pass: `(sequence, position, intervention)`.
+    token_fired: HashMap<(usize, usize, usize), bool>,
     /// Interventions applied to rows in this batch, by op name (for metrics).
     pub applied: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -93,10 +200,97 @@ impl<'a> BatchSteering<'a> {
             }
         }
         Self {
+            traces: vec![ConditionTrace::default(); sequences.len()],
             sequences,
             active,
             n_layers,
+            token_fired: HashMap::new(),
             applied: Default::default(),
+        }
+    }
+
+    /// Carries on from what earlier passes' conditions read (one trace per sequence).
+    pub fn with_traces(mut self, traces: Vec<ConditionTrace>) -> Self {
+        for (slot, t) in self.traces.iter_mut().zip(traces) {
+            *slot = t;
+        }
+        self
+    }
+
+    /// What the conditions have read, for the next pass (one trace per sequence).
+    pub fn into_traces(self) -> Vec<ConditionTrace> {
+        self.traces
+    }
+
+    /// Reads the conditions at this hook point on the rows (before anything acts there).
+    fn read_conditions(
+        &mut self,
+        site: HookSite,
+        layer: usize,
+        data: &[f32],
+        width: usize,
+        rows: &BatchRows,
+    ) {
+        for (r, h) in data.chunks(width).enumerate() {
+            let seq = rows.sequence[r];
+            let Some(&(Some(plan), prompt_len)) = self.sequences.get(seq) else {
+                continue;
+            };
+            let pos = rows.position[r];
+            for &i in plan.conditions_at(site, layer) {
+                let Some(c) = &plan.interventions[i].when else {
+                    continue;
+                };
+                let trace = &mut self.traces[seq].conditions;
+                if trace.len() < plan.interventions.len() {
+                    trace.resize(plan.interventions.len(), ConditionState::default());
+                }
+                let state = &mut trace[i];
+                let reading = c.read(h);
+                match c.scope {
+                    ConditionScope::Prompt => {
+                        // The first token (an attention sink) is left out unless it is all.
+                        if pos < prompt_len && (pos > 0 || prompt_len == 1) {
+                            state.sum += reading as f64;
+                            state.count += 1;
+                        }
+                        if pos + 1 == prompt_len {
+                            let mean = (state.sum / state.count.max(1) as f64) as f32;
+                            state.decided = Some((c.holds(mean), mean));
+                        }
+                    }
+                    ConditionScope::Token => {
+                        let holds = c.holds(reading);
+                        state.read_positions += 1;
+                        if holds {
+                            state.fired_positions.push(pos);
+                        }
+                        self.token_fired.insert((seq, pos, i), holds);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether intervention `i` of sequence `seq`'s plan may act on the row at `pos`.
+    fn condition_allows(
+        &self,
+        seq: usize,
+        i: usize,
+        pos: usize,
+        prompt_len: usize,
+        scope: ConditionScope,
+    ) -> bool {
+        match scope {
+            ConditionScope::Prompt => {
+                pos + 1 >= prompt_len
+                    && self.traces[seq]
+                        .conditions
+                        .get(i)
+                        .and_then(|s| s.decided)
+                        .is_some_and(|(fired, _)| fired)
+            }
+            ConditionScope::Token => self.token_fired.get(&(seq, pos, i)) == Some(&true),
         }
     }
 
@@ -120,13 +314,20 @@ impl Hooks for BatchSteering<'_> {
     ) -> Result<Option<Tensor>> {
         let (n, width) = x.dims2()?;
         let mut data: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        self.read_conditions(site, layer, &data, width, rows);
         let mut touched = false;
         for (r, h) in data.chunks_mut(width).enumerate().take(n) {
-            let Some(&(Some(plan), prompt_len)) = self.sequences.get(rows.sequence[r]) else {
+            let seq = rows.sequence[r];
+            let Some(&(Some(plan), prompt_len)) = self.sequences.get(seq) else {
                 continue;
             };
-            for (iv, point) in plan.at(site, layer) {
+            for (i, iv, point) in plan.at(site, layer) {
                 let (pos, plen) = (rows.position[r], prompt_len);
+                if let Some(c) = &iv.when {
+                    if !self.condition_allows(seq, i, pos, plen, c.scope) {
+                        continue;
+                    }
+                }
                 let strength = match &iv.schedule {
                     Some(s) => s.factor(pos, plen),
                     None => iv.positions.contains(pos, plen).then_some(1.0),

@@ -161,6 +161,7 @@ pub async fn completions(
         });
     }
     let mut choices = Vec::with_capacity(inputs.len());
+    let mut fired = Vec::with_capacity(inputs.len());
     let mut usage = OpenAiUsage {
         prompt_tokens: 0,
         completion_tokens: 0,
@@ -173,8 +174,9 @@ pub async fn completions(
         };
         let (text, reason, lps, wants_logprobs) = match gen {
             Some((wants, rx)) => {
-                let (text, reason, u, lps) = collect_openai(rx).await?;
+                let (text, reason, u, lps, conditions) = collect_openai(rx).await?;
                 usage.completion_tokens += u.completion_tokens;
+                fired.push(conditions);
                 (text, reason, lps, wants.is_some())
             }
             None => (String::new(), "length", Vec::new(), req.logprobs.is_some()),
@@ -205,7 +207,7 @@ pub async fn completions(
         steering: applied.clone(),
     })
     .into_response();
-    Ok(with_applied(resp, &applied))
+    Ok(with_fired(with_applied(resp, &applied), &fired))
 }
 
 /// Every prompt token's log-probability after the ones before it (steered as generation

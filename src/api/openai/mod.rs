@@ -15,6 +15,7 @@ use crate::engine::{FinishReason, GenerationEvent, TokenLogprob};
 use crate::error::{ApiError, ErrorBody};
 use crate::model::chat::ChatMessage;
 use crate::steering::compact;
+use crate::steering::intervention::{format_fired, ConditionReport};
 use crate::steering::spec::{AppliedIntervention, InterventionSpec, SteeringPlan};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, Request, State};
@@ -34,6 +35,8 @@ mod wire;
 pub use wire::*;
 
 pub const APPLIED_HEADER: &str = "x-steering-applied";
+/// What conditional interventions did (`crate::steering::intervention::format_fired`).
+pub const FIRED_HEADER: &str = "x-steering-fired";
 
 /// An error in OpenAI's terms: every invalid parameter is a 400.
 pub struct OpenAiError(pub ApiError);
@@ -169,6 +172,22 @@ fn with_applied(mut resp: Response, applied: &[AppliedIntervention]) -> Response
     if !applied.is_empty() && echo.len() <= MAX_APPLIED_HEADER {
         if let Ok(v) = HeaderValue::from_str(&echo) {
             resp.headers_mut().insert(APPLIED_HEADER, v);
+        }
+    }
+    resp
+}
+
+/// Adds `X-Steering-Fired`: what each conditional intervention did, per choice (choices
+/// separated by `; `), when the plan has any.
+pub(crate) fn with_fired(mut resp: Response, per_choice: &[Vec<ConditionReport>]) -> Response {
+    if per_choice.iter().all(Vec::is_empty) {
+        return resp;
+    }
+    let text: Vec<String> = per_choice.iter().map(|c| format_fired(c)).collect();
+    let text = text.join("; ");
+    if text.len() <= MAX_APPLIED_HEADER {
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            resp.headers_mut().insert(FIRED_HEADER, v);
         }
     }
     resp
@@ -533,7 +552,7 @@ pub async fn chat_completions(
             Launched::Streamed(resp) => return Ok(resp),
             Launched::Collect(c) => c,
         };
-    let (text, reason, usage, lps) = collect_openai(rx).await?;
+    let (text, reason, usage, lps, fired) = collect_openai(rx).await?;
     let resp = Json(ChatCompletion {
         id,
         object: "chat.completion".into(),
@@ -555,12 +574,22 @@ pub async fn chat_completions(
         steering: p.applied.clone(),
     })
     .into_response();
-    Ok(with_applied(resp, &p.applied))
+    Ok(with_fired(with_applied(resp, &p.applied), &[fired]))
 }
+
+/// A finished OpenAI generation: text, finish reason, usage, log-probabilities and what its
+/// conditions did.
+pub(super) type Collected5 = (
+    String,
+    &'static str,
+    OpenAiUsage,
+    Vec<TokenLogprob>,
+    Vec<ConditionReport>,
+);
 
 async fn collect_openai(
     mut rx: mpsc::UnboundedReceiver<GenerationEvent>,
-) -> Result<(String, &'static str, OpenAiUsage, Vec<TokenLogprob>), ApiError> {
+) -> Result<Collected5, ApiError> {
     let mut lps = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
@@ -571,7 +600,7 @@ async fn collect_openai(
                     completion_tokens: f.completion_tokens,
                     total_tokens: f.prompt_tokens + f.completion_tokens,
                 };
-                return Ok((f.text, finish_reason(f.reason), usage, lps));
+                return Ok((f.text, finish_reason(f.reason), usage, lps, f.conditions));
             }
             GenerationEvent::Error(e) => return Err(ApiError::internal("generation", e)),
         }

@@ -16,8 +16,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+mod condition;
 mod validate;
+pub use condition::{Condition, ConditionMeasure, ConditionScope, ConditionSpec, Probe};
 pub use validate::validate;
+use validate::Validator;
 
 /// The neuron means the `mean` op uses when a request names none.
 pub const DEFAULT_NEURON_MEANS: &str = "neuron_means_default";
@@ -102,6 +105,9 @@ pub struct InterventionSpec {
     /// `linear`: an `add` fades from full strength at `from` to zero at `until`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decay: Option<Decay>,
+    /// Act only where a condition direction is present (or absent): conditional steering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<ConditionSpec>,
 }
 
 /// How a scheduled `add` changes strength over its steps.
@@ -487,6 +493,8 @@ pub struct Intervention {
     pub positions: Positions,
     /// When set, it decides which rows are touched (and how strongly) instead of `positions`.
     pub schedule: Option<Schedule>,
+    /// When set, it acts only where the condition holds.
+    pub when: Option<Condition>,
     pub points: Vec<HookPoint>,
     /// The normalized form, echoed to the client.
     pub applied: AppliedIntervention,
@@ -545,6 +553,9 @@ pub struct AppliedIntervention {
     /// When it acts during generation, if scheduled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// The condition it acts under, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<ConditionSpec>,
 }
 
 /// A request's validated interventions, indexed by hook point.
@@ -553,42 +564,61 @@ pub struct SteeringPlan {
     pub interventions: Vec<Intervention>,
     /// `(site, layer)` -> `(intervention, point)` pairs, in request order.
     index: HashMap<(HookSite, usize), Vec<(usize, usize)>>,
+    /// `(site, layer)` -> the interventions whose condition is read there.
+    conditions: HashMap<(HookSite, usize), Vec<usize>>,
 }
 
 impl SteeringPlan {
     pub fn new(interventions: Vec<Intervention>) -> Self {
         let mut index: HashMap<(HookSite, usize), Vec<(usize, usize)>> = HashMap::new();
+        let mut conditions: HashMap<(HookSite, usize), Vec<usize>> = HashMap::new();
         for (i, iv) in interventions.iter().enumerate() {
             for (p, pt) in iv.points.iter().enumerate() {
                 index.entry((pt.site, pt.layer)).or_default().push((i, p));
+            }
+            if let Some(c) = &iv.when {
+                conditions.entry((c.site, c.layer)).or_default().push(i);
             }
         }
         Self {
             interventions,
             index,
+            conditions,
         }
+    }
+
+    /// The interventions (by index) whose condition is read at one hook point.
+    pub fn conditions_at(&self, site: HookSite, layer: usize) -> &[usize] {
+        self.conditions
+            .get(&(site, layer))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether any intervention is conditional.
+    pub fn has_conditions(&self) -> bool {
+        !self.conditions.is_empty()
     }
 
     pub fn is_empty(&self) -> bool {
         self.interventions.is_empty()
     }
 
-    /// The interventions acting at one hook point, in request order.
+    /// The interventions acting at one hook point, in request order, with their indices.
     pub fn at(
         &self,
         site: HookSite,
         layer: usize,
-    ) -> impl Iterator<Item = (&Intervention, &HookPoint)> {
+    ) -> impl Iterator<Item = (usize, &Intervention, &HookPoint)> {
         self.index
             .get(&(site, layer))
             .into_iter()
             .flatten()
-            .map(|&(i, p)| (&self.interventions[i], &self.interventions[i].points[p]))
+            .map(|&(i, p)| (i, &self.interventions[i], &self.interventions[i].points[p]))
     }
 
-    /// Every `(site, layer)` the plan touches.
+    /// Every `(site, layer)` the plan touches or reads a condition at.
     pub fn hook_points(&self) -> impl Iterator<Item = (HookSite, usize)> + '_ {
-        self.index.keys().copied()
+        self.index.keys().chain(self.conditions.keys()).copied()
     }
 
     pub fn applied(&self) -> Vec<AppliedIntervention> {

@@ -51,9 +51,9 @@ const FEATURE_OPS: [OpName; 2] = [OpName::Add, OpName::Clamp];
 const NEURON_OPS: [OpName; 4] = [OpName::Zero, OpName::Mean, OpName::Scale, OpName::Set];
 const HEAD_OPS: [OpName; 3] = [OpName::Zero, OpName::Mean, OpName::Scale];
 
-struct Validator<'a> {
-    ctx: &'a ModelLimits<'a>,
-    base: String,
+pub(super) struct Validator<'a> {
+    pub(super) ctx: &'a ModelLimits<'a>,
+    pub(super) base: String,
 }
 
 /// A direction source after lookup.
@@ -65,7 +65,12 @@ struct Direction {
 }
 
 impl Validator<'_> {
-    fn err(&self, field: &str, code: &'static str, message: impl Into<String>) -> SpecError {
+    pub(super) fn err(
+        &self,
+        field: &str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> SpecError {
         SpecError {
             field: if field.is_empty() {
                 self.base.clone()
@@ -141,6 +146,11 @@ impl Validator<'_> {
         }
         iv.schedule = schedule;
         iv.applied.schedule = schedule;
+        if let Some(w) = &s.when {
+            let c = self.condition(w, &iv.points, iv.applied.all_writes)?;
+            iv.applied.when = Some(c.applied.clone());
+            iv.when = Some(c);
+        }
         Ok(iv)
     }
 
@@ -266,6 +276,7 @@ impl Validator<'_> {
             op: Op::Head(action),
             positions,
             schedule: None,
+            when: None,
             points,
             applied: AppliedIntervention {
                 op,
@@ -283,11 +294,12 @@ impl Validator<'_> {
                 all_writes: false,
                 values: None,
                 schedule: None,
+                when: None,
             },
         })
     }
 
-    fn layer(&self, field: &str, l: i64) -> Result<usize, SpecError> {
+    pub(super) fn layer(&self, field: &str, l: i64) -> Result<usize, SpecError> {
         let n = self.ctx.n_layers;
         if l < 0 || l as usize >= n {
             return Err(self.err(
@@ -396,6 +408,7 @@ impl Validator<'_> {
             op: Op::Neuron { index, action },
             positions,
             schedule: None,
+            when: None,
             points: vec![HookPoint::whole(HookSite::MlpAct, layer, None)],
             applied: AppliedIntervention {
                 op,
@@ -413,6 +426,7 @@ impl Validator<'_> {
                 all_writes: false,
                 values: None,
                 schedule: None,
+                when: None,
             },
         })
     }
@@ -527,6 +541,7 @@ impl Validator<'_> {
             op,
             positions,
             schedule: None,
+            when: None,
             points: vec![HookPoint::whole(sae.site, sae.layer, vector)],
             applied: AppliedIntervention {
                 op: op_name,
@@ -544,6 +559,7 @@ impl Validator<'_> {
                 all_writes: false,
                 values: None,
                 schedule: None,
+                when: None,
             },
         })
     }
@@ -891,6 +907,7 @@ impl Validator<'_> {
             op,
             positions,
             schedule: None,
+            when: None,
             applied: AppliedIntervention {
                 op: op_name,
                 values: dir.inline.clone(),
@@ -907,6 +924,7 @@ impl Validator<'_> {
                 vector_norm: norm,
                 all_writes,
                 schedule: None,
+                when: None,
             },
             points,
         })
