@@ -16,6 +16,8 @@ fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         ("TILLER_LIMITS_DEFAULT_MAX_TOKENS", "4"),
         ("TILLER_LIMITS_MAX_PROMPT_TOKENS", "64"),
         ("TILLER_VECTORS_MAX_EXTRACT_EXAMPLES", "8"),
+        ("TILLER_LIMITS_MAX_PATCH_CELLS", "64"),
+        ("TILLER_LIMITS_MAX_PATCH_PROMPT_TOKENS", "16"),
     ]);
     let out = std::process::Command::new(&cli)
         .args(["run", "openapi/openapi.json", "--url"])

@@ -49,7 +49,7 @@ fn run_playground(server: &common::Server, out: &Path, weights: &str) {
         "playground checks failed on {}:\n{stdout}\n{stderr}",
         out.display()
     );
-    for view in ["compare", "sweep", "heatmap", "vectors"] {
+    for view in ["compare", "sweep", "heatmap", "patch", "lens", "vectors"] {
         assert!(
             out.join(format!("{view}.png")).exists(),
             "no screenshot of {view} in {}",

@@ -548,21 +548,20 @@ fn conditions_decide_inside_the_pass() {
             spec["when"] = when;
             plan(&m, &store, serde_json::json!([spec]))
         };
-        let mut last = add.clone();
-        last["positions"] = serde_json::json!({"last": 1});
-        let on_last = run(
-            &m,
-            Some(&plan(&m, &store, serde_json::json!([last]))),
-            vec![],
-            PROMPT.len(),
-        )
-        .0;
+        // Decided at layer 0, in the pass that reads the whole prompt: block 1 is steered on
+        // every row, as without a condition.
+        let unconditioned = plan(&m, &store, serde_json::json!([add]));
+        let on_last = run(&m, Some(&unconditioned), vec![], PROMPT.len()).0;
         let always = with_when(serde_json::json!({"vector": "dir", "layer": 0, "above": -2.0}));
-        assert_eq!(
-            run(&m, Some(&always), vec![], PROMPT.len()).0,
-            on_last,
-            "{name}"
-        );
+        let got = run(&m, Some(&always), vec![], PROMPT.len()).0;
+        assert_eq!(got, on_last, "{name}");
+        // Decided only at block 1's output: block 0 has run by then, so this pass is unsteered
+        // (generated tokens would be steered).
+        let mut early = serde_json::json!({"vector": "dir", "layer": 0, "coefficient": 3.0});
+        early["when"] = serde_json::json!({"vector": "dir", "layer": 1, "above": -2.0});
+        let p = plan(&m, &store, serde_json::json!([early]));
+        let got = run(&m, Some(&p), vec![], PROMPT.len()).0;
+        assert_eq!(got, plain_logits(&m), "{name}");
         let never = with_when(serde_json::json!({"vector": "dir", "layer": 0, "above": 2.0}));
         assert_eq!(
             run(&m, Some(&never), vec![], PROMPT.len()).0,

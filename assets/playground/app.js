@@ -676,6 +676,8 @@ async function start() {
   setupCompare();
   setupSweep();
   setupHeatmap();
+  setupPatch();
+  setupLens();
   setupWorkshop();
   fillVectorSelects();
   status("Ready.");

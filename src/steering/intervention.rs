@@ -184,6 +184,9 @@ pub struct BatchSteering<'a> {
     traces: Vec<ConditionTrace>,
     /// `scope: token` decisions of this pass: `(sequence, position, intervention)`.
     token_fired: HashMap<(usize, usize, usize), bool>,
+    /// `scope: prompt` conditions decided during this pass: `(sequence, intervention)`; the
+    /// rest of the pass (every row, at the later hook points) may act.
+    decided_now: std::collections::HashSet<(usize, usize)>,
     /// Interventions applied to rows in this batch, by op name (for metrics).
     pub applied: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -205,6 +208,7 @@ impl<'a> BatchSteering<'a> {
             active,
             n_layers,
             token_fired: HashMap::new(),
+            decided_now: Default::default(),
             applied: Default::default(),
         }
     }
@@ -257,6 +261,7 @@ impl<'a> BatchSteering<'a> {
                         if pos + 1 == prompt_len {
                             let mean = (state.sum / state.count.max(1) as f64) as f32;
                             state.decided = Some((c.holds(mean), mean));
+                            self.decided_now.insert((seq, i));
                         }
                     }
                     ConditionScope::Token => {
@@ -283,7 +288,7 @@ impl<'a> BatchSteering<'a> {
     ) -> bool {
         match scope {
             ConditionScope::Prompt => {
-                pos + 1 >= prompt_len
+                (pos + 1 >= prompt_len || self.decided_now.contains(&(seq, i)))
                     && self.traces[seq]
                         .conditions
                         .get(i)

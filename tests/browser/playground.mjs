@@ -146,6 +146,59 @@ await check("the heatmap colours tokens by projection", async () => {
   await shot("heatmap");
 });
 
+/// Two prompts of equal token length and two single tokens of this model's vocabulary.
+async function patchInputs() {
+  const count = (prompt, special) => page.evaluate(([p, sp]) => fetch("/tokenize", {
+    method: "POST", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ prompt: p, add_special_tokens: sp }),
+  }).then((r) => r.json()).then((j) => j.count), [prompt, special]);
+  const pairs = [["The Eiffel Tower is in the city of", "The Colosseum is in the city of"],
+    ["The capital of France is", "The capital of Italy is"], ["in a tin", "in the tin"],
+    ["a cat sat on the mat", "a dog sat on the mat"]];
+  let pair;
+  for (const [c, x] of pairs) {
+    if (await count(c, true) === await count(x, true)) { pair = [c, x]; break; }
+  }
+  const singles = [];
+  for (const t of [" Paris", " Rome", " the", "a", "e", "n", "t"]) {
+    if (singles.length < 2 && await count(t, false) === 1) singles.push(t);
+  }
+  assert(pair && singles.length === 2, `no inputs: ${pair} ${singles}`);
+  return { clean: pair[0], corrupted: pair[1], a: singles[0], b: singles[1], n: await count(pair[0], true) };
+}
+
+await check("patching draws a layers x positions heatmap with values on hover", async () => {
+  await page.click("#tab-patch");
+  const inp = await patchInputs();
+  await page.fill("#patch-clean", inp.clean);
+  await page.fill("#patch-corrupted", inp.corrupted);
+  await page.fill("#patch-target", inp.a);
+  await page.fill("#patch-versus", inp.b);
+  await page.click("#patch-run");
+  await page.waitForFunction(() => /Patching done/.test(document.querySelector("#status").textContent), null, { timeout: 240000 });
+  const info = await page.evaluate(() => fetch("/info").then((r) => r.json()));
+  const cells = await page.$$eval("#patch-chart rect.cell", (cs) => cs.map((c) => ({ fill: c.getAttribute("fill"), title: c.textContent, layer: Number(c.dataset.layer) })));
+  assert(cells.length === info.n_layers * inp.n, `${cells.length} cells for ${info.n_layers} layers x ${inp.n} tokens`);
+  assert(new Set(cells.map((c) => c.fill)).size >= 3, "the heatmap is one colour");
+  assert(cells.every((c) => /recovery/.test(c.title)), "no value on hover");
+  assert(cells[0].layer === 0 && cells[cells.length - 1].layer === info.n_layers - 1, "rows are not the layers in order");
+  await page.focus("#patch-chart rect.cell:nth-of-type(3)");
+  const detail = await page.textContent("#patch-detail");
+  assert(/^layer \d+, position \d+ ".*": recovery /.test(detail), `detail: ${detail}`);
+  assert(await page.getAttribute("#patch-progress", "value") === "1", "progress not full");
+  await shot("patch");
+  await page.click("#tab-lens");
+  await page.fill("#lens-prompt", inp.clean);
+  await page.fill("#lens-target", inp.a);
+  await page.fill("#lens-positions", "3");
+  await page.click("#lens-run");
+  await page.waitForFunction(() => /Logit lens done/.test(document.querySelector("#status").textContent), null, { timeout: 120000 });
+  const rows = await page.$$eval("#lens-table tbody tr", (rs) => rs.map((r) => [...r.querySelectorAll("td")].map((d) => d.title)));
+  assert(rows.length === info.n_layers, `${rows.length} lens rows`);
+  assert(rows.every((r) => r.length === 3 && r.every((t) => /rank \d+/.test(t))), "a lens cell lacks the target's rank");
+  await shot("lens");
+});
+
 await check("the workshop extracts, charts and offers a vector", async () => {
   await page.click("#tab-vectors");
   await page.waitForSelector("#vector-table tbody tr");

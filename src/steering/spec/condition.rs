@@ -30,8 +30,10 @@ pub struct ConditionSpec {
     #[schema(example = -0.2)]
     pub below: Option<f64>,
     /// `prompt` (default): decided once on the mean over the prompt's tokens (all but the
-    /// first), acting from the prompt's last token on; `token`: decided for each token, acting
-    /// on that token at the intervention's later layers.
+    /// first) when the last one is read, acting from then on: at the later layers of that
+    /// pass (on the whole prompt when it fits one prefill chunk) and on every generated token;
+    /// `token`: decided for each token, acting on that token at the intervention's later
+    /// layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<ConditionScope>,
     /// For a vector: `cosine` (default) or `projection` (`h · v/|v|`).

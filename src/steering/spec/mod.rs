@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 mod condition;
+mod head;
 mod validate;
 pub use condition::{Condition, ConditionMeasure, ConditionScope, ConditionSpec, Probe};
 pub use validate::validate;
