@@ -98,7 +98,10 @@ async fn a_client_that_disconnects_stops_its_generation() {
 
 #[test]
 fn demo_vectors_rebuild_from_their_data_files() {
-    rebuild_demo_vectors(state(), &["golden_gate", "refusal", "sycophancy"]);
+    rebuild_demo_vectors(
+        state(),
+        &["golden_gate", "refusal", "sycophancy", "head_means_default"],
+    );
 }
 
 #[tokio::test]
@@ -182,6 +185,45 @@ async fn the_default_neuron_means_serve_the_mean_op() {
     assert_eq!(r.json()["steering"][0]["vector"], "neuron_means_default");
     let z = post_json(s, "/inspect/logprobs", ask("zero")).await;
     assert_eq!(z.status, StatusCode::OK);
+}
+
+/// On the default model: the shipped head means serve the head `mean` op, and patching the
+/// last block's output at the last position restores the clean metric exactly.
+#[tokio::test]
+async fn head_means_and_exact_patching_on_the_default_model() {
+    let s = state();
+    let means = s.store.get("head_means_default").unwrap().vector;
+    assert_eq!(means.layers.len(), 30);
+    assert_eq!(means.meta.d_model, 9 * 64);
+    let r = post_json(
+        s,
+        "/inspect/logprobs",
+        json!({"prompt": "The capital of France is", "targets": [" Paris"],
+               "steering": [{"layer": 20, "head": 3, "op": "mean"}]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["steering"][0]["vector"], "head_means_default");
+    let r = post_json(
+        s,
+        "/inspect/patch",
+        json!({"clean": "The Eiffel Tower is in the city of", "corrupted": "The Colosseum is in the city of",
+               "metric": {"logit_diff": [" Paris", " Rome"]}, "site": "resid_post",
+               "layers": [29, 0], "positions": [-1]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let b = r.json();
+    let (clean, corrupted) = (
+        b["clean"].as_f64().unwrap(),
+        b["corrupted"].as_f64().unwrap(),
+    );
+    assert!(
+        clean > 0.0 && corrupted < -5.0,
+        "Paris against Rome: {clean} / {corrupted}"
+    );
+    assert_eq!(b["values"][1][0], b["clean"], "{b}");
+    assert_eq!(b["recovery"][1][0].as_f64(), Some(1.0));
 }
 
 /// Inspection runs through the engine in prefill-sized chunks: a short generation sent while

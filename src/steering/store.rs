@@ -162,10 +162,14 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// `config/vectors` compiled in (path below it, bytes): the built-ins of a server started from
 /// another folder. The folder stays the source they are built from; a test checks the two
 /// list the same files.
-const EMBEDDED_BUILTINS: [(&str, &[u8]); 5] = [
+const EMBEDDED_BUILTINS: [(&str, &[u8]); 6] = [
     (
         "golden_gate.safetensors",
         include_bytes!("../../config/vectors/golden_gate.safetensors"),
+    ),
+    (
+        "head_means_default.safetensors",
+        include_bytes!("../../config/vectors/head_means_default.safetensors"),
     ),
     (
         "neuron_means_default.safetensors",
@@ -499,6 +503,7 @@ mod tests {
         let smollm = names("SmolLM2-135M-Instruct.Q4_1", 576, 1536);
         for v in [
             "golden_gate",
+            "head_means_default",
             "neuron_means_default",
             "refusal",
             "sycophancy",
