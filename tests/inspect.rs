@@ -592,6 +592,16 @@ async fn patching_errors_name_the_field() {
             "heads[0]",
         ),
         (
+            json!({"clean": "in a tin", "corrupted": "in the tin", "metric": {}}),
+            "invalid_metric",
+            "metric",
+        ),
+        (
+            json!({"clean": "in a tin", "corrupted": "in the tin", "metric": {"logprob": "a", "logit_diff": ["a", "n"]}}),
+            "invalid_metric",
+            "metric",
+        ),
+        (
             json!({"clean": "in a tin", "corrupted": "in the tin", "metric": {"logit_diff": ["the"]}}),
             "invalid_metric",
             "metric.logit_diff",

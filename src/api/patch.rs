@@ -46,16 +46,18 @@ pub struct ChatPrompt {
     pub messages: Vec<ChatMessage>,
 }
 
-/// What is measured on the next-token logits.
+/// What is measured on the next-token logits: give one of the two.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum MetricSpec {
+#[serde(deny_unknown_fields)]
+pub struct MetricSpec {
     /// `logit[a] - logit[b]`: two single tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = json!([" Paris", " Rome"]))]
-    LogitDiff(Vec<String>),
+    pub logit_diff: Option<Vec<String>>,
     /// The log-probability of one token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = " Paris")]
-    Logprob(String),
+    pub logprob: Option<String>,
 }
 
 /// Which run receives the other's activations.
@@ -219,8 +221,8 @@ impl PatchPlan {
             ));
         }
         let model = &state.engine.model;
-        let metric = match &req.metric {
-            MetricSpec::LogitDiff(ts) => {
+        let metric = match (&req.metric.logit_diff, &req.metric.logprob) {
+            (Some(ts), None) => {
                 let [a, b] = ts.as_slice() else {
                     return Err(ApiError::invalid(
                         "metric.logit_diff",
@@ -233,9 +235,16 @@ impl PatchPlan {
                     b: single_token(model, "metric.logit_diff[1]", b)?,
                 }
             }
-            MetricSpec::Logprob(t) => Metric::Logprob {
+            (None, Some(t)) => Metric::Logprob {
                 target: single_token(model, "metric.logprob", t)?,
             },
+            _ => {
+                return Err(ApiError::invalid(
+                    "metric",
+                    "invalid_metric",
+                    "give one of `logit_diff: [a, b]` or `logprob: token`",
+                ))
+            }
         };
         let site = req.site.unwrap_or(HookSite::ResidPre);
         let mut layers = layer_list(state, "layers", req.layers.as_deref())?;
