@@ -77,6 +77,8 @@ pub struct Limits {
     pub max_patch_cells: usize,
     /// Tokens of each prompt of an `/inspect/patch` request.
     pub max_patch_prompt_tokens: usize,
+    /// `/inspect/patch` sweeps running at once (more get a 429).
+    pub max_concurrent_patches: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

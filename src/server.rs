@@ -156,13 +156,7 @@ pub fn build_state(cfg: Config, model: Model) -> Result<AppState> {
     let saes = Arc::new(SaeStore::default());
     let c = engine.model.dims().clone();
     let width_of = |site: crate::model::hooks::HookSite, layer: usize| {
-        (layer < c.n_layers).then(|| {
-            if site.is_residual_width() {
-                c.d_model
-            } else {
-                c.intermediate_size
-            }
-        })
+        (layer < c.n_layers).then(|| c.site_width(site))
     };
     saes.load_builtins(width_of);
     for skipped in saes.load_dir(&cfg.saes.dir, width_of) {

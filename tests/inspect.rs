@@ -643,6 +643,18 @@ async fn patching_errors_name_the_field() {
     .await;
     assert_eq!(r.error_code(), "too_many_cells", "{}", r.text());
     let mut cfg = test_config(None);
+    cfg.limits.max_concurrent_patches = 0;
+    let none = tiny_state(cfg);
+    let r = post_json(
+        &none,
+        "/inspect/patch",
+        json!({"clean": "in a tin", "corrupted": "in the tin", "metric": m}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    assert_eq!(r.error_code(), "too_many_patches");
+    assert!(r.headers.contains_key("retry-after"));
+    let mut cfg = test_config(None);
     cfg.limits.max_patch_prompt_tokens = 3;
     let small = tiny_state(cfg);
     let r = post_json(

@@ -470,7 +470,7 @@ fn full_patched_metric(
 /// patched run from the cached prefix equals the full patched pass, at every site.
 #[test]
 fn patching_is_exact() {
-    use tiller::steering::patch::{patched_metrics, Metric, PatchPoint, SourceRecorder};
+    use tiller::steering::patch::{patched_metrics, BaseRun, Metric, PatchPoint, SourceRecorder};
     let clean: &[u32] = PROMPT;
     let corrupted: Vec<u32> = PROMPT
         .iter()
@@ -513,8 +513,29 @@ fn patching_is_exact() {
             if site == HookSite::ResidPre {
                 patches.push((0..n).map(|p| at(1, p)).collect());
             }
-            let got = patched_metrics(&m, &corrupted, &base_cache, site, &source, &patches, metric)
-                .unwrap();
+            let mut base_rec = SourceRecorder::new(HookSite::ResidPre, layers.clone(), n);
+            let mut cache = m.new_cache();
+            let mut b = PackedBatch::default();
+            b.push(&corrupted, 0, true);
+            m.forward(&b, &mut [&mut cache], &mut base_rec).unwrap();
+            let resid_pre = base_rec.finish();
+            let base = BaseRun {
+                tokens: &corrupted,
+                cache: &base_cache,
+                resid_pre: &resid_pre,
+            };
+            let got = patched_metrics(&m, &base, site, &source, &patches, metric).unwrap();
+            // Runs batched by block start at that block: the same numbers.
+            let mut by_block = vec![got[0]];
+            for l in 0..d.n_layers {
+                let block: Vec<Vec<PatchPoint>> = (0..n).map(|p| vec![at(l, p)]).collect();
+                by_block.extend(patched_metrics(&m, &base, site, &source, &block, metric).unwrap());
+            }
+            assert_eq!(
+                by_block[..],
+                got[..by_block.len()],
+                "{name} {site}: started at the block"
+            );
             assert_eq!(got[0], corrupted_metric, "{name} {site}: patching nothing");
             for (k, ps) in patches.iter().enumerate().skip(1) {
                 let want = full_patched_metric(&m, &corrupted, site, &source, ps, metric);
@@ -580,7 +601,7 @@ fn conditions_decide_inside_the_pass() {
                 with_when(serde_json::json!({"vector": "dir", "layer": 0, "above": mean + delta}));
             let (logits, rec) = run(&m, Some(&p), vec![], PROMPT.len());
             let trace = rec.inner.into_traces().pop().unwrap();
-            let report = trace.report(&p, PROMPT.len());
+            let report = trace.report(&p, PROMPT.len(), 0);
             assert_eq!(report[0].fired, fires, "{name}");
             assert!(
                 (report[0].value.unwrap() as f64 - mean).abs() < 1e-5,

@@ -42,7 +42,9 @@ async function runPatch() {
 function showPatch(r) {
   const chart = $("patch-chart");
   chart.replaceChildren();
-  const layers = r.layers, positions = r.positions, toks = r.corrupted_tokens;
+  // The patched run's tokens label the columns.
+  const layers = r.layers, positions = r.positions;
+  const toks = r.direction === "noising" ? r.clean_tokens : r.corrupted_tokens;
   const left = 40, top = 8, bottom = 70;
   const cw = Math.max(8, Math.min(40, 580 / positions.length));
   const ch = Math.max(6, Math.min(16, 240 / layers.length));
@@ -80,7 +82,9 @@ function showPatch(r) {
   });
   $("patch-summary").textContent = `Clean metric ${fmtNum(r.clean)}, corrupted ${fmtNum(r.corrupted)}; ` +
     `${r.cells} patched runs in ${fmtNum(r.seconds)} s. Rows: layers (top: ${layers[0]}); columns: positions; ` +
-    "blue: the patch restores the clean prediction.";
+    (r.direction === "noising"
+      ? "blue: the clean prediction survives the corrupted activation there (recovery 1), white: it is lost."
+      : "blue: the clean activation there restores the clean prediction.");
   status("Patching done.");
 }
 

@@ -59,6 +59,9 @@ pub struct ModelInfo {
     /// Attention query heads.
     #[schema(example = 9)]
     pub n_heads: usize,
+    /// Values per attention head (the width of one head at `attn_head`).
+    #[schema(example = 64)]
+    pub head_dim: usize,
     /// Attention key/value heads.
     #[schema(example = 3)]
     pub n_kv_heads: usize,
@@ -151,6 +154,7 @@ pub async fn info(State(state): State<AppState>) -> Json<ModelInfo> {
         d_model: c.d_model,
         n_neurons: c.intermediate_size,
         n_heads: c.n_heads,
+        head_dim: c.head_dim,
         n_kv_heads: c.n_kv_heads,
         vocab_size: c.vocab_size,
         context_length: c.context_length,

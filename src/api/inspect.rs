@@ -515,7 +515,8 @@ async fn score(
             .engine
             .run_job(move |m| {
                 let (cache, last) = (&done.cache, &done.last_logits);
-                inspect::score_continuations(m, cache, last, &target, plan.as_deref(), k)
+                let steering = (plan.as_deref(), &done.conditions);
+                inspect::score_continuations(m, cache, last, &target, steering, k)
             })
             .await?
             .map_err(|e| ApiError::internal("scoring", format!("{e:#}")))?;

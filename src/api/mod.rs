@@ -43,6 +43,8 @@ pub struct AppInner {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub started: Instant,
+    /// Places for `/inspect/patch` sweeps running at once (`limits.max_concurrent_patches`).
+    pub patch_sweeps: Arc<tokio::sync::Semaphore>,
     ready: AtomicBool,
 }
 
@@ -61,10 +63,14 @@ impl AppState {
         config: Config,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let patch_sweeps = Arc::new(tokio::sync::Semaphore::new(
+            config.limits.max_concurrent_patches,
+        ));
         Self(Arc::new(AppInner {
             engine,
             store,
             saes,
+            patch_sweeps,
             config,
             metrics,
             started: Instant::now(),

@@ -13,9 +13,9 @@ use super::progress::{self, Progress};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::model::chat::ChatMessage;
-use crate::model::hooks::{HookSite, NoHooks};
+use crate::model::hooks::HookSite;
 use crate::steering::patch::{
-    patched_metrics, recovery, Metric, PatchPoint, SourceActs, SourceRecorder,
+    patched_metrics, recovery, BaseRun, Metric, PatchPoint, SourceActs, SourceRecorder,
 };
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -27,8 +27,8 @@ use utoipa::ToSchema;
 
 /// Most patched runs in one engine job.
 const ROWS_PER_JOB: usize = 256;
-/// Most cached prefix tokens copied for one engine job (bounds its memory).
-const PREFIX_TOKENS_PER_JOB: usize = 16_384;
+/// Most bytes of cached prefix copied for one engine job (bounds its memory).
+const PREFIX_BYTES_PER_JOB: usize = 256 << 20;
 
 /// A prompt: raw text, or a conversation rendered with the chat template.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -345,15 +345,24 @@ impl PatchPlan {
     }
 }
 
-/// Consecutive cells grouped into engine jobs: at most [`ROWS_PER_JOB`] runs, about `budget`
-/// new tokens and [`PREFIX_TOKENS_PER_JOB`] copied cache tokens each.
-fn jobs(cells: &[PatchPoint], n_tokens: usize, budget: usize) -> Vec<std::ops::Range<usize>> {
+/// Consecutive cells grouped into engine jobs of one block each (a job's runs start at its
+/// block): at most [`ROWS_PER_JOB`] runs, about `budget` new tokens and
+/// [`PREFIX_BYTES_PER_JOB`] of copied cache (`token_bytes` a token) each.
+fn jobs(
+    cells: &[PatchPoint],
+    n_tokens: usize,
+    budget: usize,
+    token_bytes: usize,
+) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut new, mut copied) = (0, 0, 0);
     for (i, c) in cells.iter().enumerate() {
-        let (n, p) = (n_tokens - c.position, c.position);
+        let (n, p) = (n_tokens - c.position, c.position * token_bytes);
         if i > start
-            && (i - start >= ROWS_PER_JOB || new + n > budget || copied + p > PREFIX_TOKENS_PER_JOB)
+            && (i - start >= ROWS_PER_JOB
+                || new + n > budget
+                || copied + p > PREFIX_BYTES_PER_JOB
+                || cells[i - 1].layer != c.layer)
         {
             out.push(start..i);
             (start, new, copied) = (i, 0, 0);
@@ -378,13 +387,18 @@ async fn run_patch(
         PatchDirection::Denoising => (&plan.clean, &plan.corrupted),
         PatchDirection::Noising => (&plan.corrupted, &plan.clean),
     };
-    let recorder = SourceRecorder::new(plan.site, plan.layers.clone(), source.len());
+    let first = plan.positions.first().copied().unwrap_or(0);
+    let recorder = SourceRecorder::new(plan.site, plan.layers.clone(), source.len())
+        .keeping(plan.positions.clone());
     let src = run_chunked(state, source, None, recorder, "patching").await?;
     let source_metric = plan.metric.of(&src.last_logits);
     let acts: Arc<SourceActs> = Arc::new(src.hooks.finish());
     progress::gone(&progress)?;
-    let base_run = run_chunked(state, base, None, NoHooks, "patching").await?;
+    let recorder = SourceRecorder::new(HookSite::ResidPre, plan.layers.clone(), base.len())
+        .keeping((first..base.len()).collect());
+    let base_run = run_chunked(state, base, None, recorder, "patching").await?;
     let base_metric = plan.metric.of(&base_run.last_logits);
+    let base_resid: Arc<SourceActs> = Arc::new(base_run.hooks.finish());
     let (clean, corrupted) = match plan.direction {
         PatchDirection::Denoising => (source_metric, base_metric),
         PatchDirection::Noising => (base_metric, source_metric),
@@ -394,13 +408,20 @@ async fn run_patch(
     let cells = plan.cells(state.engine.model.dims().head_dim);
     let mut values = Vec::with_capacity(cells.len());
     let budget = state.config.engine.prefill_chunk.max(1);
-    for range in jobs(&cells, base.len(), budget) {
+    let token_bytes = cache.size_in_bytes() / cache.len().max(1);
+    for range in jobs(&cells, base.len(), budget, token_bytes) {
         progress::gone(&progress)?;
         let patches: Vec<Vec<PatchPoint>> = cells[range].iter().map(|&c| vec![c]).collect();
         let (base, cache, acts) = (base.clone(), cache.clone(), acts.clone());
+        let base_resid = base_resid.clone();
         let (site, metric) = (plan.site, plan.metric);
         let job = move |m: &crate::model::Model| {
-            patched_metrics(m, &base, &cache, site, &acts, &patches, metric)
+            let run = BaseRun {
+                tokens: &base,
+                cache: &cache,
+                resid_pre: &base_resid,
+            };
+            patched_metrics(m, &run, site, &acts, &patches, metric)
         };
         let got = state
             .engine
@@ -463,17 +484,30 @@ async fn run_patch(
         (status = 200, description = "The metric of the clean, corrupted and every patched run, and each cell's recovery; with `stream: true`, SSE `progress` events (PatchProgress) then `result` (PatchResponse)", body = PatchResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 422, description = "Prompts of unequal length or too long, bad metric tokens, layers, positions or heads, or more cells than `limits.max_patch_cells`", body = ErrorBody),
-        (status = 429, description = "Queue full", body = ErrorBody)))]
+        (status = 429, description = "Queue full, or `limits.max_concurrent_patches` sweeps running", body = ErrorBody)))]
 pub async fn patch(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<PatchRequest>,
 ) -> Result<Response, ApiError> {
     let plan = PatchPlan::validate(&state, &req)?;
+    let Ok(place) = state.patch_sweeps.clone().try_acquire_owned() else {
+        let n = state.config.limits.max_concurrent_patches;
+        return Err(ApiError {
+            code: "too_many_patches",
+            ..ApiError::overloaded(format!(
+                "{n} patching sweeps are running (limits.max_concurrent_patches); retry later"
+            ))
+        });
+    };
     if !req.stream.unwrap_or(false) {
-        return Ok(Json(run_patch(&state, plan, None).await?).into_response());
+        let done = run_patch(&state, plan, None).await;
+        drop(place);
+        return Ok(Json(done?).into_response());
     }
     Ok(progress::stream(&state.clone(), move |p| async move {
-        run_patch(&state, plan, p).await
+        let done = run_patch(&state, plan, p).await;
+        drop(place);
+        done
     }))
 }
 
@@ -492,7 +526,7 @@ mod tests {
                 })
             })
             .collect();
-        let jobs = jobs(&cells, 20, 256);
+        let jobs = jobs(&cells, 20, 256, 46_080);
         assert_eq!(jobs.first().map(|r| r.start), Some(0));
         assert_eq!(jobs.last().map(|r| r.end), Some(cells.len()));
         for w in jobs.windows(2) {
@@ -501,7 +535,12 @@ mod tests {
         for r in &jobs {
             let new: usize = cells[r.clone()].iter().map(|c| 20 - c.position).sum();
             assert!(new <= 256 || r.len() == 1, "{r:?} computes {new} tokens");
+            let layer = cells[r.start].layer;
+            assert!(
+                cells[r.clone()].iter().all(|c| c.layer == layer),
+                "{r:?} mixes blocks"
+            );
         }
-        assert!(jobs.len() < cells.len() / 10, "{} jobs", jobs.len());
+        assert!(jobs.len() <= 2 * 30, "{} jobs", jobs.len());
     }
 }

@@ -206,9 +206,18 @@ impl Scheduler {
                 if (pending == 1) != pass || budget == 0 {
                     continue;
                 }
-                let n = pending.min(self.cfg.prefill_chunk.max(1)).min(budget);
+                let chunk = pending.min(self.cfg.prefill_chunk.max(1));
+                // A prompt condition acts on the rows of the pass that decides it: its prompt
+                // is cut only at whole prefill chunks, whatever else the step holds, so what
+                // it steers does not depend on the load.
+                let whole = s
+                    .req
+                    .steering
+                    .as_ref()
+                    .is_some_and(|p| p.has_prompt_conditions());
+                let n = if whole { chunk } else { chunk.min(budget) };
                 takes[i] = n;
-                budget -= n;
+                budget = budget.saturating_sub(n);
             }
         }
         let members: Vec<usize> = (0..self.active.len()).filter(|&i| takes[i] > 0).collect();
@@ -356,7 +365,9 @@ fn finish(s: &mut Sequence, reason: FinishReason, report: &mut StepReport) {
     let tail = s.stop.flush();
     s.text.push_str(&tail);
     let conditions = match &s.req.steering {
-        Some(plan) if plan.has_conditions() => s.conditions.report(plan, s.prompt_len),
+        Some(plan) if plan.has_conditions() => {
+            s.conditions.report(plan, s.prompt_len, s.generated())
+        }
         _ => Vec::new(),
     };
     let f = Finished {

@@ -219,10 +219,41 @@ impl Model {
         caches: &mut [&mut KvCache],
         hooks: &mut dyn Hooks,
     ) -> Result<Option<candle_core::Tensor>> {
+        self.forward_from(batch, caches, None, hooks)
+    }
+
+    /// [`Model::forward`] from block `first` on, with `x` (the rows' input of that block,
+    /// `[rows, d_model]` flattened) instead of the embeddings, when `start` is given. The
+    /// blocks before `first` are not run, so their caches do not grow: for runs whose caches
+    /// are thrown away after (activation patching).
+    pub fn forward_from(
+        &self,
+        batch: &PackedBatch,
+        caches: &mut [&mut KvCache],
+        start: Option<(usize, Vec<f32>)>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Option<candle_core::Tensor>> {
         self.check_batch(batch, caches)?;
+        if let Some((first, x)) = &start {
+            if *first >= self.dims.n_layers || x.len() != batch.tokens.len() * self.dims.d_model {
+                bail!(
+                    "a start at block {first} with {} values for {} rows",
+                    x.len(),
+                    batch.tokens.len()
+                );
+            }
+        }
         self.pool.install(|| {
             let mut p = Pass::new(batch, caches, hooks, self.backend, &self.device);
-            let x = self.net.forward(&mut p)?;
+            let x = match start {
+                None => self.net.forward(&mut p)?,
+                Some((first, x)) => {
+                    let rows = batch.tokens.len();
+                    let x =
+                        candle_core::Tensor::from_vec(x, (rows, self.dims.d_model), &self.device)?;
+                    self.net.forward_from(&mut p, first, x)?
+                }
+            };
             for (c, cache) in batch.chunks.iter().zip(p.caches.iter_mut()) {
                 cache.len = c.start_pos + c.len;
             }
@@ -300,6 +331,16 @@ impl Model {
         segments: &mut [Segment<'_>],
         hooks: &mut dyn Hooks,
     ) -> Result<Vec<Vec<Vec<f32>>>> {
+        self.run_from(segments, None, hooks)
+    }
+
+    /// [`Model::run`] from block `first` on `x` (see [`Model::forward_from`]).
+    pub fn run_from(
+        &self,
+        segments: &mut [Segment<'_>],
+        start: Option<(usize, Vec<f32>)>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
         let mut batch = PackedBatch::default();
         for s in segments.iter() {
             match s.logits {
@@ -308,7 +349,7 @@ impl Model {
             }
         }
         let mut caches: Vec<&mut KvCache> = segments.iter_mut().map(|s| &mut *s.cache).collect();
-        let logits = self.forward(&batch, &mut caches, hooks)?;
+        let logits = self.forward_from(&batch, &mut caches, start, hooks)?;
         let mut rows = match logits {
             Some(l) => l.to_vec2::<f32>()?.into_iter(),
             None => Vec::new().into_iter(),

@@ -172,9 +172,16 @@ impl Item<'_> {
             }
             ("when", Some(v)) => {
                 let cond = self.condition(v)?;
-                if spec.when.replace(cond).is_some() {
+                let when = spec.when.get_or_insert_with(Default::default);
+                if when.vector.is_some() || when.feature.is_some() {
                     return Err(twice());
                 }
+                // `scope=` and `measure=` may come before `when=`.
+                *when = ConditionSpec {
+                    scope: when.scope,
+                    measure: when.measure,
+                    ..cond
+                };
             }
             ("scope" | "measure", Some(v)) => {
                 let when = spec.when.get_or_insert_with(Default::default);
@@ -565,6 +572,19 @@ mod tests {
         assert_eq!(specs[1].positions, Some(Positions::Prompt));
         let huge = parse(&format!("v:3:2;positions=last:{}", u64::MAX)).unwrap();
         assert_eq!(huge[0].positions, Some(Positions::Last(usize::MAX)));
+        // Condition options in either order.
+        for text in [
+            "v:3:2;scope=token;when=c:1<-0.5",
+            "v:3:2;when=c:1<-0.5;scope=token",
+        ] {
+            let w = parse(text).unwrap()[0].when.clone().unwrap();
+            assert_eq!(
+                (w.vector.as_deref(), w.layer, w.below),
+                (Some("c"), Some(1), Some(-0.5))
+            );
+            assert_eq!(w.scope, Some(ConditionScope::Token), "{text}");
+        }
+        assert!(parse("v:3:2;when=c:1>0;when=c:1>0").is_err());
     }
 
     #[test]

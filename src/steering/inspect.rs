@@ -9,7 +9,7 @@
 //! recording hooks reduce each activation to the few numbers asked for as it passes, so an
 //! inspection never holds a whole layer's activations for a long prompt.
 
-use super::intervention::BatchSteering;
+use super::intervention::{BatchSteering, ConditionTrace};
 use super::spec::SteeringPlan;
 use crate::engine::sampling::{log_softmax, top_n};
 use crate::model::hooks::{BatchRows, HookSite, Hooks, NoHooks};
@@ -263,13 +263,13 @@ pub struct Scores {
 
 /// Scores continuations of a prompt already run into `cache` (`last` its last logits): each
 /// target's tokens are teacher-forced on a copy of the cache (they count as generated
-/// positions for steering).
+/// positions for steering; `conditions` is what the plan's conditions read over the prompt).
 pub fn score_continuations(
     model: &Model,
     cache: &KvCache,
     last: &[f32],
     targets: &[Vec<u32>],
-    plan: Option<&SteeringPlan>,
+    (plan, conditions): (Option<&SteeringPlan>, &ConditionTrace),
     top_k: usize,
 ) -> anyhow::Result<Scores> {
     let n_layers = model.dims().n_layers;
@@ -296,7 +296,8 @@ pub fn score_continuations(
             }];
             let mut rows = match plan {
                 Some(p) => {
-                    let mut hooks = BatchSteering::new(n_layers, vec![(Some(p), prompt_len)]);
+                    let mut hooks = BatchSteering::new(n_layers, vec![(Some(p), prompt_len)])
+                        .with_traces(vec![conditions.clone()]);
                     model.run(&mut segment, &mut hooks)?
                 }
                 None => model.run(&mut segment, &mut NoHooks)?,

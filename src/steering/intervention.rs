@@ -119,8 +119,14 @@ pub struct ConditionReport {
 }
 
 impl ConditionTrace {
-    /// One report per conditional intervention of `plan`.
-    pub fn report(&self, plan: &SteeringPlan, prompt_len: usize) -> Vec<ConditionReport> {
+    /// One report per conditional intervention of `plan`, for a sequence that kept
+    /// `generated` tokens (the pass that chose an end-of-sequence token is left out).
+    pub fn report(
+        &self,
+        plan: &SteeringPlan,
+        prompt_len: usize,
+        generated: usize,
+    ) -> Vec<ConditionReport> {
         plan.interventions
             .iter()
             .enumerate()
@@ -137,12 +143,15 @@ impl ConditionTrace {
                         prompt_tokens: None,
                     },
                     ConditionScope::Token => {
-                        let (generated, prompt): (Vec<usize>, Vec<usize>) = state
+                        let (kept, prompt): (Vec<usize>, Vec<usize>) = state
                             .fired_positions
                             .iter()
                             .partition(|&&p| p + 1 >= prompt_len);
-                        let tokens: Vec<usize> =
-                            generated.iter().map(|p| p + 1 - prompt_len).collect();
+                        let tokens: Vec<usize> = kept
+                            .iter()
+                            .map(|p| p + 1 - prompt_len)
+                            .filter(|&t| t < generated)
+                            .collect();
                         ConditionReport {
                             intervention: i,
                             scope: c.scope,
@@ -250,12 +259,14 @@ impl<'a> BatchSteering<'a> {
                     trace.resize(plan.interventions.len(), ConditionState::default());
                 }
                 let state = &mut trace[i];
-                let reading = c.read(h);
                 match c.scope {
                     ConditionScope::Prompt => {
+                        if pos >= prompt_len {
+                            continue;
+                        }
                         // The first token (an attention sink) is left out unless it is all.
-                        if pos < prompt_len && (pos > 0 || prompt_len == 1) {
-                            state.sum += reading as f64;
+                        if pos > 0 || prompt_len == 1 {
+                            state.sum += c.read(h) as f64;
                             state.count += 1;
                         }
                         if pos + 1 == prompt_len {
@@ -265,7 +276,7 @@ impl<'a> BatchSteering<'a> {
                         }
                     }
                     ConditionScope::Token => {
-                        let holds = c.holds(reading);
+                        let holds = c.holds(c.read(h));
                         state.read_positions += 1;
                         if holds {
                             state.fired_positions.push(pos);

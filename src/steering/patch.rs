@@ -6,10 +6,12 @@
 //! reverse.
 //!
 //! A patched run is the base run up to the patched position: causal attention means every
-//! earlier position is unchanged. So each patched run starts from a copy of the base run's KV
-//! cache for that prefix ([`KvCache::prefix`]) and computes only the positions from the patch
-//! on, and the runs of many cells go through the model together as the rows of one packed
-//! batch. Both are exact: a patched run equals a full forward pass with the patch.
+//! earlier position is unchanged; and below the patched block nothing changes at any
+//! position. So each patched run starts from a copy of the base run's KV cache for that
+//! prefix ([`KvCache::prefix`]) and computes only the positions from the patch on, from the
+//! patched block on (its input is the base run's `resid_pre` there), and the runs of many
+//! cells go through the model together as the rows of one packed batch. All of it is exact:
+//! a patched run equals a full forward pass with the patch, bit for bit.
 
 use crate::model::hooks::{BatchRows, HookSite, Hooks};
 use crate::model::{KvCache, Logits, Model, Segment};
@@ -61,11 +63,12 @@ pub struct SourceActs {
     pub rows: Vec<Vec<Vec<f32>>>,
 }
 
-/// Records a run's activations at `site` for `layers`, every position (carried between the
-/// chunks of a pass).
+/// Records a run's activations at `site` for `layers`, at every position or the ones kept
+/// (carried between the chunks of a pass); a position not kept has an empty row.
 pub struct SourceRecorder {
     site: HookSite,
     acts: SourceActs,
+    keep: Option<Vec<bool>>,
 }
 
 impl SourceRecorder {
@@ -74,7 +77,19 @@ impl SourceRecorder {
         Self {
             site,
             acts: SourceActs { layers, rows },
+            keep: None,
         }
+    }
+
+    /// Keeps only these positions.
+    pub fn keeping(mut self, positions: Vec<usize>) -> Self {
+        let n = self.acts.rows.first().map_or(0, Vec::len);
+        let mut keep = vec![false; n];
+        for p in positions.into_iter().filter(|&p| p < n) {
+            keep[p] = true;
+        }
+        self.keep = Some(keep);
+        self
     }
 
     pub fn finish(self) -> SourceActs {
@@ -98,7 +113,11 @@ impl Hooks for SourceRecorder {
             return Ok(None);
         };
         for (row, &pos) in x.to_vec2::<f32>()?.into_iter().zip(&rows.position) {
-            if let Some(slot) = self.acts.rows[li].get_mut(pos) {
+            let kept = self
+                .keep
+                .as_ref()
+                .is_none_or(|k| k.get(pos).copied().unwrap_or(false));
+            if let (true, Some(slot)) = (kept, self.acts.rows[li].get_mut(pos)) {
                 *slot = row;
             }
         }
@@ -170,18 +189,27 @@ impl Hooks for PatchHooks<'_> {
     }
 }
 
+/// The base run: its tokens, its KV cache, and its `resid_pre` at the patched blocks (every
+/// position), from which patched runs start.
+pub struct BaseRun<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a KvCache,
+    pub resid_pre: &'a SourceActs,
+}
+
 /// Runs the base prompt once for each entry of `patches`, all in one packed batch, each from
-/// the base cache of the positions before its first patch; returns each run's metric.
+/// the base cache of the positions before its first patch and from the lowest patched block;
+/// returns each run's metric.
 pub fn patched_metrics(
     model: &Model,
-    base: &[u32],
-    base_cache: &KvCache,
+    base: &BaseRun,
     site: HookSite,
     source: &SourceActs,
     patches: &[Vec<PatchPoint>],
     metric: Metric,
 ) -> anyhow::Result<Vec<f32>> {
-    let last = base.len().saturating_sub(1);
+    let (tokens, base_cache) = (base.tokens, base.cache);
+    let last = tokens.len().saturating_sub(1);
     let starts: Vec<usize> = patches
         .iter()
         .map(|ps| {
@@ -200,13 +228,24 @@ pub fn patched_metrics(
         .iter_mut()
         .zip(&starts)
         .map(|(cache, &s)| Segment {
-            tokens: &base[s..],
+            tokens: &tokens[s..],
             cache,
             logits: Logits::Last,
         })
         .collect();
+    let first = patches.iter().flatten().map(|p| p.layer).min();
+    let start = first.and_then(|first| {
+        let li = base.resid_pre.layers.iter().position(|&l| l == first)?;
+        let rows = &base.resid_pre.rows[li];
+        let x: Option<Vec<f32>> = starts
+            .iter()
+            .flat_map(|&s| (s..tokens.len()).map(|p| rows.get(p).filter(|r| !r.is_empty())))
+            .collect::<Option<Vec<_>>>()
+            .map(|rs| rs.into_iter().flatten().copied().collect());
+        Some((first, x?))
+    });
     let mut hooks = PatchHooks::new(site, source, patches);
-    let out = model.run(&mut segments, &mut hooks)?;
+    let out = model.run_from(&mut segments, start, &mut hooks)?;
     Ok(out
         .iter()
         .map(|rows| rows.last().map_or(f32::NAN, |l| metric.of(l)))

@@ -267,8 +267,12 @@ pub fn load(ld: &mut Loader, arch: &str) -> Result<Loaded> {
 
 impl Architecture for Llama {
     fn forward(&self, p: &mut Pass) -> Result<Tensor> {
-        let mut x = self.embed.forward(&p.batch.tokens, p.device)?;
-        for (l, block) in self.blocks.iter().enumerate() {
+        let x = self.embed.forward(&p.batch.tokens, p.device)?;
+        self.forward_from(p, 0, x)
+    }
+
+    fn forward_from(&self, p: &mut Pass, first: usize, mut x: Tensor) -> Result<Tensor> {
+        for (l, block) in self.blocks.iter().enumerate().skip(first) {
             x = block.forward(p, l, x)?;
         }
         Ok(x)

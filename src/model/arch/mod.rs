@@ -72,6 +72,11 @@ pub trait Architecture: Send + Sync {
     /// returns the residual stream after the last block, `[rows, d_model]`.
     fn forward(&self, p: &mut Pass) -> Result<Tensor>;
 
+    /// Runs blocks `first..` on `x`, the input of block `first` (`[rows, d_model]`), calling
+    /// the hooks; returns the residual stream after the last block. `forward` is the
+    /// embeddings followed by this from block 0.
+    fn forward_from(&self, p: &mut Pass, first: usize, x: Tensor) -> Result<Tensor>;
+
     /// Final norm and unembedding of residual rows `[k, d_model]` -> `[k, vocab]`.
     fn logits(&self, x: &Tensor) -> Result<Tensor>;
 

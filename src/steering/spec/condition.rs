@@ -214,7 +214,7 @@ impl Validator<'_> {
         let layer = match w.layer {
             Some(l) => self.layer("when.layer", l)?,
             None => match v.layers.keys().collect::<Vec<_>>().as_slice() {
-                [l] => **l,
+                [l] => self.layer("when.layer", **l as i64)?,
                 _ => {
                     return Err(self.err(
                         "when.layer",

@@ -600,6 +600,15 @@ impl SteeringPlan {
         !self.conditions.is_empty()
     }
 
+    /// Whether any condition is decided on the whole prompt.
+    pub fn has_prompt_conditions(&self) -> bool {
+        self.interventions.iter().any(|iv| {
+            iv.when
+                .as_ref()
+                .is_some_and(|c| c.scope == ConditionScope::Prompt)
+        })
+    }
+
     pub fn is_empty(&self) -> bool {
         self.interventions.is_empty()
     }
