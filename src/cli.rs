@@ -196,6 +196,85 @@ impl<'a> Runner<'a> {
     }
 }
 
+/// One batch size of `tiller bench --batch`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchBench {
+    pub model: String,
+    pub batch: usize,
+    pub threads: usize,
+    pub context: usize,
+    pub decode_tokens: usize,
+    /// Tokens decoded per second, all sequences together.
+    pub decode_tok_s: f64,
+    pub per_sequence_tok_s: f64,
+    pub step_ms: f64,
+}
+
+/// `tiller bench --batch`: the engine's decode throughput per batch size, with no HTTP and no
+/// sampling. For each size `n`, `n` sequences are prefilled with the same `context` tokens,
+/// then `decode_tokens` steps each run one new row of every sequence in one packed pass, as
+/// `scripts/bench_llamacpp_batch.py` does with llama.cpp's batched decode.
+pub fn bench_batch(
+    model: &Model,
+    sizes: &[usize],
+    context: usize,
+    decode_tokens: usize,
+) -> Result<Vec<BatchBench>> {
+    let d = model.dims();
+    if context == 0 || context + decode_tokens > d.context_length {
+        anyhow::bail!(
+            "a context of {context} plus {decode_tokens} steps does not fit the model's {} tokens",
+            d.context_length
+        );
+    }
+    let vocab = d.vocab_size as u32;
+    let prompt: Vec<u32> = (0..context as u32)
+        .map(|i| (500 + i * 7 % 2000) % vocab)
+        .collect();
+    let mut out = Vec::with_capacity(sizes.len());
+    for &n in sizes {
+        if !(1..=256).contains(&n) {
+            anyhow::bail!("batch size {n}: use 1 to 256");
+        }
+        let mut caches: Vec<_> = (0..n).map(|_| model.new_cache()).collect();
+        for cache in caches.iter_mut() {
+            let mut seg = [Segment {
+                tokens: &prompt,
+                cache,
+                logits: Logits::Last,
+            }];
+            model.run(&mut seg, &mut NoHooks)?;
+        }
+        let tokens: Vec<[u32; 1]> = (0..n as u32).map(|s| [(504 + s) % vocab]).collect();
+        let started = Instant::now();
+        for _ in 0..decode_tokens {
+            let mut segs: Vec<Segment> = caches
+                .iter_mut()
+                .zip(&tokens)
+                .map(|(cache, t)| Segment {
+                    tokens: t,
+                    cache,
+                    logits: Logits::Last,
+                })
+                .collect();
+            model.run(&mut segs, &mut NoHooks)?;
+        }
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let rate = (n * decode_tokens) as f64 / secs;
+        out.push(BatchBench {
+            model: model.id.clone(),
+            batch: n,
+            threads: model.runtime().threads,
+            context,
+            decode_tokens,
+            decode_tok_s: round1(rate),
+            per_sequence_tok_s: round1(rate / n as f64),
+            step_ms: round3(1000.0 * secs / decode_tokens.max(1) as f64),
+        });
+    }
+    Ok(out)
+}
+
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }

@@ -149,6 +149,10 @@ enum Cmd {
         decode_tokens: usize,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Instead: decode tokens/s per batch size (e.g. `1,2,4,8,16,32`), `--prompt-tokens`
+        /// of context each, `--decode-tokens` steps; one JSON line per size.
+        #[arg(long, value_delimiter = ',')]
+        batch: Option<Vec<usize>>,
     },
 }
 
@@ -382,9 +386,18 @@ fn main() -> Result<()> {
             prompt_tokens,
             decode_tokens,
             repeats,
+            batch,
         } => {
             let cfg = load_config(&common, &[])?;
             tiller::telemetry::init("warn", "text");
+            if let Some(sizes) = batch {
+                let model = tiller::server::load_model(&cfg)?;
+                let sizes = if sizes.is_empty() { vec![1] } else { sizes };
+                for r in tiller::cli::bench_batch(&model, &sizes, prompt_tokens, decode_tokens)? {
+                    println!("{}", serde_json::to_string(&r)?);
+                }
+                return Ok(());
+            }
             let report = tiller::cli::bench(&cfg, prompt_tokens, decode_tokens, repeats)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())

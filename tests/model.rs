@@ -262,3 +262,19 @@ fn forward_rejects_bad_batches_without_panicking() {
         .unwrap_err();
     assert!(err.to_string().contains("context length"), "{err}");
 }
+
+/// `tiller bench --batch` reports every size asked for, and refuses sizes and contexts it
+/// cannot run.
+#[test]
+fn the_batch_benchmark_reports_each_size_and_refuses_bad_ones() {
+    let model = common::tiny_model(&TinySpec::default(), GgmlDType::Q8_0, Backend::CpuKernels);
+    let r = tiller::cli::bench_batch(&model, &[1, 3], 8, 4).unwrap();
+    assert_eq!(r.iter().map(|b| b.batch).collect::<Vec<_>>(), [1, 3]);
+    for b in &r {
+        assert!(b.decode_tok_s > 0.0 && b.decode_tok_s.is_finite(), "{b:?}");
+        assert_eq!((b.context, b.decode_tokens), (8, 4));
+    }
+    assert!(tiller::cli::bench_batch(&model, &[0], 8, 4).is_err());
+    let too_long = model.dims().context_length;
+    assert!(tiller::cli::bench_batch(&model, &[1], too_long, 4).is_err());
+}
