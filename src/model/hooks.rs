@@ -70,6 +70,16 @@ impl HookSite {
         self as usize
     }
 
+    /// The width of the activation at this site in a model of these sizes: the one table of
+    /// site widths.
+    pub fn width(self, d_model: usize, n_neurons: usize, n_heads: usize, head_dim: usize) -> usize {
+        match self {
+            HookSite::MlpAct => n_neurons,
+            HookSite::AttnHead => n_heads * head_dim,
+            _ => d_model,
+        }
+    }
+
     /// Whether the activation at this site lives in the residual stream (width `d_model`) rather
     /// than the MLP hidden layer or the attention heads.
     pub fn is_residual_width(self) -> bool {

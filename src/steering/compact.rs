@@ -240,22 +240,32 @@ impl Item<'_> {
         let (target, layer) = lhs
             .rsplit_once(':')
             .ok_or_else(|| self.err(format!("condition `{v}` needs NAME:LAYER")))?;
-        let mut c = ConditionSpec {
+        let (vector, feature) = self.vector_or_feature(target)?;
+        Ok(ConditionSpec {
+            vector,
+            feature,
             layer: Some(self.integer(layer, "condition layer")?),
             above: above.then_some(t),
             below: (!above).then_some(t),
             ..Default::default()
-        };
-        match target.split_once('#') {
-            Some((sae, index)) => {
-                c.feature = Some(FeatureRef {
+        })
+    }
+
+    /// `NAME` (a stored vector) or `SAE#INDEX` (a feature).
+    fn vector_or_feature(
+        &self,
+        target: &str,
+    ) -> Result<(Option<String>, Option<FeatureRef>), CompactError> {
+        Ok(match target.split_once('#') {
+            Some((sae, index)) => (
+                None,
+                Some(FeatureRef {
                     sae: sae.to_string(),
                     index: self.integer(index, "feature index")?,
-                })
-            }
-            None => c.vector = Some(target.to_string()),
-        }
-        Ok(c)
+                }),
+            ),
+            None => (Some(target.to_string()), None),
+        })
     }
 
     /// The target part: a neuron, a feature or a stored vector.
@@ -307,23 +317,16 @@ impl Item<'_> {
         if target.is_empty() {
             return Err(self.err("missing vector name"));
         }
-        let mut spec = InterventionSpec {
+        let (vector, feature) = self.vector_or_feature(target)?;
+        Ok(InterventionSpec {
             layer,
             layers,
             coefficient: (op != Some(OpName::Ablate)).then_some(coefficient),
             op,
+            vector,
+            feature,
             ..Default::default()
-        };
-        match target.split_once('#') {
-            Some((sae, index)) => {
-                spec.feature = Some(FeatureRef {
-                    sae: sae.to_string(),
-                    index: self.integer(index, "feature index")?,
-                })
-            }
-            None => spec.vector = Some(target.to_string()),
-        }
-        Ok(spec)
+        })
     }
 }
 
@@ -441,10 +444,7 @@ fn format_one(a: &AppliedIntervention) -> String {
         };
         format!("head:{}:{h}:{}{tail}", runs(&a.layers), a.op)
     } else {
-        let target = match &a.feature {
-            Some(f) => format!("{}#{}", f.sae, f.index),
-            None => a.vector.clone().unwrap_or_default(),
-        };
+        let target = target_text(a.feature.as_ref(), a.vector.as_deref());
         let op = match a.op {
             OpName::Add => String::new(),
             op => format!(":{op}"),
@@ -490,12 +490,17 @@ fn format_one(a: &AppliedIntervention) -> String {
     out
 }
 
+/// `SAE#INDEX` for a feature, else the vector's name.
+fn target_text(feature: Option<&FeatureRef>, vector: Option<&str>) -> String {
+    match feature {
+        Some(f) => format!("{}#{}", f.sae, f.index),
+        None => vector.unwrap_or_default().to_string(),
+    }
+}
+
 /// `;when=…` and, where not the default, `;scope=token` and `;measure=projection`.
 fn format_condition(w: &ConditionSpec) -> String {
-    let target = match (&w.feature, &w.vector) {
-        (Some(f), _) => format!("{}#{}", f.sae, f.index),
-        (None, v) => v.clone().unwrap_or_default(),
-    };
+    let target = target_text(w.feature.as_ref(), w.vector.as_deref());
     let (cmp, t) = match (w.above, w.below) {
         (Some(t), _) => ('>', t),
         (None, t) => ('<', t.unwrap_or(0.0)),

@@ -88,8 +88,6 @@ pub struct ConditionState {
     pub decided: Option<(bool, f32)>,
     /// `scope: token`: the positions at which it held.
     pub fired_positions: Vec<usize>,
-    /// `scope: token`: the positions read.
-    pub read_positions: usize,
 }
 
 /// Whether and where a conditional intervention acted, for the response.
@@ -191,6 +189,8 @@ pub struct BatchSteering<'a> {
     n_layers: usize,
     /// For each sequence: what its conditions have read (empty when it has none).
     traces: Vec<ConditionTrace>,
+    /// Whether any plan of the batch has a condition.
+    conditional: bool,
     /// `scope: token` decisions of this pass: `(sequence, position, intervention)`.
     token_fired: HashMap<(usize, usize, usize), bool>,
     /// `scope: prompt` conditions decided during this pass: `(sequence, intervention)`; the
@@ -211,7 +211,11 @@ impl<'a> BatchSteering<'a> {
                 }
             }
         }
+        let conditional = sequences
+            .iter()
+            .any(|(p, _)| p.is_some_and(|p| p.has_conditions()));
         Self {
+            conditional,
             traces: vec![ConditionTrace::default(); sequences.len()],
             sequences,
             active,
@@ -236,6 +240,7 @@ impl<'a> BatchSteering<'a> {
     }
 
     /// Reads the conditions at this hook point on the rows (before anything acts there).
+    /// Costs nothing when no plan of the batch has a condition.
     fn read_conditions(
         &mut self,
         site: HookSite,
@@ -244,6 +249,9 @@ impl<'a> BatchSteering<'a> {
         width: usize,
         rows: &BatchRows,
     ) {
+        if !self.conditional {
+            return;
+        }
         for (r, h) in data.chunks(width).enumerate() {
             let seq = rows.sequence[r];
             let Some(&(Some(plan), prompt_len)) = self.sequences.get(seq) else {
@@ -277,7 +285,6 @@ impl<'a> BatchSteering<'a> {
                     }
                     ConditionScope::Token => {
                         let holds = c.holds(c.read(h));
-                        state.read_positions += 1;
                         if holds {
                             state.fired_positions.push(pos);
                         }

@@ -36,12 +36,12 @@ pub struct ModelDims {
 impl ModelDims {
     /// The width of the activation at `site`.
     pub fn site_width(&self, site: crate::model::hooks::HookSite) -> usize {
-        use crate::model::hooks::HookSite;
-        match site {
-            HookSite::MlpAct => self.intermediate_size,
-            HookSite::AttnHead => self.n_heads * self.head_dim,
-            _ => self.d_model,
-        }
+        site.width(
+            self.d_model,
+            self.intermediate_size,
+            self.n_heads,
+            self.head_dim,
+        )
     }
 
     /// The dims of a model with `heads` in every layer.

@@ -689,10 +689,6 @@ impl<'a> ModelLimits<'a> {
 
     /// The width of the activation at `site`.
     pub fn site_width(&self, site: HookSite) -> usize {
-        match site {
-            HookSite::MlpAct => self.n_neurons,
-            HookSite::AttnHead => self.n_heads * self.head_dim,
-            _ => self.d_model,
-        }
+        site.width(self.d_model, self.n_neurons, self.n_heads, self.head_dim)
     }
 }
