@@ -17,7 +17,7 @@ use crate::steering::spec::{validate, InterventionSpec, ModelLimits};
 use crate::steering::store::{write_atomic, Precondition};
 use crate::steering::store::{ModelShape, VectorStore};
 use crate::steering::vector::{SteeringVector, VectorDefaults, VectorKind, VectorMeta};
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
@@ -42,7 +42,9 @@ pub async fn generate_once(cfg: Config, req: GenerateRequest) -> Result<()> {
                 ..Default::default()
             },
         )?;
-        let plan = state.steering_plan(req.steering.as_deref(), &Default::default())?;
+        let plan = state
+            .steering_plan(req.steering.as_deref(), &Default::default())
+            .await?;
         if let Some(p) = &plan {
             eprintln!(
                 "steering: {}",
@@ -381,6 +383,12 @@ pub fn extract_from_file(
             println!("{}", path.display());
         }
         None => {
+            if !cfg.store.url.is_empty() {
+                bail!(
+                    "store.url names a database: write the vector to a file with --out and \
+                     PUT it to a replica, or extract on a replica (POST /vectors/extract)"
+                );
+            }
             let (store, _) =
                 VectorStore::open(crate::server::model_shape(&model), Some(&cfg.vectors.dir))?;
             let (entry, _) = store
@@ -444,7 +452,63 @@ pub fn vectors_list(cfg: &Config) -> Result<()> {
 }
 
 /// `tiller vectors import`.
+/// `tiller vectors migrate`: the stored vectors of a folder, checked against the configured
+/// model, copied into a PostgreSQL store.
+pub fn vectors_migrate(cfg: &Config, from: &Path, to: Option<&str>) -> Result<()> {
+    if !from.is_dir() {
+        bail!("{} is not a folder store", from.display());
+    }
+    let to = match to.unwrap_or(&cfg.store.url) {
+        "" => bail!("name the database with --to, store.url or TILLER_STORE_URL"),
+        url => url,
+    };
+    let model = load_model(cfg)?;
+    let (store, skipped) = VectorStore::open(crate::server::model_shape(&model), Some(from))?;
+    for s in &skipped {
+        eprintln!("skipped {s}");
+    }
+    let entries = store.list();
+    let timeout = std::time::Duration::from_secs(cfg.store.timeout_secs.max(1));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let namespace = match cfg.store.namespace.as_str() {
+        "" => model.id.clone(),
+        n => n.to_string(),
+    };
+    let report = rt.block_on(crate::steering::store::schema::copy_in(
+        to, &namespace, &entries, timeout,
+    ))?;
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    println!(
+        "copied {} vector(s) for model {}: {}",
+        report.copied.len(),
+        model.id,
+        list(&report.copied)
+    );
+    println!("already there, same content: {}", list(&report.unchanged));
+    if !report.conflicts.is_empty() {
+        println!(
+            "already there with other content (the database's kept): {}",
+            list(&report.conflicts)
+        );
+    }
+    Ok(())
+}
+
 pub fn vectors_import(cfg: &Config, file: &Path, name: Option<&str>) -> Result<()> {
+    if !cfg.store.url.is_empty() {
+        bail!(
+            "store.url names a database: store vectors through a replica (PUT /vectors/NAME), \
+             or import into a folder and copy it in with `tiller vectors migrate`"
+        );
+    }
     let name = name
         .map(str::to_string)
         .or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()))
@@ -660,6 +724,7 @@ pub fn sae_train(cfg: &Config, args: &SaeTrainArgs) -> Result<()> {
         max_batch_size: 8,
         max_batch_tokens: 512,
         prefill_chunk: 256,
+        prefill_while_decoding: 512,
     });
     let mut pending = Vec::new();
     for (i, p) in prompts.iter().enumerate() {

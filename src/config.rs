@@ -18,6 +18,7 @@ pub struct Config {
     pub engine: EngineSettings,
     pub limits: Limits,
     pub vectors: VectorsConfig,
+    pub store: StoreConfig,
     pub saes: SaesConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
@@ -56,6 +57,7 @@ pub struct EngineSettings {
     pub max_batch_size: usize,
     pub max_batch_tokens: usize,
     pub prefill_chunk: usize,
+    pub prefill_while_decoding: usize,
     pub max_queue: usize,
     pub max_chunked_passes: usize,
 }
@@ -88,6 +90,47 @@ pub struct VectorsConfig {
     pub dir: PathBuf,
     pub max_extract_examples: usize,
     pub extract_batch_tokens: usize,
+}
+
+/// Where stored vectors are kept when replicas share them.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://user:password@host:port/db`; empty keeps vectors in `vectors.dir`.
+    pub url: String,
+    /// Bound on each database operation a request waits on, and on connecting.
+    pub timeout_secs: u64,
+    /// How long start waits for the first sync with the database before serving without it.
+    pub start_wait_secs: u64,
+    /// The rows this server shares (replicas of one model must agree); empty: the model id.
+    pub namespace: String,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL, or a key=value string, may carry a password.
+        let url = match self.url.split_once("://") {
+            Some((scheme, rest)) => match rest.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://[redacted]@{host}"),
+                None => self.url.clone(),
+            },
+            None => self
+                .url
+                .split_whitespace()
+                .map(|kv| match kv.split_once('=') {
+                    Some(("password", _)) => "password=[redacted]",
+                    _ => kv,
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        f.debug_struct("StoreConfig")
+            .field("url", &url)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("start_wait_secs", &self.start_wait_secs)
+            .field("namespace", &self.namespace)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -289,6 +332,30 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_url_passwords_stay_out_of_debug_output() {
+        let c = Config::load(
+            None,
+            vec![(
+                "TILLER_STORE_URL".to_string(),
+                "postgres://tiller:s3cret@db:5432/tiller".to_string(),
+            )],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.store.url, "postgres://tiller:s3cret@db:5432/tiller");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("db:5432/tiller"), "{shown}");
+        let mut kv = c.store.clone();
+        kv.url = "host=db user=tiller password=s3cret dbname=tiller".into();
+        let shown = format!("{kv:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("host=db"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn defaults_parse_and_layers_override_in_order() {

@@ -193,6 +193,19 @@ enum VectorsCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Copy a folder store into a PostgreSQL store (tables created if needed). Names the
+    /// database already holds are left as they are and reported.
+    Migrate {
+        #[command(flatten)]
+        common: Common,
+        /// The folder store (`vectors.dir` of the servers that wrote it).
+        #[arg(long)]
+        from: PathBuf,
+        /// `postgres://user:password@host:port/db`; default: `store.url` (TILLER_STORE_URL),
+        /// which keeps the password out of the command line.
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Writes versions of a vector in a loop (for the crash-safety test).
     #[command(hide = true)]
     StressWrite {
@@ -327,6 +340,11 @@ fn main() -> Result<()> {
             }
             VectorsCmd::Export { common, name, out } => {
                 tiller::cli::vectors_export(&load_config(&common, &[])?, &name, &out)
+            }
+            VectorsCmd::Migrate { common, from, to } => {
+                let cfg = load_config(&common, &[])?;
+                tiller::telemetry::init("warn", "text");
+                tiller::cli::vectors_migrate(&cfg, &from, to.as_deref())
             }
             VectorsCmd::StressWrite {
                 dir,

@@ -33,6 +33,8 @@ pub const FINISHED: &str = "tiller_sequences_finished_total";
 pub const REJECTED: &str = "tiller_requests_rejected_total";
 /// Open HTTP connections (gauge).
 pub const OPEN_CONNECTIONS: &str = "tiller_open_connections";
+/// Gauge: 1 while the shared vector database is reachable (`store.url` set), else 0.
+pub const STORE_CONNECTED: &str = "tiller_store_connected";
 
 /// Help text of each metric.
 const HELP: &[(&str, &str, &str)] = &[
@@ -74,6 +76,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "Requests refused before running, by reason",
     ),
     (OPEN_CONNECTIONS, "gauge", "Open HTTP connections"),
+    (
+        STORE_CONNECTED,
+        "gauge",
+        "1 while the shared vector database is reachable",
+    ),
 ];
 
 const SECONDS_BUCKETS: &[f64] = &[

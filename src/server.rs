@@ -11,7 +11,7 @@ use crate::model::cpu::quant::WeightFormat;
 use crate::model::{catalogue, Model};
 use crate::model::{Backend, LoadOptions};
 use crate::steering::sae::SaeStore;
-use crate::steering::store::{ModelShape, VectorStore};
+use crate::steering::store::{postgres, schema, ModelShape, VectorStore};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::path::PathBuf;
@@ -121,18 +121,74 @@ pub fn model_shape(model: &Model) -> ModelShape {
     }
 }
 
-/// The vector store for a model: built-in vectors (read-only), then the stored ones.
+/// The vector store for a model: built-in vectors (read-only), then the stored ones: those of
+/// `vectors.dir`, or none yet when `store.url` names a database ([`attach_database`] fills
+/// the copy).
 pub fn vector_store(cfg: &Config, model: &Model) -> Result<Arc<VectorStore>> {
-    let (store, skipped) = VectorStore::open(model_shape(model), Some(&cfg.vectors.dir))
-        .with_context(|| format!("opening the vector store {}", cfg.vectors.dir.display()))?;
-    for s in skipped {
-        tracing::warn!("skipped stored vector {s}");
-    }
+    let store = if cfg.store.url.is_empty() {
+        let (store, skipped) = VectorStore::open(model_shape(model), Some(&cfg.vectors.dir))
+            .with_context(|| format!("opening the vector store {}", cfg.vectors.dir.display()))?;
+        for s in skipped {
+            tracing::warn!("skipped stored vector {s}");
+        }
+        store
+    } else {
+        VectorStore::in_memory(model_shape(model))
+    };
     for s in store.load_builtin_dir(&cfg.vectors.builtin_dir) {
         tracing::warn!("skipped built-in vector {s}");
     }
-    tracing::info!(vectors = store.names().len(), dir = %cfg.vectors.dir.display(), "vector store ready");
+    if cfg.store.url.is_empty() {
+        tracing::info!(vectors = store.names().len(), dir = %cfg.vectors.dir.display(), "vector store ready");
+    }
     Ok(Arc::new(store))
+}
+
+fn folder_has_vectors(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut r| {
+        r.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "safetensors")))
+    })
+}
+
+/// With `store.url` set, makes the store a copy of that database and starts following it;
+/// waits up to `store.start_wait_secs` for the first sync, then serves regardless (the copy
+/// fills in once the database answers).
+pub async fn attach_database(cfg: &Config, store: &Arc<VectorStore>) -> Result<()> {
+    if cfg.store.url.is_empty() {
+        return Ok(());
+    }
+    let timeout = std::time::Duration::from_secs(cfg.store.timeout_secs.max(1));
+    let db = schema::parse_url(&cfg.store.url, timeout).map_err(anyhow::Error::msg)?;
+    let namespace = match cfg.store.namespace.as_str() {
+        "" => store.shape().model_id.clone(),
+        n => n.to_string(),
+    };
+    tracing::info!(namespace = %namespace, "vectors are kept in PostgreSQL (store.url)");
+    if folder_has_vectors(&cfg.vectors.dir) {
+        tracing::warn!(
+            dir = %cfg.vectors.dir.display(),
+            "vectors.dir holds vectors this server does not read with store.url set; copy them in \
+             with `tiller vectors migrate --from {}`",
+            cfg.vectors.dir.display()
+        );
+    }
+    let shared = Arc::new(postgres::Shared::new(db, namespace, timeout));
+    store.attach(shared.clone());
+    let (synced, first_sync) = tokio::sync::oneshot::channel();
+    tokio::spawn(shared.follow(store.clone(), synced));
+    let wait = std::time::Duration::from_secs(cfg.store.start_wait_secs);
+    match tokio::time::timeout(wait, first_sync).await {
+        Ok(Ok(())) => tracing::info!(
+            vectors = store.names().len(),
+            "vector store ready (postgres)"
+        ),
+        _ => tracing::warn!(
+            error = store.health().message.unwrap_or_default(),
+            "vector database not reached in {} s: serving built-in vectors until it is",
+            wait.as_secs()
+        ),
+    }
+    Ok(())
 }
 
 /// Builds the shared state around a loaded model: vectors and the engine thread.
@@ -147,6 +203,7 @@ pub fn build_state(cfg: Config, model: Model) -> Result<AppState> {
                 max_batch_size: cfg.engine.max_batch_size,
                 max_batch_tokens: cfg.engine.max_batch_tokens,
                 prefill_chunk: cfg.engine.prefill_chunk,
+                prefill_while_decoding: cfg.engine.prefill_while_decoding,
             },
             max_queue: cfg.engine.max_queue,
             max_chunked_passes: cfg.engine.max_chunked_passes,
@@ -199,6 +256,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     })
     .await??;
     let state = build_state(cfg, model)?;
+    attach_database(&state.config, &state.store).await?;
     let state_for_exit = state.clone();
     let app = crate::app(state.clone());
     let listener = tokio::net::TcpListener::bind(&addr)

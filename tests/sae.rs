@@ -138,7 +138,7 @@ fn steered_rows(
     }
     let specs: Option<Vec<InterventionSpec>> = specs.map(|v| serde_json::from_value(v).unwrap());
     let plan = s
-        .steering_plan(specs.as_deref(), &Default::default())
+        .steering_plan_now(specs.as_deref(), &Default::default())
         .unwrap();
     let model = &s.engine.model;
     let mut w = Watch {

@@ -1,12 +1,20 @@
 //! Serving many users at once on the default model, through a real port: batch invariance
 //! with a different steering plan per request, overload, timeouts, metrics, and a graceful
-//! shutdown.
+//! shutdown; and replicas sharing a PostgreSQL vector store behind nginx ([`replicas`]).
 
 mod common;
+mod replicas;
 
 use serde_json::{json, Value};
 use std::sync::{Arc, Barrier};
 use tiller::loadgen::post_json;
+
+/// Tests of this binary that start servers run one at a time: they measure and time out on
+/// a machine whose cores they would otherwise share.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn generate(addr: &str, body: &Value) -> (u16, Value) {
     let (status, text) = post_json(addr, "/generate", &body.to_string()).unwrap();
@@ -24,6 +32,7 @@ fn metrics(addr: &str) -> String {
 /// alone.
 #[test]
 fn batched_requests_with_different_plans_match_their_solo_runs() {
+    let _serial = one_at_a_time();
     let server = common::Server::start(&[]);
     let addr = format!("127.0.0.1:{}", server.port);
     let plans = [
@@ -111,6 +120,7 @@ fn batched_requests_with_different_plans_match_their_solo_runs() {
 
 #[test]
 fn timeouts_and_a_graceful_shutdown_end_requests_cleanly() {
+    let _serial = one_at_a_time();
     let server = common::Server::start(&[
         ("TILLER_SERVER_REQUEST_TIMEOUT_SECS", "3"),
         ("TILLER_SERVER_SHUTDOWN_GRACE_SECS", "1"),

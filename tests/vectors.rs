@@ -955,7 +955,7 @@ async fn per_head_extraction_and_mean_ablation() {
         .collect();
     let want = mean(&rows);
     let plan = s
-        .steering_plan(
+        .steering_plan_now(
             Some(&[serde_json::from_value(json!({"layer": 1, "head": 1, "op": "mean"})).unwrap()]),
             &Default::default(),
         )

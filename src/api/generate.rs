@@ -612,7 +612,9 @@ pub async fn generate(
     )?;
     let mut settings = settings;
     settings.ignore_eos = req.ignore_eos.unwrap_or(false);
-    let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
+    let plan = state
+        .steering_plan(req.steering.as_deref(), &headers)
+        .await?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let compare = req.compare.unwrap_or(false);
     let steered = start(&state, &settings, plan, &rid)?;

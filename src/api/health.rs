@@ -2,6 +2,7 @@
 
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
+use crate::steering::store::StoreHealth;
 use axum::extract::State;
 use axum::Json;
 use serde::Serialize;
@@ -12,14 +13,19 @@ pub struct Health {
     /// `ok` (health) or `ready`.
     #[schema(example = "ok")]
     pub status: String,
+    /// The vector store (`/health` only): its backend, and `degraded` while a shared database
+    /// cannot be reached. A degraded store does not fail the check: generation goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreHealth>,
 }
 
-/// The process is up.
+/// The process is up, and the state of its vector store.
 #[utoipa::path(get, path = "/health", tag = "health",
     responses((status = 200, description = "The server is running", body = Health)))]
-pub async fn health() -> Json<Health> {
+pub async fn health(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
+        store: Some(state.store.health()),
     })
 }
 
@@ -32,6 +38,7 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiErr
     if state.is_ready() {
         Ok(Json(Health {
             status: "ready".into(),
+            store: None,
         }))
     } else {
         Err(ApiError::unavailable("the server is shutting down"))
@@ -188,6 +195,12 @@ pub async fn metrics(
     state
         .metrics
         .set(k::QUEUE_DEPTH, state.engine.queue_depth() as f64);
+    if state.store.shared().is_some() {
+        let up = state.store.health().status == "ok";
+        state
+            .metrics
+            .set(k::STORE_CONNECTED, f64::from(u8::from(up)));
+    }
     state.metrics.set(
         k::ACTIVE_SEQUENCES,
         state

@@ -190,7 +190,7 @@ pub async fn activations(
     let top_k = top_k_param(req.top_k)?;
     let mut project_onto = Vec::new();
     for (i, name) in req.project_onto.unwrap_or_default().into_iter().enumerate() {
-        let e = state.store.get(&name).ok_or_else(|| {
+        let e = state.vector(&name).await?.ok_or_else(|| {
             ApiError::invalid(
                 &format!("project_onto[{i}]"),
                 "unknown_vector",
@@ -244,7 +244,9 @@ pub async fn activations(
             ),
         ));
     }
-    let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
+    let plan = state
+        .steering_plan(req.steering.as_deref(), &headers)
+        .await?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let probe = Arc::new(Probe {
         site,
@@ -412,7 +414,9 @@ pub async fn logprobs(
         ));
     }
     let top_k = top_k_param(req.top_k)?;
-    let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
+    let plan = state
+        .steering_plan(req.steering.as_deref(), &headers)
+        .await?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let base = score(&state, &prompt, &targets, None, top_k).await?;
     let steered = match plan {
@@ -721,7 +725,7 @@ pub async fn neurons_top(
             )
         }
         (None, Some(name)) => {
-            let e = state.store.get(name).ok_or_else(|| {
+            let e = state.vector(name).await?.ok_or_else(|| {
                 ApiError::invalid(
                     "vector",
                     "unknown_vector",

@@ -229,7 +229,9 @@ pub async fn logit_lens(
         .enumerate()
         .map(|(i, t)| single_token(&model, &format!("targets[{i}]"), t))
         .collect::<Result<Vec<_>, _>>()?;
-    let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
+    let plan = state
+        .steering_plan(req.steering.as_deref(), &headers)
+        .await?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let hooks = LensHooks::new(layers_sorted.clone(), positions.clone());
     let rows: Vec<Vec<f32>> = run_chunked(&state, &tokens, plan, hooks, "logit lens")

@@ -91,15 +91,43 @@ impl AppState {
     /// the body's `steering` list, else the `X-Steering` header (a JSON list or the compact
     /// form). Every route that steers reads it here; a malformed header is a 400 even when
     /// the body's list wins.
-    pub fn steering_plan(
+    pub async fn steering_plan(
         &self,
         body: Option<&[InterventionSpec]>,
         headers: &axum::http::HeaderMap,
     ) -> Result<Option<Arc<SteeringPlan>>, ApiError> {
         let from_header = header_steering(headers)?;
-        let Some(specs) = body.or(from_header.as_deref()).filter(|s| !s.is_empty()) else {
+        let specs = body.or(from_header.as_deref()).unwrap_or_default();
+        // A vector written through another replica may not have reached this one's copy yet.
+        if self.store.shared().is_some() && specs.len() <= self.config.limits.max_interventions {
+            let names: Vec<&str> = specs
+                .iter()
+                .flat_map(InterventionSpec::vector_names)
+                .collect();
+            self.store.lookup_many(&names).await.map_err(|e| {
+                vectors::store_unavailable(format!(
+                    "a vector the request names is not known to this replica, and {e}"
+                ))
+            })?;
+        }
+        self.plan_of(specs)
+    }
+
+    /// [`Self::steering_plan`] against the vectors this replica holds now, asking no database.
+    pub fn steering_plan_now(
+        &self,
+        body: Option<&[InterventionSpec]>,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<Option<Arc<SteeringPlan>>, ApiError> {
+        let from_header = header_steering(headers)?;
+        self.plan_of(body.or(from_header.as_deref()).unwrap_or_default())
+    }
+
+    /// The validated plan of a steering list (`None` when it is empty).
+    fn plan_of(&self, specs: &[InterventionSpec]) -> Result<Option<Arc<SteeringPlan>>, ApiError> {
+        if specs.is_empty() {
             return Ok(None);
-        };
+        }
         let cfg = self.engine.model.dims();
         let plan = validate(
             specs,
@@ -111,6 +139,21 @@ impl AppState {
             ),
         )?;
         Ok(Some(Arc::new(plan)))
+    }
+}
+
+impl AppState {
+    /// The stored or built-in vector `name`, asking the shared database when this replica's
+    /// copy lacks it; a 503 when it had to be asked and could not be.
+    pub async fn vector(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::steering::store::StoreEntry>, ApiError> {
+        self.store.lookup(name).await.map_err(|e| {
+            vectors::store_unavailable(format!(
+                "vector `{name}` is not known to this replica, and {e}"
+            ))
+        })
     }
 }
 
@@ -237,9 +280,49 @@ fn api_router() -> OpenApiRouter<AppState> {
 
 /// Every route but the probes answers 401 without a key when API keys are configured.
 fn add_unauthorized(spec: &mut utoipa::openapi::OpenApi) {
+    add_error_response(
+        spec,
+        |path| !matches!(path, "/health" | "/ready"),
+        "401",
+        "API keys are configured and the request has none, or a wrong one",
+    );
+}
+
+/// Routes that name stored vectors answer 503 when a shared vector database (`store.url`)
+/// has to be asked for one and cannot be.
+fn add_store_unavailable(spec: &mut utoipa::openapi::OpenApi) {
+    const NAMING_VECTORS: [&str; 10] = [
+        "/generate",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/inspect/activations",
+        "/inspect/logit_lens",
+        "/inspect/logprobs",
+        "/inspect/neurons/top",
+        "/inspect/features",
+        "/vectors/{name}",
+        "/vectors/extract",
+    ];
+    add_error_response(
+        spec,
+        |path| NAMING_VECTORS.contains(&path),
+        "503",
+        "The shared vector database cannot be reached (`store_unavailable`, with `Retry-After`): \
+         a write, or a vector this replica has not seen yet",
+    );
+}
+
+/// Adds an error response (the envelope) to every operation of the paths `on` selects that
+/// does not document `status` already.
+fn add_error_response(
+    spec: &mut utoipa::openapi::OpenApi,
+    on: impl Fn(&str) -> bool,
+    status: &str,
+    description: &str,
+) {
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
     for (path, item) in spec.paths.paths.iter_mut() {
-        if matches!(path.as_str(), "/health" | "/ready") {
+        if !on(path.as_str()) {
             continue;
         }
         for op in [
@@ -253,12 +336,10 @@ fn add_unauthorized(spec: &mut utoipa::openapi::OpenApi) {
         {
             op.responses
                 .responses
-                .entry("401".to_string())
+                .entry(status.to_string())
                 .or_insert_with(|| {
                     ResponseBuilder::new()
-                        .description(
-                            "API keys are configured and the request has none, or a wrong one",
-                        )
+                        .description(description)
                         .content(
                             "application/json",
                             ContentBuilder::new()
@@ -278,6 +359,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     spec.info.version = env!("CARGO_PKG_VERSION").to_string();
     utoipa::Modify::modify(&UntypedExamples, &mut spec);
     add_unauthorized(&mut spec);
+    add_store_unavailable(&mut spec);
     spec
 }
 

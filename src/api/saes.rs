@@ -459,7 +459,9 @@ pub async fn inspect_features(
     let tokens = encode_input(&state, req.prompt.as_deref(), req.messages.as_deref())?;
     check_prompt_len(&state, "prompt", tokens.len())?;
     let top_k = top_k_param(req.top_k)?;
-    let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
+    let plan = state
+        .steering_plan(req.steering.as_deref(), &headers)
+        .await?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let grab = SiteRecorder::new(sae.site, sae.layer);
     let rows = super::inspect::run_chunked(&state, &tokens, plan, grab, "inspection")

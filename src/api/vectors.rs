@@ -103,10 +103,10 @@ fn parse_format(q: &FormatQuery) -> Result<Option<VectorFormat>, ApiError> {
         .transpose()
 }
 
-fn lookup(state: &AppState, name: &str) -> Result<StoreEntry, ApiError> {
+async fn lookup(state: &AppState, name: &str) -> Result<StoreEntry, ApiError> {
     state
-        .store
-        .get(name)
+        .vector(name)
+        .await?
         .ok_or_else(|| ApiError::not_found("vector_not_found", format!("no vector named `{name}`")))
 }
 
@@ -132,7 +132,7 @@ pub async fn get_vector(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let format = parse_format(&q)?;
-    let entry = lookup(&state, &name)?;
+    let entry = lookup(&state, &name).await?;
     if let Some(inm) = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -206,7 +206,21 @@ impl From<StoreError> for ApiError {
             StoreError::ModelMismatch(_) => ApiError::invalid("body", "model_mismatch", e),
             StoreError::Invalid(_) => ApiError::invalid("body", "invalid_vector", e),
             StoreError::Io(io) => storage_error(&io),
+            StoreError::Unavailable(why) => store_unavailable(format!(
+                "{why}; vectors cannot be written or deleted until it is back (generation \
+                 with known vectors goes on)"
+            )),
         }
+    }
+}
+
+/// 503 `store_unavailable`: the shared vector database cannot be reached (logged).
+pub fn store_unavailable(message: String) -> ApiError {
+    tracing::warn!(error = %message, "vector database unavailable");
+    ApiError {
+        code: "store_unavailable",
+        retry_after: Some(2),
+        ..ApiError::unavailable(message)
     }
 }
 
@@ -276,7 +290,7 @@ pub async fn put_vector(
     let defaults = formats::defaults_for(&name, &state.engine.model.id, method);
     let v = formats::decode(&body, format, &defaults)
         .map_err(|e| ApiError::invalid("body", "invalid_vector", format!("{e:#}")))?;
-    let (entry, created) = state.store.put(v, &precondition(&headers))?;
+    let (entry, created) = state.store.write(v, &precondition(&headers)).await?;
     tracing::info!(name = %name, version = entry.vector.meta.version, "vector stored");
     let status = if created {
         StatusCode::CREATED
@@ -305,7 +319,7 @@ pub async fn delete_vector(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    state.store.delete(&name, &precondition(&headers))?;
+    state.store.remove(&name, &precondition(&headers)).await?;
     tracing::info!(name = %name, "vector deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -753,7 +767,7 @@ pub async fn run_extraction(
     let done = plan.finish(&state.engine.model.id, acts, n_pos);
     let v = done.vector;
     let (reports, recommended, heldout) = (done.reports, done.recommended_layer, done.heldout);
-    let (entry, _) = state.store.put(v, &Precondition::default())?;
+    let (entry, _) = state.store.write(v, &Precondition::default()).await?;
     tracing::info!(name = %plan.name, method = plan.method.as_str(), examples = total, recommended_layer = ?recommended, "vector extracted");
     Ok(ExtractResponse {
         vector: VectorInfo::of(&entry),
@@ -788,6 +802,13 @@ pub async fn extract_vector(
 ) -> Result<Response, ApiError> {
     let stream = req.stream.unwrap_or(false);
     let plan = ExtractPlan::validate(&state.engine.model, &state.config, req)?;
+    // The result is stored at the end: refuse now rather than after the whole run.
+    if state.store.health().status != "ok" {
+        return Err(store_unavailable(
+            "the vector database cannot be reached, so an extracted vector could not be stored"
+                .into(),
+        ));
+    }
     if !stream {
         return Ok(Json(run_extraction(&state, plan, None).await?).into_response());
     }

@@ -26,6 +26,10 @@ pub struct SchedulerConfig {
     /// Most prompt tokens one sequence prefills in one step, so a long prompt does not stall
     /// the sequences that are decoding.
     pub prefill_chunk: usize,
+    /// Most prompt tokens, all sequences together, in a step that also decodes: a burst of new
+    /// prompts cannot stall the running sequences' next tokens by more than this many rows. A
+    /// step with nothing to decode takes prompts up to `max_batch_tokens`.
+    pub prefill_while_decoding: usize,
 }
 
 struct Sequence {
@@ -197,10 +201,14 @@ impl Scheduler {
         if self.active.is_empty() {
             return Ok(report);
         }
-        // Decoding sequences first (one row each), then prompt chunks in admission order.
+        // Decoding sequences first (one row each), then prompt chunks in admission order, at
+        // most `prefill_while_decoding` of them when something decodes.
         let mut budget = self.cfg.max_batch_tokens.max(1);
         let mut takes = vec![0usize; self.active.len()];
         for pass in [true, false] {
+            if !pass && takes.iter().any(|&t| t > 0) {
+                budget = budget.min(self.cfg.prefill_while_decoding.max(1));
+            }
             for (i, s) in self.active.iter().enumerate() {
                 let pending = s.pending();
                 if (pending == 1) != pass || budget == 0 {
@@ -380,4 +388,74 @@ fn finish(s: &mut Sequence, reason: FinishReason, report: &mut StepReport) {
     };
     report.finished.push(f.clone());
     report.done_events.push((s.req.events.clone(), f));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sampling::SamplingParams;
+    use crate::testing::{write_tiny_gguf, TinySpec};
+
+    /// A request, and the receiver of its events (a closed one ends the sequence).
+    fn request(
+        prompt_len: usize,
+    ) -> (
+        GenerationRequest,
+        tokio::sync::mpsc::UnboundedReceiver<GenerationEvent>,
+    ) {
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = GenerationRequest {
+            prompt: (0..prompt_len as u32).map(|t| 3 + t % 50).collect(),
+            max_tokens: 8,
+            sampling: SamplingParams::greedy(1),
+            stop: Vec::new(),
+            logprobs: None,
+            steering: None,
+            ignore_eos: true,
+            deadline: None,
+            events,
+            request_id: "t".into(),
+        };
+        (req, rx)
+    }
+
+    /// A step that decodes takes at most `prefill_while_decoding` prompt rows, however many
+    /// prompts wait; a step with nothing to decode takes them up to `max_batch_tokens`.
+    #[test]
+    fn prompts_arriving_cannot_stall_decoding_beyond_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TinySpec::default();
+        let path = write_tiny_gguf(dir.path(), &spec, candle_core::quantized::GgmlDType::Q8_0);
+        let model = Model::load(&path.unwrap(), Some("tiny"), &Default::default()).unwrap();
+        let mut sched = Scheduler::new(SchedulerConfig {
+            max_batch_size: 8,
+            max_batch_tokens: 100,
+            prefill_chunk: 40,
+            prefill_while_decoding: 6,
+        });
+        let mut receivers = Vec::new();
+        let (req, rx) = request(30);
+        receivers.push(rx);
+        sched.admit(&model, req);
+        let first = sched.step(&model).unwrap();
+        assert_eq!((first.rows, first.prefill_tokens), (30, 30));
+        // Now one sequence decodes; three prompts of 40 tokens arrive at once.
+        for _ in 0..3 {
+            let (req, rx) = request(40);
+            receivers.push(rx);
+            sched.admit(&model, req);
+        }
+        let mut prompt_rows = 0;
+        for _ in 0..4 {
+            let r = sched.step(&model).unwrap();
+            assert_eq!(
+                r.rows - r.prefill_tokens,
+                1,
+                "the decoding sequence gets its row"
+            );
+            assert_eq!(r.prefill_tokens, 6, "at most the budget of prompt rows");
+            prompt_rows += r.prefill_tokens;
+        }
+        assert_eq!(prompt_rows, 24);
+    }
 }

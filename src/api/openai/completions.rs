@@ -136,12 +136,16 @@ pub async fn completions(
     if stream {
         let ids = inputs.into_iter().next().map(|p| p.ids).unwrap_or_default();
         let how = Streaming::new(req.stream, req.stream_options, false);
-        if let Launched::Streamed(resp) = launch(&state, &headers, ids, &raw, req.steering, how)? {
+        if let Launched::Streamed(resp) =
+            launch(&state, &headers, ids, &raw, req.steering, how).await?
+        {
             return Ok(resp);
         }
         return Err(ApiError::internal("streaming", "the stream did not start").into());
     }
-    let plan = state.steering_plan(req.steering.as_deref(), &headers)?;
+    let plan = state
+        .steering_plan(req.steering.as_deref(), &headers)
+        .await?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     let top = if echo {
         logprobs_param(&state.config.limits, req.logprobs)?

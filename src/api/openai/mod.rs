@@ -414,15 +414,15 @@ struct Prepared {
     applied: Vec<AppliedIntervention>,
 }
 
-fn prepare(
+async fn prepare(
     state: &AppState,
     headers: &HeaderMap,
     prompt: Vec<u32>,
-    raw: &RawSettings,
+    raw: &RawSettings<'_>,
     steering: Option<Vec<InterventionSpec>>,
 ) -> Result<Prepared, ApiError> {
     let settings = validate_settings(state, prompt, raw)?;
-    let plan = state.steering_plan(steering.as_deref(), headers)?;
+    let plan = state.steering_plan(steering.as_deref(), headers).await?;
     let applied = plan.as_ref().map(|p| p.applied()).unwrap_or_default();
     Ok(Prepared {
         settings,
@@ -463,15 +463,15 @@ enum Launched {
 }
 
 /// Validates, admits the request to the engine, and for `stream: true` answers with SSE.
-fn launch(
+async fn launch(
     state: &AppState,
     headers: &HeaderMap,
     prompt: Vec<u32>,
-    raw: &RawSettings,
+    raw: &RawSettings<'_>,
     steering: Option<Vec<InterventionSpec>>,
     how: Streaming,
 ) -> Result<Launched, ApiError> {
-    let p = prepare(state, headers, prompt, raw, steering)?;
+    let p = prepare(state, headers, prompt, raw, steering).await?;
     let rx = start(state, &p.settings, p.plan.clone(), &request_id(headers))?;
     let id = new_id(if how.chat { "chatcmpl" } else { "cmpl" });
     let created = now();
@@ -548,7 +548,7 @@ pub async fn chat_completions(
     };
     let how = Streaming::new(req.stream, req.stream_options, true);
     let Collected { p, rx, id, created } =
-        match launch(&state, &headers, prompt, &raw, req.steering, how)? {
+        match launch(&state, &headers, prompt, &raw, req.steering, how).await? {
             Launched::Streamed(resp) => return Ok(resp),
             Launched::Collect(c) => c,
         };

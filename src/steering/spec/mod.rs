@@ -111,6 +111,17 @@ pub struct InterventionSpec {
     pub when: Option<ConditionSpec>,
 }
 
+impl InterventionSpec {
+    /// The stored vectors this intervention names: its direction, its means and its
+    /// condition's direction.
+    pub fn vector_names(&self) -> impl Iterator<Item = &str> {
+        let when = self.when.as_ref().and_then(|w| w.vector.as_deref());
+        [self.vector.as_deref(), self.means.as_deref(), when]
+            .into_iter()
+            .flatten()
+    }
+}
+
 /// How a scheduled `add` changes strength over its steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -1,18 +1,23 @@
-//! The vectors a server knows by name, persisted in a directory as one safetensors file each.
+//! The vectors a server knows by name, persisted in a directory as one safetensors file each,
+//! or in PostgreSQL when replicas share them ([`postgres`], `store.url`).
 //!
 //! Built-in vectors (`config/vectors/`) are loaded read-only at start. Stored vectors live in
-//! `vectors.dir`; writes are atomic (temporary file, fsync, rename, fsync of the directory), so
+//! `vectors.dir` (the folder store); writes are atomic (temporary file, fsync, rename, fsync of the directory), so
 //! a process killed mid-write leaves the old version or the new one, never a broken file. At
 //! start a broken or foreign file is reported and skipped, never fatal. Every version has an
 //! ETag; `If-Match` gives compare-and-set. Requests hold `Arc`s to the data, so one in flight
 //! keeps the version it was admitted with whatever happens to the name afterwards.
 
+mod copy;
+pub mod postgres;
+pub mod schema;
+
 use super::vector::{SteeringVector, VectorDefaults, VectorKind};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 /// Where a stored vector came from.
 #[derive(
@@ -92,6 +97,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("storage failure: {0}")]
     Io(#[from] std::io::Error),
+    /// The shared store (PostgreSQL) cannot be reached; the local copy still serves.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Checks a vector name: `[a-z0-9_.-]{1,64}`, not starting with a dot.
@@ -113,13 +121,11 @@ pub struct Precondition {
 }
 
 impl Precondition {
-    fn check(&self, name: &str, current: Option<&StoreEntry>) -> Result<(), StoreError> {
+    /// Checks the precondition against the current version's ETag (`None`: no such vector).
+    fn check(&self, name: &str, current: Option<&str>) -> Result<(), StoreError> {
         let mismatch = || StoreError::VersionMismatch {
             name: name.to_string(),
-            current: current.map_or_else(
-                || "none (it does not exist)".to_string(),
-                |e| e.etag.clone(),
-            ),
+            current: current.map_or_else(|| "none (it does not exist)".to_string(), str::to_string),
         };
         if self.if_none_match_any && current.is_some() {
             return Err(mismatch());
@@ -127,7 +133,7 @@ impl Precondition {
         if let Some(tags) = &self.if_match {
             let ok = match current {
                 None => false,
-                Some(e) => tags.iter().any(|t| t == "*" || t == &e.etag),
+                Some(etag) => tags.iter().any(|t| t == "*" || t == etag),
             };
             if !ok {
                 return Err(mismatch());
@@ -146,6 +152,29 @@ pub struct VectorStore {
     entries: RwLock<BTreeMap<String, StoreEntry>>,
     /// Serializes writes so that compare-and-set is atomic with the file operations.
     writer: Mutex<()>,
+    /// The database this store is a copy of, when replicas share one.
+    shared: OnceLock<Arc<postgres::Shared>>,
+    /// The database version last applied per name (tombstones included), so a late or repeated
+    /// change notice never replaces a newer copy.
+    remote_versions: Mutex<HashMap<String, u64>>,
+}
+
+/// The store's backend and the state of its link, for `/health`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct StoreHealth {
+    /// `folder`, `memory` or `postgres`.
+    #[schema(example = "postgres")]
+    pub backend: String,
+    /// `ok`, or `degraded` while the database cannot be reached (generation goes on with the
+    /// local copy; writes answer 503).
+    #[schema(example = "ok")]
+    pub status: String,
+    /// Why the store is degraded.
+    #[schema(example = "the vector database cannot be reached (connection refused)")]
+    pub message: Option<String>,
+    /// Seconds since the local copy was last resynced in full with the database.
+    #[schema(example = 12)]
+    pub synced_secs_ago: Option<u64>,
 }
 
 fn etag_of(bytes: &[u8], version: u64) -> String {
@@ -165,27 +194,27 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 const EMBEDDED_BUILTINS: [(&str, &[u8]); 6] = [
     (
         "golden_gate.safetensors",
-        include_bytes!("../../config/vectors/golden_gate.safetensors"),
+        include_bytes!("../../../config/vectors/golden_gate.safetensors"),
     ),
     (
         "head_means_default.safetensors",
-        include_bytes!("../../config/vectors/head_means_default.safetensors"),
+        include_bytes!("../../../config/vectors/head_means_default.safetensors"),
     ),
     (
         "neuron_means_default.safetensors",
-        include_bytes!("../../config/vectors/neuron_means_default.safetensors"),
+        include_bytes!("../../../config/vectors/neuron_means_default.safetensors"),
     ),
     (
         "refusal.safetensors",
-        include_bytes!("../../config/vectors/refusal.safetensors"),
+        include_bytes!("../../../config/vectors/refusal.safetensors"),
     ),
     (
         "sycophancy.safetensors",
-        include_bytes!("../../config/vectors/sycophancy.safetensors"),
+        include_bytes!("../../../config/vectors/sycophancy.safetensors"),
     ),
     (
         "gemma3-270m/golden_gate.safetensors",
-        include_bytes!("../../config/vectors/gemma3-270m/golden_gate.safetensors"),
+        include_bytes!("../../../config/vectors/gemma3-270m/golden_gate.safetensors"),
     ),
 ];
 
@@ -228,10 +257,8 @@ impl VectorStore {
     /// Returns the store and one line per file skipped.
     pub fn open(shape: ModelShape, dir: Option<&Path>) -> std::io::Result<(Self, Vec<String>)> {
         let store = Self {
-            shape,
             dir: dir.map(Path::to_path_buf),
-            entries: RwLock::new(BTreeMap::new()),
-            writer: Mutex::new(()),
+            ..Self::in_memory(shape)
         };
         let mut skipped = Vec::new();
         if let Some(d) = dir {
@@ -255,6 +282,8 @@ impl VectorStore {
             dir: None,
             entries: RwLock::new(BTreeMap::new()),
             writer: Mutex::new(()),
+            shared: OnceLock::new(),
+            remote_versions: Mutex::new(HashMap::new()),
         }
     }
 
@@ -384,29 +413,13 @@ impl VectorStore {
     /// and the precondition. Returns the stored entry and whether the name was new.
     pub fn put(
         &self,
-        mut v: SteeringVector,
+        v: SteeringVector,
         pre: &Precondition,
     ) -> Result<(StoreEntry, bool), StoreError> {
-        if !valid_name(&v.name) {
-            return Err(StoreError::InvalidName(v.name));
-        }
-        if v.meta.model.is_empty() {
-            v.meta.model = self.shape.model_id.clone();
-        }
-        v.validate()
-            .map_err(|e| StoreError::Invalid(format!("{e:#}")))?;
-        if let Some(why) = self.shape.mismatch(&v) {
-            return Err(StoreError::ModelMismatch(why));
-        }
+        let mut v = self.prepare(v)?;
         let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.get(&v.name);
-        if current
-            .as_ref()
-            .is_some_and(|e| e.origin == VectorOrigin::Builtin)
-        {
-            return Err(StoreError::ReadOnly(v.name));
-        }
-        pre.check(&v.name, current.as_ref())?;
+        pre.check(&v.name, current.as_ref().map(|e| e.etag.as_str()))?;
         v.meta.version = current.as_ref().map_or(1, |e| e.vector.meta.version + 1);
         let bytes = v
             .to_safetensors()
@@ -423,16 +436,51 @@ impl VectorStore {
         Ok((entry, current.is_none()))
     }
 
+    /// Checks a vector to be written: its name, its values, the model (filled in when the
+    /// vector names none) and that the name is not a built-in's.
+    fn prepare(&self, mut v: SteeringVector) -> Result<SteeringVector, StoreError> {
+        if !valid_name(&v.name) {
+            return Err(StoreError::InvalidName(v.name));
+        }
+        if v.meta.model.is_empty() {
+            v.meta.model = self.shape.model_id.clone();
+        }
+        v.validate()
+            .map_err(|e| StoreError::Invalid(format!("{e:#}")))?;
+        if let Some(why) = self.shape.mismatch(&v) {
+            return Err(StoreError::ModelMismatch(why));
+        }
+        for (field, text) in [
+            ("description", &v.meta.description),
+            ("method", &v.meta.method),
+        ] {
+            if text.contains('\0') {
+                return Err(StoreError::Invalid(format!(
+                    "`{field}` contains a NUL character"
+                )));
+            }
+        }
+        self.refuse_builtin(&v.name)?;
+        Ok(v)
+    }
+
+    fn refuse_builtin(&self, name: &str) -> Result<(), StoreError> {
+        match self.get(name) {
+            Some(e) if e.origin == VectorOrigin::Builtin => {
+                Err(StoreError::ReadOnly(name.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Deletes a stored vector, checking the precondition.
     pub fn delete(&self, name: &str, pre: &Precondition) -> Result<(), StoreError> {
+        self.refuse_builtin(name)?;
         let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let current = self
             .get(name)
             .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
-        if current.origin == VectorOrigin::Builtin {
-            return Err(StoreError::ReadOnly(name.to_string()));
-        }
-        pre.check(name, Some(&current))?;
+        pre.check(name, Some(&current.etag))?;
         if let Some(dir) = &self.dir {
             let path = dir.join(format!("{name}.safetensors"));
             match std::fs::remove_file(&path) {
