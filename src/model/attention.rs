@@ -6,14 +6,15 @@
 //! The CPU backend attends with `cpu::attention::attend` over host caches; the candle backend
 //! runs the same maths as tensor ops on any device.
 
-use super::batch::LayerKv;
-use super::cpu::attention::{attend, AttentionSpec, RopeLayout};
+use super::batch::{LayerKv, SeqChunk};
+use super::cpu::attention::{attend, AttentionSpec, HostKv, RopeLayout};
 use super::hooks::HookSite;
 use super::layers::{with_host_f32, Linear, RmsNorm};
 use super::pass::Pass;
 use super::Backend;
 use anyhow::bail;
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 /// One layer's attention.
 pub struct Attention {
@@ -79,22 +80,32 @@ impl Attention {
         let (q_dim, width) = (s.q_dim(), s.q_dim() + 2 * s.kv_dim());
         let n = p.batch.tokens.len();
         let mut out = vec![0f32; n * q_dim];
-        with_host_f32(qkv, |data| -> anyhow::Result<()> {
-            for (c, cache) in p.batch.chunks.iter().zip(p.caches.iter_mut()) {
-                let LayerKv::Host(kv) = &mut cache.layers[layer] else {
-                    bail!("a device cache was passed to the CPU backend");
-                };
-                attend(
-                    &data[c.row * width..(c.row + c.len) * width],
-                    c.len,
-                    c.start_pos,
-                    kv,
-                    &self.spec,
-                    &mut out[c.row * q_dim..(c.row + c.len) * q_dim],
-                );
+        // Each sequence's rows, cache and output apart, so that the sequences of a batch
+        // attend in parallel (a decoding sequence's one row is too little work to split).
+        let mut jobs = Vec::with_capacity(p.batch.chunks.len());
+        let (mut rest, mut next_row) = (&mut out[..], 0);
+        for (c, cache) in p.batch.chunks.iter().zip(p.caches.iter_mut()) {
+            let LayerKv::Host(kv) = &mut cache.layers[layer] else {
+                bail!("a device cache was passed to the CPU backend");
+            };
+            if c.row != next_row || c.len * q_dim > rest.len() {
+                bail!("the batch's chunks are not its rows in order");
             }
-            Ok(())
-        })??;
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(c.len * q_dim);
+            (rest, next_row) = (tail, next_row + c.len);
+            jobs.push((c, kv, dst));
+        }
+        with_host_f32(qkv, |data| {
+            let one = |(c, kv, dst): (&SeqChunk, &mut HostKv, &mut [f32])| {
+                let rows = &data[c.row * width..(c.row + c.len) * width];
+                attend(rows, c.len, c.start_pos, kv, &self.spec, dst);
+            };
+            if jobs.len() > 1 {
+                jobs.into_par_iter().for_each(one);
+            } else {
+                jobs.into_iter().for_each(one);
+            }
+        })?;
         Ok(Tensor::from_vec(out, (n, q_dim), p.device)?)
     }
 

@@ -81,6 +81,47 @@ struct Quantized16 {
     d: Vec<f32>,
     s: Vec<f32>,
     block: usize,
+    /// The same values tiled for the SIMD kernels.
+    tiled: Option<Tiled>,
+}
+
+/// Each group's rows interleaved block by block (a block: the values sharing one scale, 32 or
+/// 256): in the group of rows `start..start + len`, row `k`'s block `b` lies at
+/// `start * cols + (b * len + k) * block`, its scale at `start * blocks + b * len + k`, and
+/// its sums (one per 32 values) from `start * cols / 32 + (b * len + k) * block / 32`. A
+/// kernel then walks one pointer per array whatever the number of rows (the rows' pointers no
+/// longer crowd out its registers), and reads a block's activations for all rows as one
+/// contiguous run and their scales and sums side by side.
+struct Tiled {
+    q: Vec<i16>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl Tiled {
+    fn new(a: &Quantized16, m: usize, cols: usize) -> Self {
+        let (unit, nb, per) = (a.block, cols / a.block, a.block / QK);
+        let mut t = Tiled {
+            q: vec![0; a.q.len()],
+            d: vec![0.0; a.d.len()],
+            s: vec![0.0; a.s.len()],
+        };
+        for start in (0..m).step_by(ROW_GROUP) {
+            let len = ROW_GROUP.min(m - start);
+            for k in 0..len {
+                let row = start + k;
+                for b in 0..nb {
+                    let (tile, src) = (b * len + k, row * nb + b);
+                    let q = start * cols + tile * unit;
+                    t.q[q..q + unit].copy_from_slice(&a.q[src * unit..(src + 1) * unit]);
+                    t.d[start * nb + tile] = a.d[src];
+                    let s = start * nb * per + tile * per;
+                    t.s[s..s + per].copy_from_slice(&a.s[src * per..(src + 1) * per]);
+                }
+            }
+        }
+        t
+    }
 }
 
 impl Quantized16 {
@@ -91,6 +132,7 @@ impl Quantized16 {
             d: vec![0.0; m * nd],
             s: vec![0.0; m * ns],
             block,
+            tiled: None,
         };
         let row = |(((q, d), s), x): RowParts| {
             for ((q, d), x) in q
@@ -128,6 +170,9 @@ impl Quantized16 {
                 .zip(x.chunks(cols))
                 .for_each(row);
         }
+        if isa() != Isa::Scalar {
+            out.tiled = Some(Tiled::new(&out, m, cols));
+        }
         out
     }
 
@@ -142,7 +187,17 @@ impl Quantized16 {
                     q: [&[]; ROW_GROUP],
                     d: [&[]; ROW_GROUP],
                     s: [&[]; ROW_GROUP],
+                    tiled: (&[], &[], &[]),
                 };
+                if let Some((a, t)) = this.and_then(|a| Some((a, a.tiled.as_ref()?))) {
+                    let (nd, ns) = (cols / a.block, cols / QK);
+                    let rows = start..start + g.len;
+                    g.tiled = (
+                        &t.q[rows.start * cols..rows.end * cols],
+                        &t.d[rows.start * nd..rows.end * nd],
+                        &t.s[rows.start * ns..rows.end * ns],
+                    );
+                }
                 for k in 0..g.len {
                     let i = start + k;
                     g.xs[k] = &x[i * cols..(i + 1) * cols];
@@ -171,6 +226,9 @@ pub(crate) struct Group<'a> {
     pub q: [&'a [i16]; ROW_GROUP],
     pub d: [&'a [f32]; ROW_GROUP],
     pub s: [&'a [f32]; ROW_GROUP],
+    /// The same rows tiled (values, scales, sums; see [`Tiled`]) for the SIMD kernels; empty
+    /// for the portable ones.
+    pub tiled: (&'a [i16], &'a [f32], &'a [f32]),
 }
 
 /// `out[i * w.rows + j] = Σ_k x[i * w.cols + k] * W[j, k]` for `i < m`.
@@ -340,7 +398,8 @@ mod tests {
     #[test]
     fn kernels_are_accurate_and_batch_invariant() {
         for dtype in FORMATS {
-            let (rows, cols, m) = (37, 512, 7);
+            // A full group of rows and a partial one (the kernels' tiles differ in length).
+            let (rows, cols, m) = (37, 512, ROW_GROUP + 3);
             let w = weights(rows, cols, dtype);
             let x = pseudo_random(m * cols, 3);
             let mut batched = vec![0f32; m * rows];

@@ -122,60 +122,70 @@ macro_rules! widen_i8 {
     }};
 }
 
-/// The activation rows of a group as raw pointers (16-bit values, scales, sums), hoisted out
-/// of the block loops so that nothing is reloaded per block.
-macro_rules! rows {
-    ($g:ident, $r:ident) => {
+/// The tiled activations of a group (see `matmul::Tiled`) as raw pointers: values, scales,
+/// sums. Checks that the group is tiled for `$r` rows of `$cols` values.
+macro_rules! tiled {
+    ($g:ident, $r:ident, $cols:expr) => {{
+        assert!(
+            $g.len == $r && $g.tiled.0.len() == $r * $cols,
+            "untiled group"
+        );
         (
-            std::array::from_fn::<*const i16, $r, _>(|k| $g.q[k].as_ptr()),
-            std::array::from_fn::<*const f32, $r, _>(|k| $g.d[k].as_ptr()),
-            std::array::from_fn::<*const f32, $r, _>(|k| $g.s[k].as_ptr()),
+            $g.tiled.0.as_ptr(),
+            $g.tiled.1.as_ptr(),
+            $g.tiled.2.as_ptr(),
         )
-    };
+    }};
 }
 
-/// Adds block `$i` (weights `$lo`, `$hi`, scale `$dw`, minimum `$mw`) times every activation
-/// row to the accumulators `$acc`, and the minimum term to `$macc` when `$min` (a literal, so
-/// the formats without one carry no dead arithmetic). The integer sums are scaled by the
-/// row's `d_x` (a broadcast load) and then by `d_w`, shared by the rows.
+/// Adds block `$i` (weights `$v`, scale `$dw`, minimum `$mw`) times every activation row of
+/// the tiled group `$x` (values, scales, sums; see `matmul::Tiled`) to the accumulators
+/// `$acc`, and the minimum term to `$macc` when `$min` (a literal, so the formats without one
+/// carry no dead arithmetic). The integer sums are scaled by the row's `d_x` (a broadcast
+/// load) and then by `d_w`, shared by the rows. The block's activations for all rows are one
+/// contiguous run, and their scales and sums adjacent, so only three pointers stay live.
 macro_rules! add_block {
     ($dot2:ident, $x:ident, $i:expr, $v:expr, $dw:expr, $mw:expr, $min:literal, $acc:ident, $macc:ident) => {{
         let ((lo, hi), dw, mw, i): ((__m256i, __m256i), f32, f32, usize) = ($v, $dw, $mw, $i);
-        let (q, d, s) = &$x;
+        let (q, d, s) = $x;
+        let r = $acc.len();
+        let (q, d, s) = (q.add(i * r * QK), d.add(i * r), s.add(i * r));
         let dw = _mm256_set1_ps(dw);
-        for k in 0..$acc.len() {
-            let x = q[k].add(i * QK) as *const __m256i;
+        for k in 0..r {
+            let x = q.add(k * QK) as *const __m256i;
             let p = $dot2(lo, _mm256_loadu_si256(x), hi, _mm256_loadu_si256(x.add(1)));
-            let t = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(*d[k].add(i)));
+            let t = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(*d.add(k)));
             $acc[k] = _mm256_fmadd_ps(t, dw, $acc[k]);
-            if $min {
-                $macc[k] += mw * *s[k].add(i);
+        }
+        if $min {
+            for k in 0..r {
+                $macc[k] += mw * *s.add(k);
             }
         }
     }};
 }
 
 /// Adds the products of 32 weights (`$v`: two registers of sixteen `i16`, sub-block scale
-/// folded in) with the 32 activations of every row at element `$e` to the rows' `i32` sums.
+/// folded in) with the 32 activations at element `$e` of every row's super-block, whose tiles
+/// start at `$x`, to the rows' `i32` sums.
 macro_rules! add_ints {
-    ($dot:ident, $x:ident, $e:expr, $v:expr, $isum:ident) => {{
-        let ((lo, hi), e): ((__m256i, __m256i), usize) = ($v, $e);
-        let (q, _, _) = &$x;
+    ($dot:ident, $x:expr, $e:expr, $v:expr, $isum:ident) => {{
+        let ((lo, hi), e, x): ((__m256i, __m256i), usize, *const i16) = ($v, $e, $x);
         for k in 0..$isum.len() {
-            let x = q[k].add(e) as *const __m256i;
+            let x = x.add(k * QK_K + e) as *const __m256i;
             $isum[k] = $dot($isum[k], lo, _mm256_loadu_si256(x));
             $isum[k] = $dot($isum[k], hi, _mm256_loadu_si256(x.add(1)));
         }
     }};
 }
 
-/// Scales the rows' integer sums of super-block `$b` by their `d_x` and by `$dw` into `$acc`.
+/// Scales the rows' integer sums of a super-block by their `d_x` (from `$d`, the rows' scales
+/// side by side) and by `$dw` into `$acc`.
 macro_rules! scale_ints {
-    ($x:ident, $b:expr, $dw:expr, $isum:ident, $acc:ident) => {{
-        let (_, d, _) = &$x;
-        let (b, dw): (usize, __m256) = ($b, $dw);
+    ($d:expr, $dw:expr, $isum:ident, $acc:ident) => {{
+        let (d, dw): (*const f32, __m256) = ($d, $dw);
         for k in 0..$isum.len() {
-            let t = _mm256_mul_ps(_mm256_cvtepi32_ps($isum[k]), _mm256_set1_ps(*d[k].add(b)));
+            let t = _mm256_mul_ps(_mm256_cvtepi32_ps($isum[k]), _mm256_set1_ps(*d.add(k)));
             $acc[k] = _mm256_fmadd_ps(t, dw, $acc[k]);
         }
     }};
@@ -228,7 +238,7 @@ macro_rules! blocks32_kernel {
         #[target_feature(enable = $features)]
         unsafe fn $name<const R: usize>(w: &[$block], g: &Group, out: &mut [f32; ROW_GROUP]) {
             let (mut even, mut odd, mut meven, mut modd) = accumulators!(R);
-            let x = rows!(g, R);
+            let x = tiled!(g, R, w.len() * QK);
             let mut pairs = w.chunks_exact(2);
             let mut i = 0;
             for pair in &mut pairs {
@@ -258,9 +268,10 @@ macro_rules! kquant45_kernel {
         #[target_feature(enable = $features)]
         unsafe fn $name<const R: usize>(w: &[$block], g: &Group, out: &mut [f32; ROW_GROUP]) {
             let (mut acc, mut mins) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-            let x = rows!(g, R);
+            let (xq, xd, xs) = tiled!(g, R, w.len() * QK_K);
             let (low4, one) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1));
             for (b, $wb) in w.iter().enumerate() {
+                let xb = xq.add(b * R * QK_K);
                 let (d, dmin) = halves($wb as *const _ as *const u8);
                 let (sc, m) = scales_mins_k4(&$wb.scales);
                 let fifth: Option<__m256i> = $fifth;
@@ -273,19 +284,19 @@ macro_rules! kquant45_kernel {
                         lo = _mm256_or_si256(lo, bits_to_4!(qh, 2 * c as i32, one));
                         hi = _mm256_or_si256(hi, bits_to_4!(qh, 2 * c as i32 + 1, one));
                     }
-                    let e = b * QK_K + 64 * c;
+                    let e = 64 * c;
                     let lo = times!(widen_u8!(lo), sc[2 * c] as i16);
                     let hi = times!(widen_u8!(hi), sc[2 * c + 1] as i16);
-                    add_ints!($dot, x, e, lo, isum);
-                    add_ints!($dot, x, e + QK, hi, isum);
+                    add_ints!($dot, xb, e, lo, isum);
+                    add_ints!($dot, xb, e + QK, hi, isum);
                 }
-                scale_ints!(x, b, _mm256_set1_ps(d), isum, acc);
+                scale_ints!(xd.add(b * R), _mm256_set1_ps(d), isum, acc);
                 let m8 = _mm_loadl_epi64(m.as_ptr() as *const __m128i);
                 let mv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m8));
                 let mv = _mm256_mul_ps(mv, _mm256_set1_ps(-dmin));
-                let (_, _, s) = &x;
+                let sb = xs.add(b * R * 8);
                 for k in 0..R {
-                    mins[k] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(s[k].add(8 * b)), mins[k]);
+                    mins[k] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(sb.add(8 * k)), mins[k]);
                 }
             }
             for k in 0..R {
@@ -302,13 +313,14 @@ macro_rules! q6k_kernel {
         #[target_feature(enable = $features)]
         unsafe fn $name<const R: usize>(w: &[BlockQ6K], g: &Group, out: &mut [f32; ROW_GROUP]) {
             let mut acc = [_mm256_setzero_ps(); R];
-            let x = rows!(g, R);
+            let (xq, xd, _) = tiled!(g, R, w.len() * QK_K);
             let (low4, three, bias) = (
                 _mm256_set1_epi8(0x0F),
                 _mm256_set1_epi8(3),
                 _mm256_set1_epi8(32),
             );
             for (b, wb) in w.iter().enumerate() {
+                let xb = xq.add(b * R * QK_K);
                 // `d` is the last field: read it with the two bytes before it.
                 let d = _mm256_set1_ps(halves((&wb.d as *const _ as *const u8).sub(2)).1);
                 for h in 0..2 {
@@ -333,9 +345,9 @@ macro_rules! q6k_kernel {
                         let s = 8 * h + 2 * t;
                         let lo = _mm256_mullo_epi16(lo, _mm256_set1_epi16(wb.scales[s] as i16));
                         let hi = _mm256_mullo_epi16(hi, _mm256_set1_epi16(wb.scales[s + 1] as i16));
-                        add_ints!($dot, x, b * QK_K + 128 * h + 32 * t, (lo, hi), isum);
+                        add_ints!($dot, xb, 128 * h + 32 * t, (lo, hi), isum);
                     }
-                    scale_ints!(x, b, d, isum, acc);
+                    scale_ints!(xd.add(b * R), d, isum, acc);
                 }
             }
             for k in 0..R {
