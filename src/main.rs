@@ -153,6 +153,11 @@ enum Cmd {
         /// of context each, `--decode-tokens` steps; one JSON line per size.
         #[arg(long, value_delimiter = ',')]
         batch: Option<Vec<usize>>,
+        /// Instead: a roofline of the matrix products (the first block's and the head's, at
+        /// each `--batch` size, default 1,8) against this machine's memory-bandwidth and
+        /// integer-dot bounds, measured in the same run; one JSON line per product.
+        #[arg(long)]
+        roofline: bool,
     },
 }
 
@@ -405,9 +410,22 @@ fn main() -> Result<()> {
             decode_tokens,
             repeats,
             batch,
+            roofline,
         } => {
             let cfg = load_config(&common, &[])?;
             tiller::telemetry::init("warn", "text");
+            if roofline {
+                let path = tiller::server::resolve_model_path(&cfg)?;
+                let sizes = batch.filter(|b| !b.is_empty()).unwrap_or(vec![1, 8]);
+                let r = tiller::model::cpu::roofline::measure(&path, &sizes, cfg.model.threads)?;
+                let head =
+                    serde_json::json!({"model": r.model, "layers": r.layers, "bounds": r.bounds});
+                println!("{head}");
+                for p in &r.products {
+                    println!("{}", serde_json::to_string(p)?);
+                }
+                return Ok(());
+            }
             if let Some(sizes) = batch {
                 let model = tiller::server::load_model(&cfg)?;
                 let sizes = if sizes.is_empty() { vec![1] } else { sizes };

@@ -12,6 +12,13 @@
 //! SmolLM2-135M that flips the greedy reply to "What is the capital of France?" (a 0.1-logit
 //! margin), while 16 bits keep the dequantized model's answers.
 //!
+//! **Batches.** Each weight row is unpacked once for a group of up to [`ROW_GROUP`]
+//! activation rows, whose rounded values the SIMD kernels read from a copy tiled by group
+//! ([`Tiled`]): a block's activations for all rows of the group lie side by side, so the
+//! kernel's working set is the unpacked weights, one accumulator per row and three pointers.
+//! Threads split the weight rows into chunks small enough to stay in cache while every group
+//! of rows passes over them, so each weight block comes from memory once per product.
+//!
 //! **Batch invariance.** Every output element is computed by the same operations in the same
 //! order whatever the number of rows in `x` and however the work is split between threads
 //! (integer sums are exact, so even the instruction set does not change them), so a sequence

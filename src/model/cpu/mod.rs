@@ -9,6 +9,7 @@ pub mod gated;
 pub mod matmul;
 mod portable;
 pub mod quant;
+pub mod roofline;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

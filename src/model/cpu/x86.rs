@@ -477,3 +477,33 @@ kernels!(
     dot2_vnni,
     dot_vnni
 );
+
+/// `iters` rounds of eight independent 16-bit dot instructions (`vpdpwssd` when `vnni`, else
+/// `vpmaddwd` and an add), for the roofline's compute bound; the multiply-adds done.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn dot16_rounds(iters: usize, vnni: bool) -> u64 {
+    let (a, b) = (_mm256_set1_epi16(3), _mm256_set1_epi16(5));
+    let mut acc = [_mm256_setzero_si256(); 8];
+    if vnni {
+        dot16_vnni(iters, a, b, &mut acc);
+    } else {
+        for _ in 0..iters {
+            let b = std::hint::black_box(b);
+            for v in acc.iter_mut() {
+                *v = dot_avx2(*v, a, b);
+            }
+        }
+    }
+    std::hint::black_box(acc);
+    (iters * 8 * 16) as u64
+}
+
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+unsafe fn dot16_vnni(iters: usize, a: __m256i, b: __m256i, acc: &mut [__m256i; 8]) {
+    for _ in 0..iters {
+        let b = std::hint::black_box(b);
+        for v in acc.iter_mut() {
+            *v = dot_vnni(*v, a, b);
+        }
+    }
+}
