@@ -2,14 +2,16 @@
 # Side-by-side speed of tiller and llama.cpp (llama-cpp-python) on the same GGUF, same prompt
 # shape and thread count, alternating runs so both see the same machine conditions; prints the
 # median of each and the ratios. Needs `pip install llama-cpp-python==0.3.36` (PYTHON=... to
-# pick the interpreter) and a release build (`cargo build --release`). MODEL is a GGUF file or
-# a name `tiller fetch-model --list` shows (fetched into the cache on first use), e.g.
+# pick the interpreter) and a release build (`cargo build --release`; TILLER=... for another
+# binary). MODEL is a GGUF file or a name `tiller fetch-model --list` shows (fetched into the
+# cache on first use), e.g.
 #   MODEL=gemma3-270m ROUNDS=3 scripts/bench_compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TILLER=${TILLER:-./target/release/tiller}
 MODEL=${MODEL:-smollm2-135m-instruct}
 if [ ! -f "$MODEL" ]; then
-  MODEL=$(./target/release/tiller fetch-model "$MODEL")
+  MODEL=$("$TILLER" fetch-model "$MODEL")
 fi
 PYTHON=${PYTHON:-python3}
 ROUNDS=${ROUNDS:-5}
@@ -18,7 +20,7 @@ PROMPT=${PROMPT:-225}
 DECODE=${DECODE:-128}
 out=$(mktemp -d)
 for i in $(seq 1 "$ROUNDS"); do
-  ./target/release/tiller bench --model "$MODEL" --threads "$THREADS" --prompt-tokens "$PROMPT" \
+  "$TILLER" bench --model "$MODEL" --threads "$THREADS" --prompt-tokens "$PROMPT" \
     --decode-tokens "$DECODE" --repeats 1 > "$out/tiller.$i.json"
   "$PYTHON" scripts/bench_llamacpp.py --model "$MODEL" --threads "$THREADS" --prompt-tokens "$PROMPT" \
     --decode-tokens "$DECODE" --repeats 1 > "$out/llamacpp.$i.json" 2>/dev/null
