@@ -2,7 +2,7 @@
 # The GPU check: build tiller's `cuda` feature on a machine without a GPU, carry the binary and
 # the models to a machine with an NVIDIA GPU, and run `tiller device-check` there on cuda:0 for
 # each model (load, greedy France answer, a steered answer against the CPU's, decode tokens/s at
-# batch 1 and 8, hook calls that saw the device's activations).
+# batch 1, 8 and 32, hook calls that saw the device's activations).
 #
 #   scripts/gpu_check.sh build       here: CUDA 13.0 wheels from PyPI into target/cuda-toolkit,
 #                                    a libcuda link stub, `cargo build --release --features cuda`;

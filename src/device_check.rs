@@ -2,7 +2,7 @@
 //! configured model (`scripts/gpu_check.sh` runs it once per model): load it on the device,
 //! answer "the capital of France" greedily, generate a steered answer and compare its tokens
 //! with the same run on the CPU (candle on f32 weights, the same maths, and the CPU kernels),
-//! time decode at batch 1 and 8, and count how many hook calls saw activations on the
+//! time decode at batch 1, 8 and 32, and count how many hook calls saw activations on the
 //! device. Prints one JSON report. With `--device cpu` the device side is candle's backend on
 //! the CPU, so the check itself is tested where no GPU is.
 
@@ -45,6 +45,7 @@ pub struct DeviceReport {
     pub steered_tokens_equal_to_cpu_kernels: usize,
     pub decode_tok_s_batch_1: f64,
     pub decode_tok_s_batch_8: f64,
+    pub decode_tok_s_batch_32: f64,
     /// Hook calls during the steered run, and how many saw the activation on the device.
     pub hook_calls: usize,
     pub hook_calls_on_device: usize,
@@ -260,6 +261,7 @@ pub fn check(cfg: &Config, device: &str) -> Result<DeviceReport> {
         steered_tokens_equal_to_cpu_kernels: equal(&cpu_kernels),
         decode_tok_s_batch_1: decode_rate(&model, &bench_prompt, 1)?,
         decode_tok_s_batch_8: decode_rate(&model, &bench_prompt, 8)?,
+        decode_tok_s_batch_32: decode_rate(&model, &bench_prompt, 32)?,
         hook_calls: probe.calls,
         hook_calls_on_device: probe.on_device,
     })

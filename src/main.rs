@@ -133,7 +133,7 @@ enum Cmd {
         out: PathBuf,
     },
     /// On an accelerator: load the model there, answer the France question, compare a
-    /// steered answer with the CPU kernels', time decode at batch 1 and 8, and confirm the
+    /// steered answer with the CPU kernels', time decode at batch 1, 8 and 32, and confirm the
     /// hooks saw the device's activations (JSON). `--device cpu` checks the candle backend.
     DeviceCheck {
         #[command(flatten)]
@@ -153,9 +153,9 @@ enum Cmd {
         /// of context each, `--decode-tokens` steps; one JSON line per size.
         #[arg(long, value_delimiter = ',')]
         batch: Option<Vec<usize>>,
-        /// Instead: a roofline of the matrix products (the first block's and the head's, at
-        /// each `--batch` size, default 1,8) against this machine's memory-bandwidth and
-        /// integer-dot bounds, measured in the same run; one JSON line per product.
+        /// Instead: a roofline of the matrix products (the blocks' and the head's, at each
+        /// `--batch` size, default 1,8) against this machine's memory-bandwidth and integer-dot
+        /// bounds, measured in the same run; one JSON line per product.
         #[arg(long)]
         roofline: bool,
     },
@@ -416,8 +416,10 @@ fn main() -> Result<()> {
             tiller::telemetry::init("warn", "text");
             if roofline {
                 let path = tiller::server::resolve_model_path(&cfg)?;
+                let format = tiller::server::load_options(&cfg)?.weight_format;
                 let sizes = batch.filter(|b| !b.is_empty()).unwrap_or(vec![1, 8]);
-                let r = tiller::model::cpu::roofline::measure(&path, &sizes, cfg.model.threads)?;
+                let threads = cfg.model.threads;
+                let r = tiller::model::cpu::roofline::measure(&path, format, &sizes, threads)?;
                 let head =
                     serde_json::json!({"model": r.model, "layers": r.layers, "bounds": r.bounds});
                 println!("{head}");

@@ -176,11 +176,7 @@ impl Loader<'_> {
         };
         let linear = match self.opts.backend {
             Backend::CpuKernels => {
-                let ms = parts
-                    .iter()
-                    .map(|&p| self.kernel_matrix(&self.full_name(p, at)))
-                    .collect::<Result<Vec<_>>>()?;
-                let w = WeightMatrix::stack(ms)?;
+                let w = self.kernel_stack(parts, at)?;
                 if w.cols != cols {
                     bail!(
                         "`{}` takes {} inputs, expected {cols}",
@@ -249,6 +245,16 @@ impl Loader<'_> {
     /// is read straight into its blocks (with `model.weights = "native"`); anything else goes
     /// through a dequantized copy into the configured format. A format the kernels cannot run
     /// is refused with what to do about it.
+    /// Several weights with the same input, stacked for the CPU kernels as [`Self::linear`]
+    /// stacks them (no bias).
+    pub fn kernel_stack(&mut self, parts: &[TensorName], at: At) -> Result<WeightMatrix> {
+        let ms = parts
+            .iter()
+            .map(|&p| self.kernel_matrix(&self.full_name(p, at)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(WeightMatrix::stack(ms)?)
+    }
+
     fn kernel_matrix(&mut self, name: &str) -> Result<WeightMatrix> {
         let format = self.opts.weight_format;
         if let Some((dtype, dims, mut reader)) = self.ckpt.gguf_tensor(name)? {

@@ -1,16 +1,19 @@
-//! A roofline of the CPU matrix products (`tiller bench --roofline`): every weight matrix of
-//! one block of a GGUF model, stacked as the forward pass stacks them, and its output head,
-//! each timed at several batch sizes against two bounds measured on this machine in the same
-//! run: its weights' bytes at the memory read bandwidth, and its multiply-adds at the peak
-//! rate of the 16-bit integer dot instruction the kernels sum with (`vpdpwssd` with AVX-512
-//! VNNI, else `vpmaddwd`). A product near the first bound is limited by memory; one far from
-//! both spends its time unpacking weights and scaling sums.
+//! A roofline of the CPU matrix products (`tiller bench --roofline`): each product of a
+//! model's blocks (weights stacked and stored as the server loads them) and its output head,
+//! timed at several batch sizes against two bounds measured on this machine in the same run:
+//! the weights' bytes at the memory read bandwidth, and the multiply-adds at the peak rate of
+//! the 16-bit integer dot instruction the kernels sum with (`vpdpwssd` with AVX-512 VNNI, else
+//! `vpmaddwd`). Each product is timed over the matrices of every block in turn, as a forward
+//! pass meets them, so the weights come from memory rather than from a cache. A product near
+//! the first bound is limited by memory; one far from both spends its time unpacking weights
+//! and scaling sums.
 
-use super::matmul::{isa, matmul};
+use super::matmul::{isa, matmul, Isa};
 use super::quant::{WeightFormat, WeightMatrix};
-use anyhow::{bail, Context, Result};
-use candle_core::quantized::gguf_file;
-use candle_core::Device;
+use crate::model::checkpoint::Checkpoint;
+use crate::model::weights::{names, At, Loader, TensorName};
+use crate::model::LoadOptions;
+use anyhow::{bail, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::path::Path;
@@ -46,8 +49,7 @@ pub struct ProductTiming {
     pub of_roofline: f64,
 }
 
-/// The bounds, then every product at every batch size; `layers` blocks of the model share
-/// the timed block's shapes.
+/// The bounds, then every product at every batch size.
 #[derive(Debug, Clone, Serialize)]
 pub struct Roofline {
     pub model: String,
@@ -56,13 +58,18 @@ pub struct Roofline {
     pub products: Vec<ProductTiming>,
 }
 
-/// Times the products of `gguf`'s first block and head at each batch size, on `threads`
-/// (0: one per core).
-pub fn measure(gguf: &Path, batches: &[usize], threads: usize) -> Result<Roofline> {
+/// Times the products of the checkpoint at `path` (a GGUF file or a Hugging Face folder), its
+/// weights stored as `format`, at each batch size, on `threads` (0: one per core).
+pub fn measure(
+    path: &Path,
+    format: WeightFormat,
+    batches: &[usize],
+    threads: usize,
+) -> Result<Roofline> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let (layers, matrices) = first_block(gguf)?;
+    let (layers, products) = block_products(path, format)?;
     pool.install(|| {
         let bounds = Bounds {
             threads: rayon::current_num_threads(),
@@ -70,102 +77,102 @@ pub fn measure(gguf: &Path, batches: &[usize], threads: usize) -> Result<Rooflin
             read_gb_s: read_bandwidth() / 1e9,
             peak_g_macs: peak_dot_rate() / 1e9,
         };
-        let mut products = Vec::new();
-        for (name, w) in &matrices {
+        let mut timings = Vec::new();
+        for (name, ws) in &products {
             for &m in batches {
-                products.push(time_product(name, w, m, &bounds));
+                timings.push(time_product(name, ws, m, &bounds));
             }
         }
         Ok(Roofline {
-            model: gguf
+            model: path
                 .file_name()
                 .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
             layers,
             bounds,
-            products,
+            products: timings,
         })
     })
 }
 
-/// The first block's matrices as the forward pass multiplies them (q, k, v stacked; gate and
-/// up stacked), and the output head (the token embedding when tied); the number of blocks.
-fn first_block(gguf: &Path) -> Result<(usize, Vec<(String, WeightMatrix)>)> {
-    let mut file =
-        std::fs::File::open(gguf).with_context(|| format!("opening {}", gguf.display()))?;
-    let content = gguf_file::Content::read(&mut file)?;
-    let arch = content
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .unwrap_or_default();
-    let layers = content
-        .metadata
-        .get(&format!("{arch}.block_count"))
-        .and_then(|v| v.to_u32().ok())
-        .unwrap_or(0) as usize;
-    let mut load = |name: &str| -> Result<Option<WeightMatrix>> {
-        if !content.tensor_infos.contains_key(name) {
-            return Ok(None);
-        }
-        let t = content.tensor(&mut file, name, &Device::Cpu)?;
-        Ok(Some(WeightMatrix::from_qtensor(&t, WeightFormat::Native)?))
+/// A product's name and its matrix in each block (one for the head).
+type Product = (String, Vec<WeightMatrix>);
+
+/// The products of every block as the forward pass multiplies them (q, k, v stacked; gate
+/// and up stacked), one matrix per block, then the output head (the token embedding when
+/// tied); the number of blocks.
+fn block_products(path: &Path, format: WeightFormat) -> Result<(usize, Vec<Product>)> {
+    let mut ckpt = Checkpoint::open(path)?;
+    let opts = LoadOptions {
+        weight_format: format,
+        ..LoadOptions::default()
     };
-    let mut stacked = |names: &[&str]| -> Result<Option<WeightMatrix>> {
-        let mut parts = Vec::new();
-        for n in names {
-            let Some(w) = load(&format!("blk.0.{n}.weight"))? else {
-                return Ok(None);
-            };
-            parts.push(w);
-        }
-        Ok(Some(WeightMatrix::stack(parts)?))
+    let mut loader = Loader {
+        ckpt: &mut ckpt,
+        opts: &opts,
     };
+    let layers = (0..)
+        .take_while(|&l| loader.has(names::Q, At::Layer(l)))
+        .count();
+    let shapes: [(&str, &[TensorName]); 4] = [
+        ("attn_qkv", &[names::Q, names::K, names::V]),
+        ("attn_output", &[names::O]),
+        ("ffn_gate_up", &[names::GATE, names::UP]),
+        ("ffn_down", &[names::DOWN]),
+    ];
     let mut out = Vec::new();
-    for (label, names) in [
-        ("attn_qkv", &["attn_q", "attn_k", "attn_v"][..]),
-        ("attn_output", &["attn_output"]),
-        ("ffn_gate_up", &["ffn_gate", "ffn_up"]),
-        ("ffn_down", &["ffn_down"]),
-    ] {
-        if let Some(w) = stacked(names)? {
-            out.push((label.to_string(), w));
+    for (label, parts) in shapes {
+        if layers == 0 || !parts.iter().all(|&p| loader.has(p, At::Layer(0))) {
+            bail!(
+                "{}: no `{label}` weights in the first block (not a model tiller runs)",
+                path.display()
+            );
         }
+        let ws = (0..layers)
+            .map(|l| loader.kernel_stack(parts, At::Layer(l)))
+            .collect::<Result<Vec<_>>>()?;
+        out.push((label.to_string(), ws));
     }
-    let head = match load("output.weight")? {
-        Some(w) => Some(("output".to_string(), w)),
-        None => load("token_embd.weight")?.map(|w| ("token_embd (tied head)".to_string(), w)),
+    let (label, head) = if loader.has(names::LM_HEAD, At::Global) {
+        ("output", names::LM_HEAD)
+    } else {
+        ("token_embd (tied head)", names::EMBED)
     };
-    out.extend(head);
-    if out.len() < 5 || layers == 0 {
-        bail!(
-            "{} is not a GGUF model with the block matrices expected",
-            gguf.display()
-        );
-    }
+    out.push((
+        label.to_string(),
+        vec![loader.kernel_stack(&[head], At::Global)?],
+    ));
     Ok((layers, out))
 }
 
-fn time_product(name: &str, w: &WeightMatrix, m: usize, bounds: &Bounds) -> ProductTiming {
-    let x = crate::testing::pseudo_random(m * w.cols, 11, 1.0);
-    let mut out = vec![0f32; m * w.rows];
-    matmul(&x, m, w, &mut out);
-    let (started, mut reps) = (Instant::now(), 0u32);
+/// One product at batch `m`, timed over the blocks' matrices in turn (the same shape each).
+fn time_product(name: &str, ws: &[WeightMatrix], m: usize, bounds: &Bounds) -> ProductTiming {
+    let (rows, cols) = (ws[0].rows, ws[0].cols);
+    let x = crate::testing::pseudo_random(m * cols, 11, 1.0);
+    let mut out = vec![0f32; m * rows];
+    let pass = |out: &mut [f32]| ws.iter().for_each(|w| matmul(&x, m, w, out));
+    pass(&mut out);
+    let (started, mut reps) = (Instant::now(), 0usize);
     while reps < 3 || started.elapsed().as_secs_f64() < 0.3 {
-        matmul(&x, m, w, &mut out);
+        pass(&mut out);
         reps += 1;
     }
-    let secs = started.elapsed().as_secs_f64() / reps as f64;
-    let (macs, bytes) = ((m * w.rows * w.cols) as f64, w.size_in_bytes() as f64);
+    let secs = started.elapsed().as_secs_f64() / (reps * ws.len()) as f64;
+    let bytes = ws.iter().map(|w| w.size_in_bytes()).sum::<usize>() as f64 / ws.len() as f64;
+    let macs = (m * rows * cols) as f64;
     let memory = bytes / (bounds.read_gb_s * 1e9);
     let compute = macs / (bounds.peak_g_macs * 1e9);
-    let mut formats: Vec<&str> = w.formats().iter().map(|(f, _)| f.name()).collect();
+    let mut formats: Vec<&str> = ws
+        .iter()
+        .flat_map(|w| w.formats())
+        .map(|(f, _)| f.name())
+        .collect();
+    formats.sort_unstable();
     formats.dedup();
     let round = |v: f64, digits: i32| (v * 10f64.powi(digits)).round() / 10f64.powi(digits);
     ProductTiming {
         matrix: name.to_string(),
-        rows: w.rows,
-        cols: w.cols,
+        rows,
+        cols,
         formats: formats.join("+"),
         batch: m,
         micros: round(secs * 1e6, 1),
@@ -194,7 +201,7 @@ fn read_bandwidth() -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Multiply-adds per second of the kernels' 16-bit dot instruction on every thread (eight
+/// Multiply-adds per second of the kernels' 16-bit dot instruction on every thread (twelve
 /// independent accumulators, so neither latency nor memory limits it; best of three).
 fn peak_dot_rate() -> f64 {
     const ITERS: usize = 20_000_000;
@@ -211,24 +218,22 @@ fn peak_dot_rate() -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Runs `iters` rounds of eight 16-bit dot instructions; the multiply-adds done.
+/// Runs `iters` rounds of the kernels' 16-bit dot instruction on independent accumulators;
+/// the multiply-adds done.
 fn dot16_macs(iters: usize) -> u64 {
     #[cfg(target_arch = "x86_64")]
-    if isa() != super::matmul::Isa::Scalar {
+    if isa() != Isa::Scalar {
         // SAFETY: `isa()` checked the features each variant is compiled for.
-        return unsafe { super::x86::dot16_rounds(iters, isa() == super::matmul::Isa::Avx2Vnni) };
+        return unsafe { super::x86::dot16_rounds(iters, isa() == Isa::Avx2Vnni) };
     }
-    let (mut acc, a, b) = (
-        [0i32; 8],
-        std::hint::black_box(3i16),
-        std::hint::black_box(5i16),
-    );
+    let mut acc = [0i32; 8];
     for _ in 0..iters {
+        let (a, b) = std::hint::black_box((3i16, 5i16));
         for v in acc.iter_mut() {
             *v = v.wrapping_add(a as i32 * b as i32);
         }
+        acc = std::hint::black_box(acc);
     }
-    std::hint::black_box(acc);
     (iters * 8) as u64
 }
 
@@ -238,26 +243,30 @@ mod tests {
     use crate::testing::{write_tiny_gguf, TinyArch, TinySpec};
     use candle_core::quantized::GgmlDType;
 
-    /// The block's matrices are stacked as the forward pass stacks them, and each product is
-    /// timed and set against the bounds it is given.
+    /// Every block's matrices are stacked as the forward pass stacks them, in the format
+    /// asked for, and each product is timed and set against the bounds it is given.
     #[test]
-    fn a_block_is_timed_against_both_bounds() {
+    fn every_block_is_timed_against_both_bounds() {
         let dir = tempfile::tempdir().unwrap();
         let spec = TinySpec::of(TinyArch::Llama);
-        let path = write_tiny_gguf(dir.path(), &spec, GgmlDType::Q8_0).unwrap();
-        let (layers, matrices) = first_block(&path).unwrap();
+        let path = write_tiny_gguf(dir.path(), &spec, GgmlDType::Q4_1).unwrap();
+        let (layers, products) = block_products(&path, WeightFormat::Native).unwrap();
         assert_eq!(layers, spec.n_layers);
-        let shapes: Vec<(&str, usize, usize)> = matrices
+        let shapes: Vec<(&str, usize, usize, usize)> = products
             .iter()
-            .map(|(n, w)| (n.as_str(), w.rows, w.cols))
+            .map(|(n, ws)| (n.as_str(), ws.len(), ws[0].rows, ws[0].cols))
             .collect();
-        let (d, hd) = (spec.d_model, spec.head_dim);
+        let (d, hd, l) = (spec.d_model, spec.head_dim, spec.n_layers);
         let qkv = (spec.n_heads + 2 * spec.n_kv_heads) * hd;
-        assert_eq!(shapes[0], ("attn_qkv", qkv, d));
-        assert_eq!(shapes[1], ("attn_output", d, spec.n_heads * hd));
-        assert_eq!(shapes[2], ("ffn_gate_up", 2 * spec.ffn, d));
-        assert_eq!(shapes[3], ("ffn_down", d, spec.ffn));
-        assert_eq!(shapes[4].2, d, "the head reads d_model columns");
+        assert_eq!(shapes[0], ("attn_qkv", l, qkv, d));
+        assert_eq!(shapes[1], ("attn_output", l, d, spec.n_heads * hd));
+        assert_eq!(shapes[2], ("ffn_gate_up", l, 2 * spec.ffn, d));
+        assert_eq!(shapes[3], ("ffn_down", l, d, spec.ffn));
+        assert_eq!(
+            (shapes[4].1, shapes[4].3),
+            (1, d),
+            "one head of d_model inputs"
+        );
 
         let bounds = Bounds {
             threads: 1,
@@ -265,20 +274,40 @@ mod tests {
             read_gb_s: 10.0,
             peak_g_macs: 50.0,
         };
-        let (name, w) = &matrices[2];
-        let t = time_product(name, w, 4, &bounds);
-        assert_eq!((t.batch, t.formats.as_str()), (4, "q8_0"));
-        let macs = (4 * w.rows * w.cols) as f64;
+        let (name, ws) = &products[2];
+        let t = time_product(name, ws, 4, &bounds);
+        assert_eq!((t.batch, t.formats.as_str()), (4, "q4_1"));
+        let macs = (4 * ws[0].rows * ws[0].cols) as f64;
         assert!(
             (t.compute_bound_micros - macs / 50e9 * 1e6).abs() < 0.1,
             "{t:?}"
         );
-        let memory = w.size_in_bytes() as f64 / 10e9 * 1e6;
+        let memory = ws[0].size_in_bytes() as f64 / 10e9 * 1e6;
         assert!((t.memory_bound_micros - memory).abs() < 0.1, "{t:?}");
         assert!(t.micros > 0.0 && t.g_macs > 0.0, "{t:?}");
+
+        // Stored as asked: Q8_0 instead of the file's Q4_1.
+        let (_, q8) = block_products(&path, WeightFormat::Q8_0).unwrap();
+        assert_eq!(time_product("down", &q8[3].1, 1, &bounds).formats, "q8_0");
+        assert!(block_products(dir.path(), WeightFormat::Native).is_err());
+    }
+
+    /// The dot instruction's measured rate is real work: more rounds take longer, and the
+    /// rate is below one multiply-add per lane per nanosecond per thread times 64.
+    #[test]
+    fn the_dot_peak_counts_work_the_machine_does() {
+        let time = |iters| {
+            let t = Instant::now();
+            let macs = dot16_macs(iters);
+            (macs, t.elapsed().as_secs_f64())
+        };
+        let (few, t_few) = time(1_000_000);
+        let (many, t_many) = time(8_000_000);
+        assert_eq!(many, 8 * few);
         assert!(
-            first_block(dir.path()).is_err(),
-            "a folder is not a GGUF file"
+            t_many > 2.0 * t_few,
+            "{t_few} s vs {t_many} s: the loop was folded away"
         );
+        assert!((many as f64 / t_many) < 64e9 * 8.0, "{many} in {t_many} s");
     }
 }

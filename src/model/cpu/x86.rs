@@ -123,18 +123,14 @@ macro_rules! widen_i8 {
 }
 
 /// The tiled activations of a group (see `matmul::Tiled`) as raw pointers: values, scales,
-/// sums. Checks that the group is tiled for `$r` rows of `$cols` values.
+/// sums. Checks that the group is tiled for `$r` rows of `$blocks` weight blocks of `$block`
+/// values (one activation scale per weight block, one sum per 32 values).
 macro_rules! tiled {
-    ($g:ident, $r:ident, $cols:expr) => {{
-        assert!(
-            $g.len == $r && $g.tiled.0.len() == $r * $cols,
-            "untiled group"
-        );
-        (
-            $g.tiled.0.as_ptr(),
-            $g.tiled.1.as_ptr(),
-            $g.tiled.2.as_ptr(),
-        )
+    ($g:ident, $r:ident, $blocks:expr, $block:expr) => {{
+        let (t, cols) = (&$g.tiled, $blocks * $block);
+        let ok = t.0.len() == $r * cols && t.1.len() == $r * $blocks && t.2.len() == $r * cols / QK;
+        assert!($g.len == $r && ok, "untiled group");
+        (t.0.as_ptr(), t.1.as_ptr(), t.2.as_ptr())
     }};
 }
 
@@ -238,7 +234,7 @@ macro_rules! blocks32_kernel {
         #[target_feature(enable = $features)]
         unsafe fn $name<const R: usize>(w: &[$block], g: &Group, out: &mut [f32; ROW_GROUP]) {
             let (mut even, mut odd, mut meven, mut modd) = accumulators!(R);
-            let x = tiled!(g, R, w.len() * QK);
+            let x = tiled!(g, R, w.len(), QK);
             let mut pairs = w.chunks_exact(2);
             let mut i = 0;
             for pair in &mut pairs {
@@ -268,7 +264,7 @@ macro_rules! kquant45_kernel {
         #[target_feature(enable = $features)]
         unsafe fn $name<const R: usize>(w: &[$block], g: &Group, out: &mut [f32; ROW_GROUP]) {
             let (mut acc, mut mins) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-            let (xq, xd, xs) = tiled!(g, R, w.len() * QK_K);
+            let (xq, xd, xs) = tiled!(g, R, w.len(), QK_K);
             let (low4, one) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1));
             for (b, $wb) in w.iter().enumerate() {
                 let xb = xq.add(b * R * QK_K);
@@ -313,7 +309,7 @@ macro_rules! q6k_kernel {
         #[target_feature(enable = $features)]
         unsafe fn $name<const R: usize>(w: &[BlockQ6K], g: &Group, out: &mut [f32; ROW_GROUP]) {
             let mut acc = [_mm256_setzero_ps(); R];
-            let (xq, xd, _) = tiled!(g, R, w.len() * QK_K);
+            let (xq, xd, _) = tiled!(g, R, w.len(), QK_K);
             let (low4, three, bias) = (
                 _mm256_set1_epi8(0x0F),
                 _mm256_set1_epi8(3),
@@ -478,32 +474,36 @@ kernels!(
     dot_vnni
 );
 
-/// `iters` rounds of eight independent 16-bit dot instructions (`vpdpwssd` when `vnni`, else
-/// `vpmaddwd` and an add), for the roofline's compute bound; the multiply-adds done.
+/// `iters` rounds of twelve independent 16-bit dot instructions (`vpdpwssd` when `vnni`, else
+/// `vpmaddwd` and an add; each on its own inputs, so none can be shared), for the roofline's
+/// compute bound; the multiply-adds done.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn dot16_rounds(iters: usize, vnni: bool) -> u64 {
-    let (a, b) = (_mm256_set1_epi16(3), _mm256_set1_epi16(5));
-    let mut acc = [_mm256_setzero_si256(); 8];
-    if vnni {
-        dot16_vnni(iters, a, b, &mut acc);
+    let a: [__m256i; 12] = std::array::from_fn(|j| _mm256_set1_epi16(3 + j as i16));
+    let acc = if vnni {
+        dot16_vnni(iters, a)
     } else {
+        let mut acc = [_mm256_setzero_si256(); 12];
         for _ in 0..iters {
-            let b = std::hint::black_box(b);
-            for v in acc.iter_mut() {
+            let b = std::hint::black_box(_mm256_set1_epi16(5));
+            for (v, &a) in acc.iter_mut().zip(&a) {
                 *v = dot_avx2(*v, a, b);
             }
         }
-    }
+        acc
+    };
     std::hint::black_box(acc);
-    (iters * 8 * 16) as u64
+    (iters * 12 * 16) as u64
 }
 
 #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-unsafe fn dot16_vnni(iters: usize, a: __m256i, b: __m256i, acc: &mut [__m256i; 8]) {
+unsafe fn dot16_vnni(iters: usize, a: [__m256i; 12]) -> [__m256i; 12] {
+    let mut acc = [_mm256_setzero_si256(); 12];
     for _ in 0..iters {
-        let b = std::hint::black_box(b);
-        for v in acc.iter_mut() {
+        let b = std::hint::black_box(_mm256_set1_epi16(5));
+        for (v, &a) in acc.iter_mut().zip(&a) {
             *v = dot_vnni(*v, a, b);
         }
     }
+    acc
 }
