@@ -301,7 +301,11 @@ mod tests {
             let macs = dot16_macs(iters);
             (macs, t.elapsed().as_secs_f64())
         };
-        let (few, t_few) = time(1_000_000);
+        // The least of several short runs: preemption only ever lengthens a run, so the
+        // comparison below cannot fail by the machine being busy.
+        let (few, t_few) = (0..5)
+            .map(|_| time(1_000_000))
+            .fold((0, f64::MAX), |a, b| (b.0, a.1.min(b.1)));
         let (many, t_many) = time(8_000_000);
         assert_eq!(many, 8 * few);
         assert!(
