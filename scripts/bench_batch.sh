@@ -8,14 +8,8 @@
 #   MODEL=qwen2.5-coder-0.5b-instruct BATCH=1,8 ROUNDS=3 scripts/bench_batch.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TILLER=${TILLER:-./target/release/tiller}
-MODEL=${MODEL:-smollm2-135m-instruct}
-if [ ! -f "$MODEL" ]; then
-  MODEL=$("$TILLER" fetch-model "$MODEL")
-fi
-PYTHON=${PYTHON:-python3}
+. scripts/bench_env.sh
 ROUNDS=${ROUNDS:-3}
-THREADS=${THREADS:-2}
 BATCH=${BATCH:-1,2,4,8,16,32}
 CONTEXT=${CONTEXT:-64}
 DECODE=${DECODE:-32}

@@ -8,14 +8,8 @@
 #   MODEL=gemma3-270m ROUNDS=3 scripts/bench_compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TILLER=${TILLER:-./target/release/tiller}
-MODEL=${MODEL:-smollm2-135m-instruct}
-if [ ! -f "$MODEL" ]; then
-  MODEL=$("$TILLER" fetch-model "$MODEL")
-fi
-PYTHON=${PYTHON:-python3}
+. scripts/bench_env.sh
 ROUNDS=${ROUNDS:-5}
-THREADS=${THREADS:-2}
 PROMPT=${PROMPT:-225}
 DECODE=${DECODE:-128}
 out=$(mktemp -d)
