@@ -88,7 +88,8 @@ struct Quantized16 {
     d: Vec<f32>,
     s: Vec<f32>,
     block: usize,
-    /// The same values tiled for the SIMD kernels.
+    /// The same values tiled for the SIMD kernels (for more than one row: a single row is
+    /// already laid out as its tile).
     tiled: Option<Tiled>,
 }
 
@@ -177,7 +178,8 @@ impl Quantized16 {
                 .zip(x.chunks(cols))
                 .for_each(row);
         }
-        if isa() != Isa::Scalar {
+        // One row is its own tile (`b * 1 + 0 = b`): decode at batch 1 copies nothing.
+        if isa() != Isa::Scalar && m > 1 {
             out.tiled = Some(Tiled::new(&out, m, cols));
         }
         out
@@ -196,7 +198,9 @@ impl Quantized16 {
                     s: [&[]; ROW_GROUP],
                     tiled: (&[], &[], &[]),
                 };
-                if let Some((a, t)) = this.and_then(|a| Some((a, a.tiled.as_ref()?))) {
+                if let Some(a) = this.filter(|a| a.tiled.is_none() && m == 1) {
+                    g.tiled = (&a.q[..], &a.d[..], &a.s[..]);
+                } else if let Some((a, t)) = this.and_then(|a| Some((a, a.tiled.as_ref()?))) {
                     let (nd, ns) = (cols / a.block, cols / QK);
                     let rows = start..start + g.len;
                     g.tiled = (
