@@ -6,7 +6,9 @@
 
 use super::arch::HyperParams;
 use super::checkpoint::{Checkpoint, CheckpointFormat};
+use super::cpu::matmul::{isa, Isa};
 use super::cpu::quant::{BlockFormat, WeightData, WeightFormat, WeightMatrix};
+use super::cpu::tiles::TiledWeights;
 use super::layers::{Embedding, EmbeddingTable, Linear, RmsNorm};
 use super::{Backend, LoadOptions};
 use anyhow::{anyhow, bail, Context, Result};
@@ -221,7 +223,7 @@ impl Loader<'_> {
         let name = self.full_name(n, At::Global);
         let (table, (vocab, d)) = match self.opts.backend {
             Backend::CpuKernels => {
-                let w = self.kernel_matrix(&name)?;
+                let w = self.kernel_matrix(&name)?.for_kernels();
                 let shape = (w.rows, w.cols);
                 (EmbeddingTable::Kernel(Arc::new(w)), shape)
             }
@@ -252,7 +254,7 @@ impl Loader<'_> {
             .iter()
             .map(|&p| self.kernel_matrix(&self.full_name(p, at)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(WeightMatrix::stack(ms)?)
+        Ok(WeightMatrix::stack(ms)?.for_kernels())
     }
 
     fn kernel_matrix(&mut self, name: &str) -> Result<WeightMatrix> {
@@ -270,6 +272,16 @@ impl Loader<'_> {
                 bail!("{}", super::gguf_header::unsupported_format(name, &format));
             };
             if format == WeightFormat::Native && block != BlockFormat::F32 {
+                if isa() == Isa::Amx && cols.is_multiple_of(block.block_elems()) {
+                    // Straight into the tile layout, with no copy of the blocks.
+                    let t = TiledWeights::read(block, rows, cols, &mut reader)
+                        .map_err(|e| anyhow!("reading `{name}`: {e}"))?;
+                    return Ok(WeightMatrix::new(
+                        rows,
+                        cols,
+                        WeightData::Tiled(Box::new(t)),
+                    )?);
+                }
                 let n = rows * cols / block.block_elems();
                 let data = WeightData::read(block, n, &mut reader)
                     .map_err(|e| anyhow!("reading `{name}`: {e}"))?;

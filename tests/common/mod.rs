@@ -295,7 +295,10 @@ pub fn record(
 }
 
 /// Rebuilds each named demo vector from `data/contrastive/NAME.jsonl` on the state's model and
-/// checks it matches the shipped built-in one (to 1e-5 of its largest value).
+/// checks it matches the shipped built-in one to 1e-3 of its largest value. The shipped
+/// vectors were made by the AVX2/VNNI kernels; the tile kernels (AMX machines) round
+/// activations per 32 values and sum each block whole, which moves a rebuilt vector by about
+/// 2e-4 of its largest value. Any change of recipe, data or model moves it by far more.
 pub fn rebuild_demo_vectors(s: &AppState, names: &[&str]) {
     let model = &s.engine.model;
     for name in names {
@@ -339,7 +342,7 @@ pub fn rebuild_demo_vectors(s: &AppState, names: &[&str]) {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(
-                diff <= 1e-5 * scale.max(1.0),
+                diff <= 1e-3 * scale.max(1.0),
                 "{name} layer {l}: rebuilt differs by {diff} (largest value {scale})"
             );
         }

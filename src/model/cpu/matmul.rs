@@ -39,6 +39,9 @@ pub enum Isa {
     Avx2,
     /// AVX2 plus `vpdpwssd` on 256-bit registers (AVX-512 VNNI with VL).
     Avx2Vnni,
+    /// [`Isa::Avx2Vnni`] plus the tile units (AMX-INT8) and AVX-512BW: weights are repacked
+    /// for tile products ([`super::tiles`]).
+    Amx,
 }
 
 impl Isa {
@@ -47,11 +50,12 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2+fma",
             Isa::Avx2Vnni => "avx2+fma+avx512vnni",
+            Isa::Amx => "avx512+amx-int8",
         }
     }
 }
 
-/// Detected once per process; `TILLER_KERNELS=scalar` or `avx2` caps it.
+/// Detected once per process; `TILLER_KERNELS=scalar`, `avx2` or `vnni` caps it.
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
@@ -68,6 +72,9 @@ pub fn isa() -> Isa {
                 && is_x86_feature_detected!("avx512vnni")
                 && is_x86_feature_detected!("avx512vl")
             {
+                if cap != "vnni" && super::amx::available() {
+                    return Isa::Amx;
+                }
                 return Isa::Avx2Vnni;
             }
             return Isa::Avx2;
@@ -246,6 +253,12 @@ pub(crate) struct Group<'a> {
 pub fn matmul(x: &[f32], m: usize, w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(x.len(), m * w.cols, "matmul: x is not [m, cols]");
     assert_eq!(out.len(), m * w.rows, "matmul: out is not [m, rows]");
+    if w.parts
+        .iter()
+        .any(|p| matches!(p.data, WeightData::Tiled(_)))
+    {
+        return super::tiles::matmul(x, m, w, out);
+    }
     let cols = w.cols;
     // Activations rounded once for each activation block size the parts' formats use.
     let rounded = |block: usize| {
@@ -292,9 +305,9 @@ pub fn matmul(x: &[f32], m: usize, w: &WeightMatrix, out: &mut [f32]) {
     }
 }
 
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub *mut f32);
 impl SendPtr {
-    fn get(&self) -> *mut f32 {
+    pub fn get(&self) -> *mut f32 {
         self.0
     }
 }
@@ -314,7 +327,7 @@ macro_rules! dispatch {
         match isa() {
             // SAFETY: `isa()` checked the CPU features each variant is compiled for; the
             // weight row holds `cols` values and every activation row of the group as many.
-            Isa::Avx2Vnni => return unsafe { super::x86::vnni::$kernel(wr, $g, $out) },
+            Isa::Avx2Vnni | Isa::Amx => return unsafe { super::x86::vnni::$kernel(wr, $g, $out) },
             Isa::Avx2 => return unsafe { super::x86::avx2::$kernel(wr, $g, $out) },
             Isa::Scalar => {}
         }
@@ -344,6 +357,7 @@ fn dot_row(w: &WeightMatrix, r: usize, g: [&Group; 2], out: &mut [f32; ROW_GROUP
         WeightData::Q4K(b) => dispatch!(b, per_row, r, g, out, q4k, dot_k),
         WeightData::Q5K(b) => dispatch!(b, per_row, r, g, out, q5k, dot_k),
         WeightData::Q6K(b) => dispatch!(b, per_row, r, g, out, q6k, dot_k),
+        WeightData::Tiled(_) => unreachable!("tiled matrices take `tiles::matmul`"),
     }
 }
 
@@ -471,7 +485,7 @@ mod tests {
                     WeightData::Q4K(b) => portable::dot_k(&b[rows_of(r)], g, out),
                     WeightData::Q5K(b) => portable::dot_k(&b[rows_of(r)], g, out),
                     WeightData::Q6K(b) => portable::dot_k(&b[rows_of(r)], g, out),
-                    WeightData::F32(_) => unreachable!(),
+                    WeightData::F32(_) | WeightData::Tiled(_) => unreachable!(),
                 }
                 for k in 0..4 {
                     let tol = 1e-5 * (1.0 + simd[k].abs().max(portable[k].abs()));

@@ -1,8 +1,11 @@
 //! CPU kernels for the forward pass: quantized matrix products in every GGUF block format
 //! tiller runs (portable and x86 SIMD), attention over a host KV cache, the gated MLP's
 //! activation, and the weight matrices they read. Picked at run time for the instruction set
-//! of the machine (AVX2, AVX-512 VNNI, or portable code), so one binary runs everywhere.
+//! of the machine (AMX tile units, AVX2, AVX-512 VNNI, or portable code), so one binary runs
+//! everywhere.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod attention;
 pub mod blocks;
 pub mod gated;
@@ -10,6 +13,7 @@ pub mod matmul;
 mod portable;
 pub mod quant;
 pub mod roofline;
+pub mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -1,9 +1,12 @@
 //! Weight matrices for the CPU kernels, held in the GGUF file's own block formats
 //! ([`super::blocks`]): a tensor's bytes are read straight into its blocks, never converted.
 //! A linear layer that stacks several tensors (q, k and v; gate and up) keeps each in its own
-//! format, as a list of row ranges ([`RowBlock`]).
+//! format, as a list of row ranges ([`RowBlock`]). On a machine with tile units the block
+//! parts are repacked once, when loaded, into the layout of [`super::tiles`]
+//! ([`WeightMatrix::for_kernels`]).
 
 pub use super::blocks::*;
+use super::tiles::TiledWeights;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, Device, Result, Tensor};
 
@@ -106,12 +109,16 @@ pub enum WeightData {
     Q4K(Vec<BlockQ4K>),
     Q5K(Vec<BlockQ5K>),
     Q6K(Vec<BlockQ6K>),
+    /// Blocks of any of the formats above repacked for the tile units.
+    Tiled(Box<TiledWeights>),
 }
 
-/// Applies `$body` to the block vector of a [`WeightData`] whatever its format.
+/// Applies `$body` to the block vector of a [`WeightData`] whatever its format, or
+/// `$tiled` to tiled data.
 macro_rules! with_blocks {
-    ($data:expr, $v:ident => $body:expr) => {
+    ($data:expr, $t:ident => $tiled:expr, $v:ident => $body:expr) => {
         match $data {
+            WeightData::Tiled($t) => $tiled,
             WeightData::F32($v) => $body,
             WeightData::Q4_0($v) => $body,
             WeightData::Q4_1($v) => $body,
@@ -144,15 +151,16 @@ impl WeightData {
             WeightData::Q4K(_) => BlockFormat::Q4K,
             WeightData::Q5K(_) => BlockFormat::Q5K,
             WeightData::Q6K(_) => BlockFormat::Q6K,
+            WeightData::Tiled(t) => t.format,
         }
     }
 
     fn blocks(&self) -> usize {
-        with_blocks!(self, v => v.len())
+        with_blocks!(self, t => t.rows * t.cols / t.format.block_elems(), v => v.len())
     }
 
     fn size_in_bytes(&self) -> usize {
-        with_blocks!(self, v => std::mem::size_of_val(v.as_slice()))
+        with_blocks!(self, t => t.size_in_bytes(), v => std::mem::size_of_val(v.as_slice()))
     }
 
     /// Reads `n` blocks of `format` from `r` straight into their final memory.
@@ -307,7 +315,27 @@ impl WeightMatrix {
     /// Writes row `r` as floats into `out` (`cols` long).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let (part, r) = self.part_of(r);
-        with_blocks!(&part.data, v => dequantize_row(v, r, self.cols, out))
+        with_blocks!(&part.data, t => t.dequantize_row(r, out), v => dequantize_row(v, r, self.cols, out))
+    }
+
+    /// The matrix as this machine's kernels read it fastest: with tile units, every block
+    /// part repacked for them (f32 parts stay); elsewhere unchanged.
+    pub fn for_kernels(self) -> Self {
+        if super::matmul::isa() != super::matmul::Isa::Amx {
+            return self;
+        }
+        self.tiled()
+    }
+
+    /// Every block part repacked into the tile layout (which any machine can multiply: the
+    /// portable kernel computes what the tile units do).
+    pub fn tiled(mut self) -> Self {
+        for p in &mut self.parts {
+            if let Some(t) = TiledWeights::pack(&p.data, p.rows, self.cols) {
+                p.data = WeightData::Tiled(Box::new(t));
+            }
+        }
+        self
     }
 
     /// The whole matrix as an f32 tensor `[rows, cols]` (for the reference path and tests).

@@ -2,8 +2,9 @@
 //! model's blocks (weights stacked and stored as the server loads them) and its output head,
 //! timed at several batch sizes against two bounds measured on this machine in the same run:
 //! the weights' bytes at the memory read bandwidth, and the multiply-adds at the peak rate of
-//! the 16-bit integer dot instruction the kernels sum with (`vpdpwssd` with AVX-512 VNNI, else
-//! `vpmaddwd`). Each product is timed over the matrices of every block in turn, as a forward
+//! the integer instruction the kernels sum with: the tile product `tdpbssd` in the kernels'
+//! shapes on a machine with AMX (two byte rows a 16-bit activation), else the 16-bit dot
+//! `vpdpwssd` (AVX-512 VNNI) or `vpmaddwd`. Each product is timed over the matrices of every block in turn, as a forward
 //! pass meets them, so the weights come from memory rather than from a cache. A product near
 //! the first bound is limited by memory; one far from both spends its time unpacking weights
 //! and scaling sums.
@@ -26,7 +27,8 @@ pub struct Bounds {
     pub kernels: &'static str,
     /// Memory read bandwidth, all threads summing one buffer far larger than the caches.
     pub read_gb_s: f64,
-    /// Multiply-adds per second of the 16-bit dot instruction alone, on every thread.
+    /// Multiply-adds per second of the kernels' integer product instruction alone, on every
+    /// thread.
     pub peak_g_macs: f64,
 }
 
@@ -201,8 +203,8 @@ fn read_bandwidth() -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Multiply-adds per second of the kernels' 16-bit dot instruction on every thread (twelve
-/// independent accumulators, so neither latency nor memory limits it; best of three).
+/// Multiply-adds per second of the kernels' integer product instruction on every thread
+/// (independent accumulators, so neither latency nor memory limits it; best of three).
 fn peak_dot_rate() -> f64 {
     const ITERS: usize = 20_000_000;
     let threads = rayon::current_num_threads();
@@ -218,13 +220,21 @@ fn peak_dot_rate() -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Runs `iters` rounds of the kernels' 16-bit dot instruction on independent accumulators;
-/// the multiply-adds done.
+/// Runs `iters` rounds of the kernels' integer product instruction on independent
+/// accumulators; the multiply-adds of 16-bit activations done.
 fn dot16_macs(iters: usize) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Amx {
+        // SAFETY: `isa()` found the tile units. A tile product is far more work than a dot
+        // instruction: fewer rounds take as long.
+        return unsafe { super::amx::tile_rounds(iters / 16) };
+    }
     #[cfg(target_arch = "x86_64")]
     if isa() != Isa::Scalar {
         // SAFETY: `isa()` checked the features each variant is compiled for.
-        return unsafe { super::x86::dot16_rounds(iters, isa() == Isa::Avx2Vnni) };
+        return unsafe {
+            super::x86::dot16_rounds(iters, matches!(isa(), Isa::Avx2Vnni | Isa::Amx))
+        };
     }
     let mut acc = [0i32; 8];
     for _ in 0..iters {
@@ -292,8 +302,10 @@ mod tests {
         assert!(block_products(dir.path(), WeightFormat::Native).is_err());
     }
 
-    /// The dot instruction's measured rate is real work: more rounds take longer, and the
-    /// rate is below one multiply-add per lane per nanosecond per thread times 64.
+    /// The product instruction's measured rate is real work: more rounds take longer, and the
+    /// rate is below what the instruction could do at 5 GHz (a 256-bit dot: 16 multiply-adds
+    /// a cycle, on up to two ports; a tile product: 512 multiply-adds of 16-bit activations a
+    /// cycle).
     #[test]
     fn the_dot_peak_counts_work_the_machine_does() {
         let time = |iters| {
@@ -312,6 +324,10 @@ mod tests {
             t_many > 2.0 * t_few,
             "{t_few} s vs {t_many} s: the loop was folded away"
         );
-        assert!((many as f64 / t_many) < 64e9 * 8.0, "{many} in {t_many} s");
+        let per_cycle = if isa() == Isa::Amx { 512.0 } else { 32.0 };
+        assert!(
+            (many as f64 / t_many) < per_cycle * 5e9,
+            "{many} in {t_many} s"
+        );
     }
 }
