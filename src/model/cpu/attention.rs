@@ -185,46 +185,52 @@ pub fn attend(
     }
     let group = shape.n_heads / shape.n_kv_heads;
     let (k, v) = (&cache.k[..], &cache.v[..]);
-    let one = |(i, h): (usize, usize), dst: &mut [f32]| {
+    // One task per new row and KV head: the query heads sharing that KV head one after
+    // another, so its keys and values come from memory once for all of them.
+    let one = |(i, g): (usize, usize), dst: &mut [f32]| {
         let pos = start + i;
         let first = spec.first_key(pos);
-        let qh = &q[i * q_dim + h * hd..i * q_dim + (h + 1) * hd];
-        let kvh = (h / group) * hd;
+        let kv = g * hd;
         let mut scores = vec![0f32; pos + 1 - first];
-        key_scores(
-            qh,
-            &k[first * kv_dim + kvh..],
-            kv_dim,
-            spec.scale,
-            &mut scores,
-        );
-        if let Some(cap) = spec.softcap {
-            for s in scores.iter_mut() {
-                *s = cap * (*s / cap).tanh();
+        for (h, dst) in dst.chunks_mut(hd).enumerate() {
+            let qh = (g * group + h) * hd;
+            let qh = &q[i * q_dim + qh..i * q_dim + qh + hd];
+            key_scores(
+                qh,
+                &k[first * kv_dim + kv..],
+                kv_dim,
+                spec.scale,
+                &mut scores,
+            );
+            if let Some(cap) = spec.softcap {
+                for s in scores.iter_mut() {
+                    *s = cap * (*s / cap).tanh();
+                }
             }
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            for s in scores.iter_mut() {
+                *s *= inv;
+            }
+            weighted_sum(&scores, &v[first * kv_dim + kv..], kv_dim, dst);
         }
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        for s in scores.iter_mut() {
-            *s *= inv;
-        }
-        weighted_sum(&scores, &v[first * kv_dim + kvh..], kv_dim, dst);
     };
     let work = n_new * shape.n_heads * (start + n_new);
     let out = &mut out[..n_new * q_dim];
+    let kv_heads = shape.n_kv_heads;
     if work < 2048 {
-        for (idx, dst) in out.chunks_mut(hd).enumerate() {
-            one((idx / shape.n_heads, idx % shape.n_heads), dst);
+        for (idx, dst) in out.chunks_mut(group * hd).enumerate() {
+            one((idx / kv_heads, idx % kv_heads), dst);
         }
     } else {
-        out.par_chunks_mut(hd)
+        out.par_chunks_mut(group * hd)
             .enumerate()
-            .for_each(|(idx, dst)| one((idx / shape.n_heads, idx % shape.n_heads), dst));
+            .for_each(|(idx, dst)| one((idx / kv_heads, idx % kv_heads), dst));
     }
 }
 
@@ -233,7 +239,7 @@ fn key_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) 
     let hd = q.len();
     assert!(out.is_empty() || (out.len() - 1) * stride + hd <= k.len());
     #[cfg(target_arch = "x86_64")]
-    if isa() != Isa::Scalar && hd.is_multiple_of(16) {
+    if isa() != Isa::Scalar && hd.is_multiple_of(8) && hd <= x86::MAX_HEAD_DIM {
         // SAFETY: `isa()` checked for AVX2 and FMA; the assertion bounds every key read.
         return unsafe { x86::key_scores(q, k, stride, scale, out) };
     }
@@ -267,30 +273,53 @@ fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// One dot product per key, two accumulators of eight lanes each.
+    /// The widest head the vector kernels take (wider ones run the portable loops).
+    pub const MAX_HEAD_DIM: usize = 512;
+
+    /// Eight keys at a time: one accumulator of eight lanes per key, summed across lanes for
+    /// all eight at once. A last partial block runs the same operations with rows of zeros
+    /// standing in for the missing keys, so every key's score is computed alike wherever it
+    /// falls.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn key_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+        const ZEROS: [f32; MAX_HEAD_DIM] = [0.0; MAX_HEAD_DIM];
         let hd = q.len();
-        for (j, o) in out.iter_mut().enumerate() {
-            let kj = k.as_ptr().add(j * stride);
-            let mut acc0 = _mm256_setzero_ps();
-            let mut acc1 = _mm256_setzero_ps();
-            let mut i = 0;
-            while i < hd {
-                acc0 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(q.as_ptr().add(i)),
-                    _mm256_loadu_ps(kj.add(i)),
-                    acc0,
-                );
-                acc1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(q.as_ptr().add(i + 8)),
-                    _mm256_loadu_ps(kj.add(i + 8)),
-                    acc1,
-                );
-                i += 16;
+        assert!(hd <= MAX_HEAD_DIM, "head_dim {hd}");
+        let scale = _mm256_set1_ps(scale);
+        for (b, out) in out.chunks_mut(8).enumerate() {
+            let rows: [*const f32; 8] = std::array::from_fn(|j| {
+                if j < out.len() {
+                    k.as_ptr().add((8 * b + j) * stride)
+                } else {
+                    ZEROS.as_ptr()
+                }
+            });
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for c in (0..hd).step_by(8) {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(c));
+                for j in 0..8 {
+                    acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[j].add(c)), acc[j]);
+                }
             }
-            *o = super::super::hsum(_mm256_add_ps(acc0, acc1)) * scale;
+            let sums = _mm256_mul_ps(lane_sums(acc), scale);
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+            out.copy_from_slice(&lanes[..out.len()]);
         }
+    }
+
+    /// Lane `j` of the result is the sum of the eight lanes of `a[j]`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lane_sums(a: [__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(a[0], a[1]);
+        let t1 = _mm256_hadd_ps(a[2], a[3]);
+        let t2 = _mm256_hadd_ps(a[4], a[5]);
+        let t3 = _mm256_hadd_ps(a[6], a[7]);
+        let (u0, u1) = (_mm256_hadd_ps(t0, t1), _mm256_hadd_ps(t2, t3));
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(u0, u1),
+            _mm256_permute2f128_ps::<0x31>(u0, u1),
+        )
     }
 
     /// Accumulates up to 64 output lanes in registers across all rows.
