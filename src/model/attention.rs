@@ -6,15 +6,15 @@
 //! The CPU backend attends with `cpu::attention::attend` over host caches; the candle backend
 //! runs the same maths as tensor ops on any device.
 
-use super::batch::{LayerKv, SeqChunk};
-use super::cpu::attention::{attend, AttentionSpec, HostKv, RopeLayout};
+use super::batch::LayerKv;
+use super::cpu::attention::{attend, AttentionSpec, RopeLayout};
+use super::cpu::team;
 use super::hooks::HookSite;
 use super::layers::{with_host_f32, Linear, RmsNorm};
 use super::pass::Pass;
 use super::Backend;
 use anyhow::bail;
 use candle_core::{DType, Tensor};
-use rayon::prelude::*;
 
 /// One layer's attention.
 pub struct Attention {
@@ -96,15 +96,10 @@ impl Attention {
             jobs.push((c, kv, dst));
         }
         with_host_f32(qkv, |data| {
-            let one = |(c, kv, dst): (&SeqChunk, &mut HostKv, &mut [f32])| {
+            team::for_each_mut(&mut jobs, &|_, (c, kv, dst)| {
                 let rows = &data[c.row * width..(c.row + c.len) * width];
                 attend(rows, c.len, c.start_pos, kv, &self.spec, dst);
-            };
-            if jobs.len() > 1 {
-                jobs.into_par_iter().for_each(one);
-            } else {
-                jobs.into_iter().for_each(one);
-            }
+            });
         })?;
         Ok(Tensor::from_vec(out, (n, q_dim), p.device)?)
     }

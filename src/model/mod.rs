@@ -244,25 +244,30 @@ impl Model {
             }
         }
         self.pool.install(|| {
-            let mut p = Pass::new(batch, caches, hooks, self.backend, &self.device);
-            let x = match start {
-                None => self.net.forward(&mut p)?,
-                Some((first, x)) => {
-                    let rows = batch.tokens.len();
-                    let x =
-                        candle_core::Tensor::from_vec(x, (rows, self.dims.d_model), &self.device)?;
-                    self.net.forward_from(&mut p, first, x)?
+            cpu::team::with_team(|| {
+                let mut p = Pass::new(batch, caches, hooks, self.backend, &self.device);
+                let x = match start {
+                    None => self.net.forward(&mut p)?,
+                    Some((first, x)) => {
+                        let rows = batch.tokens.len();
+                        let x = candle_core::Tensor::from_vec(
+                            x,
+                            (rows, self.dims.d_model),
+                            &self.device,
+                        )?;
+                        self.net.forward_from(&mut p, first, x)?
+                    }
+                };
+                for (c, cache) in batch.chunks.iter().zip(p.caches.iter_mut()) {
+                    cache.len = c.start_pos + c.len;
                 }
-            };
-            for (c, cache) in batch.chunks.iter().zip(p.caches.iter_mut()) {
-                cache.len = c.start_pos + c.len;
-            }
-            let rows = batch.logit_rows();
-            if rows.is_empty() {
-                return Ok(None);
-            }
-            let idx = candle_core::Tensor::new(rows.as_slice(), &self.device)?;
-            Ok(Some(self.net.logits(&x.index_select(&idx, 0)?)?))
+                let rows = batch.logit_rows();
+                if rows.is_empty() {
+                    return Ok(None);
+                }
+                let idx = candle_core::Tensor::new(rows.as_slice(), &self.device)?;
+                Ok(Some(self.net.logits(&x.index_select(&idx, 0)?)?))
+            })
         })
     }
 

@@ -8,7 +8,6 @@
 //! results do not change with how a prompt is chunked or batched.
 
 use super::matmul::{isa, Isa};
-use rayon::prelude::*;
 
 /// Which coordinates a rotary embedding rotates together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -223,14 +222,15 @@ pub fn attend(
     let work = n_new * shape.n_heads * (start + n_new);
     let out = &mut out[..n_new * q_dim];
     let kv_heads = shape.n_kv_heads;
+    let mut tasks: Vec<&mut [f32]> = out.chunks_mut(group * hd).collect();
     if work < 2048 {
-        for (idx, dst) in out.chunks_mut(group * hd).enumerate() {
+        for (idx, dst) in tasks.into_iter().enumerate() {
             one((idx / kv_heads, idx % kv_heads), dst);
         }
     } else {
-        out.par_chunks_mut(group * hd)
-            .enumerate()
-            .for_each(|(idx, dst)| one((idx / kv_heads, idx % kv_heads), dst));
+        super::team::for_each_mut(&mut tasks, &|idx, dst| {
+            one((idx / kv_heads, idx % kv_heads), dst)
+        });
     }
 }
 

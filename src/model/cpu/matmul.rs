@@ -298,11 +298,7 @@ pub fn matmul(x: &[f32], m: usize, w: &WeightMatrix, out: &mut [f32]) {
             }
         }
     };
-    if chunk >= n {
-        body(0);
-    } else {
-        (0..n).into_par_iter().step_by(chunk).for_each(body);
-    }
+    super::team::parallel_for(n.div_ceil(chunk), &|task| body(task * chunk));
 }
 
 pub(crate) struct SendPtr(pub *mut f32);

@@ -13,6 +13,7 @@ pub mod matmul;
 mod portable;
 pub mod quant;
 pub mod roofline;
+pub mod team;
 pub mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;

@@ -4,7 +4,6 @@
 
 use super::{ABLOCK, CHUNK};
 use crate::model::cpu::matmul::{isa, Isa};
-use rayon::prelude::*;
 
 /// The largest rounded activation: `127 · 256 + 127`, so both bytes are signed.
 pub(crate) const QX_MAX: f32 = 32639.0;
@@ -52,16 +51,16 @@ impl TileActivations {
                 }
             }
         };
-        if chunks > 1 {
-            a.bytes
-                .par_chunks_mut(blocks * tile)
-                .zip(a.scales.par_chunks_mut(blocks * CHUNK))
-                .zip(a.sums.par_chunks_mut(blocks * CHUNK))
-                .zip(x[..m * cols].par_chunks(CHUNK * cols))
-                .for_each(chunk);
-        } else {
-            chunk((((&mut a.bytes, &mut a.scales), &mut a.sums), &x[..m * cols]));
-        }
+        let mut parts: Vec<ChunkParts> = a
+            .bytes
+            .chunks_mut(blocks * tile)
+            .zip(a.scales.chunks_mut(blocks * CHUNK))
+            .zip(a.sums.chunks_mut(blocks * CHUNK))
+            .zip(x[..m * cols].chunks(CHUNK * cols))
+            .collect();
+        crate::model::cpu::team::for_each_mut(&mut parts, &|_, p| {
+            chunk((((&mut *p.0 .0 .0, &mut *p.0 .0 .1), &mut *p.0 .1), p.1))
+        });
         a
     }
 

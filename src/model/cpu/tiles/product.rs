@@ -9,7 +9,6 @@
 use super::{TileActivations, TiledWeights, ABLOCK, CHUNK, PANEL};
 use crate::model::cpu::matmul::{dot_f32, isa, Isa, SendPtr};
 use crate::model::cpu::quant::{WeightData, WeightMatrix};
-use rayon::prelude::*;
 
 /// The products of panel `p` of `w` (its f32 scales and minimums `scales`, as
 /// [`TiledWeights::panel_scales`] gives them) with the tokens of chunk `c` of `a`, in
@@ -153,11 +152,7 @@ fn matmul_on(x: &[f32], m: usize, w: &WeightMatrix, out: &mut [f32], amx: bool) 
             }
         }
     };
-    if work.len() == 1 {
-        run(&work[0]);
-    } else {
-        work.par_iter().for_each(run);
-    }
+    crate::model::cpu::team::parallel_for(work.len(), &|i| run(&work[i]));
 }
 
 #[cfg(test)]
