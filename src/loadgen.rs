@@ -56,6 +56,9 @@ struct RequestTiming {
     itl: Vec<f64>,
     total: f64,
     tokens: usize,
+    /// When the request was sent and each token arrived, in seconds from the run's start.
+    sent: f64,
+    arrivals: Vec<f64>,
 }
 
 /// What a run measured.
@@ -68,6 +71,9 @@ pub struct LoadReport {
     pub generated_tokens: usize,
     pub seconds: f64,
     pub tokens_per_s: f64,
+    /// Tokens/s while every client had a request running (from the last client's first
+    /// request to the first client's end), leaving out the ramps at both ends.
+    pub steady_tokens_per_s: f64,
     pub ttft_p50_ms: f64,
     pub ttft_p99_ms: f64,
     pub itl_p50_ms: f64,
@@ -229,6 +235,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
         .map(|c| {
             let cfg = cfg.clone();
             std::thread::spawn(move || -> (Vec<RequestTiming>, usize) {
+                let since = |t: Instant| (t - started).as_secs_f64();
                 let delay = cfg.stagger.mul_f64(c as f64 / cfg.concurrency as f64);
                 std::thread::sleep(delay);
                 let mut out = Vec::new();
@@ -236,7 +243,10 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
                 for i in 0..cfg.requests_per_client {
                     let body = request_body(&cfg, c, i);
                     let t0 = Instant::now();
-                    let mut timing = RequestTiming::default();
+                    let mut timing = RequestTiming {
+                        sent: since(t0),
+                        ..Default::default()
+                    };
                     let mut last: Option<Instant> = None;
                     let mut failed = false;
                     let status = stream_post(&cfg.addr, "/generate", &body, |ev, _| match ev {
@@ -248,6 +258,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
                             }
                             last = Some(now);
                             timing.tokens += 1;
+                            timing.arrivals.push(since(now));
                         }
                         "error" | "http_error" => failed = true,
                         _ => {}
@@ -263,14 +274,16 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
             })
         })
         .collect();
-    let mut timings = Vec::new();
+    let mut clients = Vec::new();
     let mut errors = 0;
     for h in handles {
         let (t, e) = h.join().map_err(|_| anyhow!("a client thread panicked"))?;
-        timings.extend(t);
+        clients.push(t);
         errors += e;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let steady = steady_rate(&clients);
+    let timings: Vec<RequestTiming> = clients.into_iter().flatten().collect();
     let tokens: usize = timings.iter().map(|t| t.tokens).sum();
     let mut ttft: Vec<f64> = timings.iter().map(|t| t.ttft * 1e3).collect();
     let mut itl: Vec<f64> = timings
@@ -287,6 +300,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
         generated_tokens: tokens,
         seconds: round(seconds),
         tokens_per_s: round(tokens as f64 / seconds),
+        steady_tokens_per_s: round(steady),
         ttft_p50_ms: round(percentile(&mut ttft, 50.0)),
         ttft_p99_ms: round(percentile(&mut ttft, 99.0)),
         itl_p50_ms: round(percentile(&mut itl, 50.0)),
@@ -294,6 +308,30 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
         e2e_p50_ms: round(percentile(&mut e2e, 50.0)),
         e2e_p99_ms: round(percentile(&mut e2e, 99.0)),
     })
+}
+
+/// Tokens/s of all clients while every one of them was running: from the moment the last
+/// client sent its first request to the moment the first client got its last token (0 if
+/// that never happened).
+fn steady_rate(clients: &[Vec<RequestTiming>]) -> f64 {
+    let from = clients
+        .iter()
+        .map(|t| t.first().map_or(f64::INFINITY, |r| r.sent))
+        .fold(0f64, f64::max);
+    let until = clients
+        .iter()
+        .map(|t| t.last().and_then(|r| r.arrivals.last().copied()).unwrap_or(0.0))
+        .fold(f64::INFINITY, f64::min);
+    if until <= from {
+        return 0.0;
+    }
+    let tokens = clients
+        .iter()
+        .flatten()
+        .flat_map(|t| &t.arrivals)
+        .filter(|&&a| a > from && a <= until)
+        .count();
+    tokens as f64 / (until - from)
 }
 
 /// Sends one JSON request and returns the status and body (tests and tools).
@@ -313,5 +351,24 @@ mod tests {
         assert_eq!(percentile(&mut xs, 50.0), 51.0);
         assert_eq!(percentile(&mut xs, 99.0), 99.0);
         assert_eq!(percentile(&mut [], 50.0), 0.0);
+    }
+
+    /// The steady rate counts only the tokens that arrived while every client was running.
+    #[test]
+    fn the_steady_window_leaves_out_the_ramps() {
+        let request = |sent: f64, arrivals: &[f64]| RequestTiming {
+            sent,
+            arrivals: arrivals.to_vec(),
+            ..Default::default()
+        };
+        // Client 0 runs from 0 to 4, client 1 from 1 to 5: the window is (1, 4].
+        let clients = vec![
+            vec![request(0.0, &[0.5, 1.5, 2.0]), request(2.0, &[3.0, 4.0])],
+            vec![request(1.0, &[2.5, 3.5, 4.5, 5.0])],
+        ];
+        // In the window: 1.5, 2.0, 3.0, 4.0 and 2.5, 3.5: 6 tokens in 3 s.
+        assert_eq!(steady_rate(&clients), 2.0);
+        // A client with no successful request: no window.
+        assert_eq!(steady_rate(&[clients[0].clone(), vec![]]), 0.0);
     }
 }
