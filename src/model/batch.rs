@@ -88,7 +88,7 @@ impl PackedBatch {
 pub struct KvCache {
     pub(crate) len: usize,
     pub(crate) layers: Vec<LayerKv>,
-    /// Bytes per cached token (all layers, keys and values, f32).
+    /// Bytes per cached token (all layers, keys and values; f16 on the host, f32 on a device).
     bytes_per_token: usize,
 }
 
@@ -111,7 +111,7 @@ impl KvCache {
         Self {
             len: 0,
             layers: vec![layer; n_layers],
-            bytes_per_token: n_layers * kv_dim * 2 * 4,
+            bytes_per_token: n_layers * kv_dim * 2 * if host { 2 } else { 4 },
         }
     }
 

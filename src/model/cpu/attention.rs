@@ -8,6 +8,8 @@
 //! results do not change with how a prompt is chunked or batched.
 
 use super::matmul::{isa, Isa};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// Which coordinates a rotary embedding rotates together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -140,11 +142,13 @@ impl AttentionSpec {
     }
 }
 
-/// One layer's cached keys (rotated) and values, `[len, kv_dim]` each.
+/// One layer's cached keys (rotated) and values, `[len, kv_dim]` each, in f16 as
+/// llama.cpp keeps them: attention reads every cached row of every sequence at each step, so
+/// half the bytes is half its memory traffic.
 #[derive(Debug, Clone, Default)]
 pub struct HostKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: Vec<f16>,
+    pub v: Vec<f16>,
 }
 
 /// Attends the `n_new` query rows in `qkv` (`[n_new, q_dim + 2 kv_dim]`, positions
@@ -167,6 +171,7 @@ pub fn attend(
     let half = rope.half();
     let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
     let mut q = vec![0f32; n_new * q_dim];
+    let mut key = vec![0f32; kv_dim];
     for i in 0..n_new {
         let row = &qkv[i * width..(i + 1) * width];
         rope.angles(start + i, &mut cos, &mut sin);
@@ -175,12 +180,12 @@ pub fn attend(
         for h in qi.chunks_mut(hd) {
             rope.rotate(h, &cos, &sin);
         }
-        let k0 = cache.k.len();
-        cache.k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
-        for h in cache.k[k0..].chunks_mut(hd) {
+        key.copy_from_slice(&row[q_dim..q_dim + kv_dim]);
+        for h in key.chunks_mut(hd) {
             rope.rotate(h, &cos, &sin);
         }
-        cache.v.extend_from_slice(&row[q_dim + kv_dim..]);
+        append_f16(&mut cache.k, &key);
+        append_f16(&mut cache.v, &row[q_dim + kv_dim..]);
     }
     let group = shape.n_heads / shape.n_kv_heads;
     let (k, v) = (&cache.k[..], &cache.v[..]);
@@ -234,43 +239,51 @@ pub fn attend(
     }
 }
 
+/// Appends `x` rounded to f16 (to nearest, ties to even).
+fn append_f16(cache: &mut Vec<f16>, x: &[f32]) {
+    let at = cache.len();
+    cache.resize(at + x.len(), f16::ZERO);
+    cache[at..].convert_from_f32_slice(x);
+}
+
 /// `out[j] = scale · (q · k[j * stride .. j * stride + q.len()])` for every `j < out.len()`.
-fn key_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+fn key_scores(q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
     let hd = q.len();
     assert!(out.is_empty() || (out.len() - 1) * stride + hd <= k.len());
     #[cfg(target_arch = "x86_64")]
     if isa() != Isa::Scalar && hd.is_multiple_of(8) && hd <= x86::MAX_HEAD_DIM {
-        // SAFETY: `isa()` checked for AVX2 and FMA; the assertion bounds every key read.
+        // SAFETY: `isa()` checked for AVX2, FMA and F16C; the assertion bounds every key read.
         return unsafe { x86::key_scores(q, k, stride, scale, out) };
     }
     for (j, o) in out.iter_mut().enumerate() {
         *o = q
             .iter()
             .zip(&k[j * stride..])
-            .map(|(a, b)| a * b)
+            .map(|(a, b)| a * b.to_f32())
             .sum::<f32>()
             * scale;
     }
 }
 
 /// `out = Σ_j p[j] · v[j * stride .. j * stride + out.len()]`.
-fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+fn weighted_sum(p: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if isa() != Isa::Scalar && out.len().is_multiple_of(8) {
-        // SAFETY: `isa()` checked for AVX2 and FMA; every row read lies inside `v` because
+        // SAFETY: `isa()` checked for AVX2, FMA and F16C; every row read lies inside `v` because
         // the caller's cache holds `p.len()` rows of `stride` floats.
         return unsafe { x86::weighted_sum(p, v, stride, out) };
     }
     out.fill(0.0);
     for (j, &pj) in p.iter().enumerate() {
         for (o, x) in out.iter_mut().zip(&v[j * stride..]) {
-            *o += pj * x;
+            *o += pj * x.to_f32();
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use half::f16;
     use std::arch::x86_64::*;
 
     /// The widest head the vector kernels take (wider ones run the portable loops).
@@ -280,14 +293,20 @@ mod x86 {
     /// all eight at once. A last partial block runs the same operations with rows of zeros
     /// standing in for the missing keys, so every key's score is computed alike wherever it
     /// falls.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn key_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
-        const ZEROS: [f32; MAX_HEAD_DIM] = [0.0; MAX_HEAD_DIM];
+    /// Eight f16 at `p` as f32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn key_scores(q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+        const ZEROS: [f16; MAX_HEAD_DIM] = [f16::ZERO; MAX_HEAD_DIM];
         let hd = q.len();
         assert!(hd <= MAX_HEAD_DIM, "head_dim {hd}");
         let scale = _mm256_set1_ps(scale);
         for (b, out) in out.chunks_mut(8).enumerate() {
-            let rows: [*const f32; 8] = std::array::from_fn(|j| {
+            let rows: [*const f16; 8] = std::array::from_fn(|j| {
                 if j < out.len() {
                     k.as_ptr().add((8 * b + j) * stride)
                 } else {
@@ -298,7 +317,7 @@ mod x86 {
             for c in (0..hd).step_by(8) {
                 let qv = _mm256_loadu_ps(q.as_ptr().add(c));
                 for j in 0..8 {
-                    acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[j].add(c)), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(qv, load8(rows[j].add(c)), acc[j]);
                 }
             }
             let sums = _mm256_mul_ps(lane_sums(acc), scale);
@@ -322,26 +341,35 @@ mod x86 {
         )
     }
 
-    /// Accumulates up to 64 output lanes in registers across all rows.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    /// Accumulates 64 output lanes at a time in registers across all rows (then 8 at a time
+    /// for the rest of a head width that is not a multiple of 64).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_sum(p: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
         let hd = out.len();
         assert!(p.is_empty() || (p.len() - 1) * stride + hd <= v.len());
         let mut c0 = 0;
-        while c0 < hd {
-            let lanes = ((hd - c0) / 8).min(8);
+        while c0 + 64 <= hd {
             let mut acc = [_mm256_setzero_ps(); 8];
             for (j, &pj) in p.iter().enumerate() {
                 let pv = _mm256_set1_ps(pj);
                 let row = v.as_ptr().add(j * stride + c0);
-                for (c, acc) in acc.iter_mut().enumerate().take(lanes) {
-                    *acc = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * c)), *acc);
+                for c in 0..8 {
+                    acc[c] = _mm256_fmadd_ps(pv, load8(row.add(8 * c)), acc[c]);
                 }
             }
-            for (c, acc) in acc.iter().enumerate().take(lanes) {
+            for (c, acc) in acc.iter().enumerate() {
                 _mm256_storeu_ps(out.as_mut_ptr().add(c0 + 8 * c), *acc);
             }
-            c0 += 8 * lanes;
+            c0 += 64;
+        }
+        while c0 < hd {
+            let mut acc = _mm256_setzero_ps();
+            for (j, &pj) in p.iter().enumerate() {
+                let row = v.as_ptr().add(j * stride + c0);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(pj), load8(row), acc);
+            }
+            _mm256_storeu_ps(out.as_mut_ptr().add(c0), acc);
+            c0 += 8;
         }
     }
 }
@@ -358,7 +386,8 @@ mod tests {
         v
     }
 
-    /// Attention written out plainly in f64, with the window and soft-cap of `spec`.
+    /// Attention written out plainly in f64 (keys and values rounded to f16 as the cache
+    /// holds them), with the window and soft-cap of `spec`.
     fn naive(qkv: &[f32], n: usize, spec: &AttentionSpec) -> Vec<f32> {
         let shape = spec.shape;
         let (q_dim, kv_dim, hd) = (shape.q_dim(), shape.kv_dim(), shape.head_dim);
@@ -377,7 +406,10 @@ mod tests {
                     .iter()
                     .map(|&j| {
                         let k0 = j * width + q_dim + g * hd;
-                        let k = rotated(&spec.rope, &qkv[k0..k0 + hd], j);
+                        let k: Vec<f32> = rotated(&spec.rope, &qkv[k0..k0 + hd], j)
+                            .iter()
+                            .map(|&x| f16::from_f32(x).to_f32())
+                            .collect();
                         let dot = q.iter().zip(&k).map(|(a, b)| (*a * *b) as f64).sum::<f64>()
                             * spec.scale as f64;
                         match spec.softcap {
@@ -391,8 +423,8 @@ mod tests {
                 for (&j, sj) in keys.iter().zip(&s) {
                     let v0 = j * width + q_dim + kv_dim + g * hd;
                     for d in 0..hd {
-                        out[i * q_dim + h * hd + d] +=
-                            (((sj - m).exp() / z) * qkv[v0 + d] as f64) as f32;
+                        let v = f16::from_f32(qkv[v0 + d]).to_f32();
+                        out[i * q_dim + h * hd + d] += (((sj - m).exp() / z) * v as f64) as f32;
                     }
                 }
             }
@@ -475,7 +507,12 @@ mod tests {
         let mut out = vec![0f32; 3 * 4];
         attend(&qkv, 3, 0, &mut HostKv::default(), &spec, &mut out);
         for i in 0..3 {
-            assert_eq!(&out[i * 4..(i + 1) * 4], &qkv[i * 12 + 8..i * 12 + 12]);
+            // Its own value, as the f16 cache holds it.
+            let v: Vec<f32> = qkv[i * 12 + 8..i * 12 + 12]
+                .iter()
+                .map(|&x| f16::from_f32(x).to_f32())
+                .collect();
+            assert_eq!(&out[i * 4..(i + 1) * 4], &v[..]);
         }
     }
 }
