@@ -320,7 +320,11 @@ fn steady_rate(clients: &[Vec<RequestTiming>]) -> f64 {
         .fold(0f64, f64::max);
     let until = clients
         .iter()
-        .map(|t| t.last().and_then(|r| r.arrivals.last().copied()).unwrap_or(0.0))
+        .map(|t| {
+            t.last()
+                .and_then(|r| r.arrivals.last().copied())
+                .unwrap_or(0.0)
+        })
         .fold(f64::INFINITY, f64::min);
     if until <= from {
         return 0.0;

@@ -59,8 +59,12 @@ fn gguf_and_safetensors_give_the_same_logits_in_every_architecture() {
             let n = lb[0].len();
             let la: Vec<Vec<f32>> = la.iter().map(|r| r[..n].to_vec()).collect();
             let d = max_abs_diff(&la, &lb);
+            // The two layouts rotate keys in different orders (interleaved pairs against
+            // halves): the f32 keys agree to rounding, but the f16 cache of the CPU kernels can
+            // round one of them to the neighbouring f16 (2^-11 of it), moving logits by up to
+            // a few 1e-4. A wrong mapping moves them by far more.
             assert!(
-                d < 1e-4,
+                d < 1e-3,
                 "{arch:?} {backend:?}: GGUF and safetensors logits differ by {d}"
             );
             if arch != TinyArch::Gemma3 {
@@ -155,8 +159,10 @@ fn gemma_matches_candle_transformers_on_tiny_random_weights() {
         let d = max_abs_diff(std::slice::from_ref(&ours), &[theirs]);
         let scale = ours.iter().map(|x| x.abs()).fold(0.0, f32::max);
         assert!(scale > 0.1, "{arch:?}: logits are degenerate ({scale})");
+        // tiller's KV cache holds keys and values in f16 (as llama.cpp's does), candle's in
+        // f32: about 1.5e-4 of the logits here.
         assert!(
-            d < 1e-4 * scale.max(1.0),
+            d < 5e-4 * scale.max(1.0),
             "{arch:?}: tiller and candle-transformers differ by {d} (scale {scale})"
         );
     }
@@ -182,11 +188,12 @@ fn cpu_kernels_match_the_plain_candle_reference_in_every_architecture() {
             let d = max_abs_diff(&a, &b);
             let scale = a.iter().flatten().map(|x| x.abs()).fold(0.0, f32::max);
             assert!(scale > 0.1, "{arch:?}: logits are degenerate ({scale})");
-            // Quantized weights meet 16-bit activations in the kernels: a relative error of
-            // about 1e-5 per product (about 1e-4 of the logits here), far below what changes
-            // a token.
+            // Quantized weights meet 16-bit activations in the kernels (a relative error of
+            // about 1e-5 per product), and the KV cache holds keys and values in f16 (2^-12
+            // each on average, as in llama.cpp): together up to about 4e-4 of the logits here,
+            // far below what changes a token.
             assert!(
-                d < 3e-4 * scale,
+                d < 1e-3 * scale,
                 "{arch:?} {dtype:?}: kernels differ from the reference by {d} (scale {scale})"
             );
         }

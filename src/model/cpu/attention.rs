@@ -353,8 +353,8 @@ mod x86 {
             for (j, &pj) in p.iter().enumerate() {
                 let pv = _mm256_set1_ps(pj);
                 let row = v.as_ptr().add(j * stride + c0);
-                for c in 0..8 {
-                    acc[c] = _mm256_fmadd_ps(pv, load8(row.add(8 * c)), acc[c]);
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(pv, load8(row.add(8 * c)), *acc);
                 }
             }
             for (c, acc) in acc.iter().enumerate() {
