@@ -368,7 +368,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::cpu::quant::{BlockQ5K, BlockQ6K, WeightFormat};
     use candle_core::quantized::{GgmlDType, QTensor};
@@ -407,7 +407,7 @@ mod tests {
         v
     }
 
-    fn weights(rows: usize, cols: usize, dtype: GgmlDType) -> WeightMatrix {
+    pub(crate) fn weights(rows: usize, cols: usize, dtype: GgmlDType) -> WeightMatrix {
         let t = Tensor::from_vec(weights_values(rows, cols), (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, dtype).unwrap();
         WeightMatrix::from_qtensor(&q, WeightFormat::Native).unwrap()
@@ -425,32 +425,48 @@ mod tests {
             let (rows, m) = (37, ROW_GROUP + 3);
             let w = weights(rows, cols, dtype);
             let x = pseudo_random(m * cols, 3);
-            let mut batched = vec![0f32; m * rows];
-            matmul(&x, m, &w, &mut batched);
-            let mut wr = vec![0f32; cols];
-            for i in 0..m {
-                let xr = &x[i * cols..(i + 1) * cols];
-                let mut alone = vec![0f32; rows];
-                matmul(xr, 1, &w, &mut alone);
-                assert_eq!(
-                    &batched[i * rows..(i + 1) * rows],
-                    &alone[..],
-                    "{dtype:?} row {i}"
-                );
-                for (r, &got) in alone.iter().enumerate() {
-                    w.dequantize_row(r, &mut wr);
-                    let exact: f64 = wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
-                    let scale: f64 = wr
-                        .iter()
-                        .zip(xr)
-                        .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                        .sum();
-                    assert!(
-                        (got as f64 - exact).abs() <= 1e-4 * scale + 1e-6,
-                        "{dtype:?} {i},{r}: {got} vs {exact}"
-                    );
-                }
-            }
+            assert_batch_invariant_and_accurate(&w, &x, m, &format!("{dtype:?}"));
+        }
+    }
+
+    /// Every row of the product of `m` rows `x` with `w` is bit-identical to the same row
+    /// multiplied alone, and matches the dequantized product.
+    pub(crate) fn assert_batch_invariant_and_accurate(
+        w: &WeightMatrix,
+        x: &[f32],
+        m: usize,
+        what: &str,
+    ) {
+        let (rows, cols) = (w.rows, w.cols);
+        let mut batched = vec![0f32; m * rows];
+        matmul(&x[..m * cols], m, w, &mut batched);
+        for i in 0..m {
+            let xr = &x[i * cols..(i + 1) * cols];
+            let mut alone = vec![0f32; rows];
+            matmul(xr, 1, w, &mut alone);
+            let what = format!("{what}, row {i} of {m}");
+            assert_eq!(&batched[i * rows..(i + 1) * rows], &alone[..], "{what}");
+            assert_matches_dequantized(w, xr, &alone, &what);
+        }
+    }
+
+    /// Each of `got` (one activation row `x` times every row of `w`) equals the
+    /// dequantize-then-multiply product, computed in f64, to within the 16-bit rounding of
+    /// activations.
+    pub(crate) fn assert_matches_dequantized(w: &WeightMatrix, x: &[f32], got: &[f32], what: &str) {
+        let mut wr = vec![0f32; w.cols];
+        for (r, &got) in got.iter().enumerate() {
+            w.dequantize_row(r, &mut wr);
+            let exact: f64 = wr.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let scale: f64 = wr
+                .iter()
+                .zip(x)
+                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                .sum();
+            assert!(
+                (got as f64 - exact).abs() <= 1e-4 * scale + 1e-6,
+                "{what}, output {r}: {got} vs {exact}"
+            );
         }
     }
 

@@ -450,25 +450,12 @@ fn k4_span(d: f16, dmin: f16, scales: &[u8; 12], j: usize, q: impl Fn(usize) -> 
 pub(crate) mod tests {
     use super::*;
     use crate::model::cpu::quant::tests::BLOCK_FORMATS;
-    use crate::testing::pseudo_random;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+    use candle_core::quantized::GgmlDType;
 
     /// Random weights with blocks far larger or smaller than the rest, and rows shifted so
-    /// that the K-quants need their minimums.
+    /// that the K-quants need their minimums, in `dtype` as the file stores it.
     pub(crate) fn native(rows: usize, cols: usize, dtype: GgmlDType) -> WeightMatrix {
-        let mut v = pseudo_random(rows * cols, 7, 1.0);
-        for (i, x) in v.iter_mut().enumerate() {
-            *x = match (i / cols + (i % cols) / 32) % 5 {
-                0 => *x * 1e3,
-                1 => *x * 1e-3,
-                2 => *x + 2.0,
-                _ => *x,
-            };
-        }
-        let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, dtype).unwrap();
-        WeightMatrix::from_qtensor(&q, WeightFormat::Native).unwrap()
+        crate::model::cpu::matmul::tests::weights(rows, cols, dtype)
     }
 
     /// Rows that fill two panels and part of a third; an odd number of 32-value blocks.

@@ -158,6 +158,7 @@ fn matmul_on(x: &[f32], m: usize, w: &WeightMatrix, out: &mut [f32], amx: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cpu::matmul::tests::assert_batch_invariant_and_accurate;
     use crate::model::cpu::quant::tests::BLOCK_FORMATS;
     use crate::model::cpu::quant::WeightFormat;
     use crate::model::cpu::tiles::tests::{native, shape};
@@ -175,34 +176,8 @@ mod tests {
             let w = native(rows, cols, dtype).tiled();
             let m = 2 * CHUNK + 3;
             let x = pseudo_random(m * cols, 3, 1.0);
-            let mut wr = vec![0f32; cols];
             for batch in [m, CHUNK, 5, 2] {
-                let mut batched = vec![0f32; batch * rows];
-                matmul(&x[..batch * cols], batch, &w, &mut batched);
-                for i in 0..batch {
-                    let xr = &x[i * cols..(i + 1) * cols];
-                    let mut alone = vec![0f32; rows];
-                    matmul(xr, 1, &w, &mut alone);
-                    assert_eq!(
-                        &batched[i * rows..(i + 1) * rows],
-                        &alone[..],
-                        "{dtype:?} {i}/{batch}"
-                    );
-                    for (r, &got) in alone.iter().enumerate() {
-                        w.dequantize_row(r, &mut wr);
-                        let exact: f64 =
-                            wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
-                        let size: f64 = wr
-                            .iter()
-                            .zip(xr)
-                            .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                            .sum();
-                        assert!(
-                            (got as f64 - exact).abs() <= 1e-4 * size + 1e-6,
-                            "{dtype:?} {i},{r}: {got} vs {exact}"
-                        );
-                    }
-                }
+                assert_batch_invariant_and_accurate(&w, &x, batch, &format!("{dtype:?}"));
             }
         }
     }
