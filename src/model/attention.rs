@@ -6,8 +6,8 @@
 //! The CPU backend attends with `cpu::attention::attend` over host caches; the candle backend
 //! runs the same maths as tensor ops on any device.
 
-use super::batch::LayerKv;
-use super::cpu::attention::{attend, AttentionSpec, RopeLayout};
+use super::batch::{LayerKv, SeqChunk};
+use super::cpu::attention::{attend, AttentionSpec, HostKv, RopeLayout};
 use super::cpu::team;
 use super::hooks::HookSite;
 use super::layers::{with_host_f32, Linear, RmsNorm};
@@ -80,8 +80,9 @@ impl Attention {
         let (q_dim, width) = (s.q_dim(), s.q_dim() + 2 * s.kv_dim());
         let n = p.batch.tokens.len();
         let mut out = vec![0f32; n * q_dim];
-        // Each sequence's rows, cache and output apart, so that the sequences of a batch
-        // attend in parallel (a decoding sequence's one row is too little work to split).
+        // Each sequence's rows, cache and output apart, so that the decoding sequences of a
+        // batch attend in parallel (one row is too little work to split); a batch with prompt
+        // chunks runs its sequences in turn, each split across the threads by rows and heads.
         let mut jobs = Vec::with_capacity(p.batch.chunks.len());
         let (mut rest, mut next_row) = (&mut out[..], 0);
         for (c, cache) in p.batch.chunks.iter().zip(p.caches.iter_mut()) {
@@ -95,11 +96,17 @@ impl Attention {
             (rest, next_row) = (tail, next_row + c.len);
             jobs.push((c, kv, dst));
         }
+        let decoding = p.batch.chunks.iter().all(|c| c.len == 1);
         with_host_f32(qkv, |data| {
-            team::for_each_mut(&mut jobs, &|_, (c, kv, dst)| {
+            let one = |(c, kv, dst): &mut (&SeqChunk, &mut HostKv, &mut [f32])| {
                 let rows = &data[c.row * width..(c.row + c.len) * width];
                 attend(rows, c.len, c.start_pos, kv, &self.spec, dst);
-            });
+            };
+            if decoding {
+                team::for_each_mut(&mut jobs, &|_, job| one(job));
+            } else {
+                jobs.iter_mut().for_each(one);
+            }
         })?;
         Ok(Tensor::from_vec(out, (n, q_dim), p.device)?)
     }

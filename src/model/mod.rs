@@ -243,31 +243,32 @@ impl Model {
                 );
             }
         }
-        self.pool.install(|| {
-            cpu::team::with_team(|| {
-                let mut p = Pass::new(batch, caches, hooks, self.backend, &self.device);
-                let x = match start {
-                    None => self.net.forward(&mut p)?,
-                    Some((first, x)) => {
-                        let rows = batch.tokens.len();
-                        let x = candle_core::Tensor::from_vec(
-                            x,
-                            (rows, self.dims.d_model),
-                            &self.device,
-                        )?;
-                        self.net.forward_from(&mut p, first, x)?
-                    }
-                };
-                for (c, cache) in batch.chunks.iter().zip(p.caches.iter_mut()) {
-                    cache.len = c.start_pos + c.len;
+        let pass = || {
+            let mut p = Pass::new(batch, caches, hooks, self.backend, &self.device);
+            let x = match start {
+                None => self.net.forward(&mut p)?,
+                Some((first, x)) => {
+                    let rows = batch.tokens.len();
+                    let x =
+                        candle_core::Tensor::from_vec(x, (rows, self.dims.d_model), &self.device)?;
+                    self.net.forward_from(&mut p, first, x)?
                 }
-                let rows = batch.logit_rows();
-                if rows.is_empty() {
-                    return Ok(None);
-                }
-                let idx = candle_core::Tensor::new(rows.as_slice(), &self.device)?;
-                Ok(Some(self.net.logits(&x.index_select(&idx, 0)?)?))
-            })
+            };
+            for (c, cache) in batch.chunks.iter().zip(p.caches.iter_mut()) {
+                cache.len = c.start_pos + c.len;
+            }
+            let rows = batch.logit_rows();
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            let idx = candle_core::Tensor::new(rows.as_slice(), &self.device)?;
+            Ok(Some(self.net.logits(&x.index_select(&idx, 0)?)?))
+        };
+        // The CPU kernels' threads work as one team for the pass; a device backend's pass
+        // leaves them to rayon.
+        self.pool.install(|| match self.backend {
+            Backend::CpuKernels => cpu::team::with_team(pass),
+            Backend::Candle => pass(),
         })
     }
 

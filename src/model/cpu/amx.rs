@@ -15,7 +15,7 @@
 //! save. Linux hands the tile state to a process only when asked (`arch_prctl`), which
 //! [`available`] does once.
 
-use super::tiles::activations::QX_MAX;
+use super::tiles::activations::{block_scale, QX_MAX};
 use super::tiles::{Codec, ScaleCodec, TileActivations, TiledWeights, ABLOCK, CHUNK, PANEL};
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -383,16 +383,28 @@ pub unsafe fn round_chunk(
         for b in 0..blocks {
             let p = row.as_ptr().add(b * ABLOCK);
             let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
-            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-            let scale = amax / QX_MAX;
-            let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            // NaN lanes as zeros, as the portable rounding leaves them out and rounds them to 0.
+            let clean = |v: __m512| {
+                _mm512_mask_mov_ps(
+                    v,
+                    _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v),
+                    _mm512_setzero_ps(),
+                )
+            };
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(
+                _mm512_abs_ps(clean(v0)),
+                _mm512_abs_ps(clean(v1)),
+            ));
+            let (scale, inv) = block_scale(amax);
+            let inv = _mm512_set1_ps(inv);
             let tile = bytes
                 .as_mut_ptr()
                 .add(b * 2 * CHUNK * ABLOCK + 2 * t * ABLOCK);
             for (h, v) in [v0, v1].into_iter().enumerate() {
                 let v = _mm512_min_ps(
                     _mm512_max_ps(
-                        _mm512_mul_ps(v, inv),
+                        // An infinity times a zero inverse is NaN: 0 too.
+                        clean(_mm512_mul_ps(v, inv)),
                         _mm512_sub_ps(_mm512_setzero_ps(), lim),
                     ),
                     lim,

@@ -29,7 +29,6 @@
 
 use super::portable;
 use super::quant::{BlockFormat, WeightData, WeightMatrix, QK, QK_K};
-use rayon::prelude::*;
 use std::sync::OnceLock;
 
 /// The instruction set the kernels use on this machine.
@@ -170,20 +169,19 @@ impl Quantized16 {
                 *s = x.iter().sum();
             }
         };
+        let rows = out
+            .q
+            .chunks_mut(cols)
+            .zip(out.d.chunks_mut(nd))
+            .zip(out.s.chunks_mut(ns))
+            .zip(x.chunks(cols));
         if m >= 16 {
-            out.q
-                .par_chunks_mut(cols)
-                .zip(out.d.par_chunks_mut(nd))
-                .zip(out.s.par_chunks_mut(ns))
-                .zip(x.par_chunks(cols))
-                .for_each(row);
+            let mut rows: Vec<RowParts> = rows.collect();
+            super::team::for_each_mut(&mut rows, &|_, p| {
+                row((((&mut *p.0 .0 .0, &mut *p.0 .0 .1), &mut *p.0 .1), p.1))
+            });
         } else {
-            out.q
-                .chunks_mut(cols)
-                .zip(out.d.chunks_mut(nd))
-                .zip(out.s.chunks_mut(ns))
-                .zip(x.chunks(cols))
-                .for_each(row);
+            rows.for_each(row);
         }
         // One row is its own tile (`b * 1 + 0 = b`): decode at batch 1 copies nothing.
         if isa() != Isa::Scalar && m > 1 {
@@ -253,6 +251,9 @@ pub(crate) struct Group<'a> {
 pub fn matmul(x: &[f32], m: usize, w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(x.len(), m * w.cols, "matmul: x is not [m, cols]");
     assert_eq!(out.len(), m * w.rows, "matmul: out is not [m, rows]");
+    if m == 0 || w.rows == 0 {
+        return;
+    }
     if w.parts
         .iter()
         .any(|p| matches!(p.data, WeightData::Tiled(_)))

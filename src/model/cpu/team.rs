@@ -62,8 +62,6 @@ struct Team {
     generation: AtomicU64,
     job: Mutex<Option<Arc<Job>>>,
     stop: AtomicBool,
-    /// The pool index of the thread running the pass (its own helper job must not spin).
-    owner: Option<usize>,
 }
 
 thread_local! {
@@ -71,26 +69,29 @@ thread_local! {
     static TEAM: Cell<*const Team> = const { Cell::new(std::ptr::null()) };
     /// Whether this thread is inside a task of a region.
     static IN_TASK: Cell<bool> = const { Cell::new(false) };
+    /// Whether this thread is a helper of some pass.
+    static HELPING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Runs `pass` (on a thread of a rayon pool) with the pool's other threads as its team until
 /// it returns.
 pub fn with_team<R: Send>(pass: impl FnOnce() -> R + Send) -> R {
     let helpers = rayon::current_num_threads().saturating_sub(1);
-    if helpers == 0 || !TEAM.with(|t| t.get().is_null()) {
+    if helpers == 0 || !TEAM.with(|t| t.get().is_null()) || IN_TASK.with(Cell::get) {
         return pass();
     }
     let team = Team {
         generation: AtomicU64::new(0),
         job: Mutex::new(None),
         stop: AtomicBool::new(false),
-        owner: rayon::current_thread_index(),
     };
     rayon::scope(|s| {
+        // The scope's body runs on a thread of the pool: the one running the pass, whose
+        // `TEAM` is set before any helper job can reach it.
+        TEAM.with(|t| t.set(&team));
         for _ in 0..helpers {
             s.spawn(|_| help(&team));
         }
-        TEAM.with(|t| t.set(&team));
         let result = catch_unwind(AssertUnwindSafe(pass));
         TEAM.with(|t| t.set(std::ptr::null()));
         team.stop.store(true, Ordering::Release);
@@ -98,26 +99,35 @@ pub fn with_team<R: Send>(pass: impl FnOnce() -> R + Send) -> R {
     })
 }
 
-/// A helper's loop: runs every region published until the pass ends.
+/// A helper's loop: runs every region published until the pass ends. Spins while regions
+/// follow each other closely, and yields its core to other threads after a while without one.
 fn help(team: &Team) {
-    if rayon::current_thread_index() == team.owner {
-        // The pass's own thread picked this job up (the pass had already ended): nothing to
-        // help with.
+    // A thread that runs a pass, a task or another helper loop and picks this job up while
+    // waiting inside rayon must not spin here: what it would wait for could not go on.
+    let busy = !TEAM.with(|t| t.get()).is_null() || IN_TASK.with(Cell::get);
+    if busy || HELPING.with(|h| h.replace(true)) {
         return;
     }
-    let mut seen = 0;
+    const SPINS_BEFORE_YIELDING: u32 = 1 << 14;
+    let (mut seen, mut idle) = (0, 0u32);
     while !team.stop.load(Ordering::Acquire) {
         let generation = team.generation.load(Ordering::Acquire);
         if generation == seen {
-            std::hint::spin_loop();
+            idle = idle.saturating_add(1);
+            if idle < SPINS_BEFORE_YIELDING {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
             continue;
         }
-        seen = generation;
+        (seen, idle) = (generation, 0);
         let job = team.job.lock().ok().and_then(|j| j.clone());
         if let Some(job) = job {
             job.work();
         }
     }
+    HELPING.with(|h| h.set(false));
 }
 
 /// Runs `f(i)` for every `i < n`, in parallel: on the pass's team when this thread runs a

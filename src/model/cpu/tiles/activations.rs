@@ -85,10 +85,12 @@ type ChunkParts<'a> = (((&'a mut [i8], &'a mut [f32]), &'a mut [f32]), &'a [f32]
 
 /// Rounds 32 activations of token `t` into rows `2t` (high bytes) and `2t + 1` (low bytes)
 /// of `tile`; their scale and exact sum ([`block_sum`]).
+///
+/// NaN values are left out of the scale and round to 0, as does a block whose largest value
+/// is below [`TINY`] (its scale would be subnormal and its inverse infinite).
 fn round_block(v: &[f32], tile: &mut [i8], t: usize) -> (f32, f32) {
     let amax = v.iter().fold(0f32, |a, &x| a.max(x.abs()));
-    let scale = amax / QX_MAX;
-    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let (scale, inv) = block_scale(amax);
     let (hi, lo) = tile[2 * t * ABLOCK..(2 * t + 2) * ABLOCK].split_at_mut(ABLOCK);
     for ((h, l), &x) in hi.iter_mut().zip(lo.iter_mut()).zip(v) {
         // Round to nearest (even) by adding and removing 1.5 * 2^23.
@@ -97,6 +99,20 @@ fn round_block(v: &[f32], tile: &mut [i8], t: usize) -> (f32, f32) {
         (*h, *l) = (((q - low) >> 8) as i8, low as i8);
     }
     (scale, block_sum(v))
+}
+
+/// The largest value of a block below which it rounds to zeros.
+pub(crate) const TINY: f32 = f32::MIN_POSITIVE * QX_MAX;
+
+/// A block's scale and its inverse from its largest absolute value (zeros for a block below
+/// [`TINY`]).
+pub(crate) fn block_scale(amax: f32) -> (f32, f32) {
+    if amax >= TINY {
+        let scale = amax / QX_MAX;
+        (scale, 1.0 / scale)
+    } else {
+        (0.0, 0.0)
+    }
 }
 
 /// The sum of 32 activations as a tree: halves added lane by lane down to one (the order a
@@ -124,6 +140,11 @@ mod tests {
         let mut x = pseudo_random(11 * cols, 9, 50.0);
         x[5 * cols..5 * cols + 32].fill(0.0);
         x[6 * cols + 3] = 1e30;
+        // NaN, an infinity, a block below `TINY` and one just above it.
+        x[7 * cols + 4] = f32::NAN;
+        x[8 * cols + 40] = f32::NEG_INFINITY;
+        x[9 * cols..9 * cols + 32].fill(1e-35);
+        x[10 * cols + 64..10 * cols + 96].fill(-4e-34);
         let a = TileActivations::new(&x, 11, cols);
         for (i, row) in x.chunks(cols).enumerate() {
             let (c, t) = (i / CHUNK, i % CHUNK);
@@ -134,13 +155,15 @@ mod tests {
                 let got = a.tile(c, b);
                 let rows = 2 * t * ABLOCK..(2 * t + 2) * ABLOCK;
                 assert_eq!(&got[rows.clone()], &tile[rows], "token {i} block {b}");
-                assert_eq!(a.per_token(&a.scales, c, b)[t], scale);
+                assert_eq!(a.per_token(&a.scales, c, b)[t].to_bits(), scale.to_bits());
                 assert_eq!(a.per_token(&a.sums, c, b)[t].to_bits(), sum.to_bits());
                 for (k, &xv) in v.iter().enumerate() {
                     let q =
                         256 * got[2 * t * ABLOCK + k] as i32 + got[(2 * t + 1) * ABLOCK + k] as i32;
                     assert!(q.abs() <= QX_MAX as i32);
-                    if scale > 0.0 {
+                    if !xv.is_finite() || !scale.is_finite() {
+                        assert_eq!(q, 0, "{xv} in a block of scale {scale}");
+                    } else if scale > 0.0 {
                         assert!((q as f32 * scale - xv).abs() <= 0.51 * scale, "{xv} vs {q}");
                     } else {
                         assert_eq!(q, 0);

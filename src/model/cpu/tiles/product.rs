@@ -98,6 +98,15 @@ fn matmul_on(x: &[f32], m: usize, w: &WeightMatrix, out: &mut [f32], amx: bool) 
     for part in &w.parts {
         match &part.data {
             WeightData::Tiled(t) => {
+                // The kernels write `t.rows` columns from `col0`: they must be this part's.
+                assert!(
+                    t.rows == part.rows && t.cols == w.cols,
+                    "tiled part [{}, {}] in a [{}, {}] part",
+                    t.rows,
+                    t.cols,
+                    part.rows,
+                    w.cols
+                );
                 for start in (0..t.panels()).step_by(per_task) {
                     work.push(Work::Panels(
                         t,
@@ -111,6 +120,7 @@ fn matmul_on(x: &[f32], m: usize, w: &WeightMatrix, out: &mut [f32], amx: bool) 
         }
         col0 += part.rows;
     }
+    assert_eq!(col0, w.rows, "the parts hold {col0} rows of {}", w.rows);
     let (n, cols, out_ptr) = (w.rows, w.cols, SendPtr(out.as_mut_ptr()));
     #[cfg(not(target_arch = "x86_64"))]
     let _ = amx;
