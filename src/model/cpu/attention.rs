@@ -289,16 +289,16 @@ mod x86 {
     /// The widest head the vector kernels take (wider ones run the portable loops).
     pub const MAX_HEAD_DIM: usize = 512;
 
-    /// Eight keys at a time: one accumulator of eight lanes per key, summed across lanes for
-    /// all eight at once. A last partial block runs the same operations with rows of zeros
-    /// standing in for the missing keys, so every key's score is computed alike wherever it
-    /// falls.
     /// Eight f16 at `p` as f32.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(p: *const f16) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 
+    /// Eight keys at a time: one accumulator of eight lanes per key, summed across lanes for
+    /// all eight at once. A last partial block runs the same operations with rows of zeros
+    /// standing in for the missing keys, so every key's score is computed alike wherever it
+    /// falls.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn key_scores(q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
         const ZEROS: [f16; MAX_HEAD_DIM] = [f16::ZERO; MAX_HEAD_DIM];

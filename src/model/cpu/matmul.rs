@@ -82,7 +82,9 @@ pub fn isa() -> Isa {
     })
 }
 
-const ROUNDER: f32 = 12_582_912.0;
+/// `1.5 * 2^23`: adding and removing it rounds an f32 below `2^22` to the nearest integer
+/// (even on ties), in a form that vectorizes (`f32::round` is a libm call here).
+pub(crate) const ROUNDER: f32 = 12_582_912.0;
 
 /// Activation rows processed together against one weight row (weights expanded once).
 pub(crate) const ROW_GROUP: usize = 8;
@@ -148,7 +150,7 @@ impl Quantized16 {
             block,
             tiled: None,
         };
-        let row = |(((q, d), s), x): RowParts| {
+        let row = |(((q, d), s), x): &mut RowParts| {
             for ((q, d), x) in q
                 .chunks_exact_mut(block)
                 .zip(d.iter_mut())
@@ -177,11 +179,9 @@ impl Quantized16 {
             .zip(x.chunks(cols));
         if m >= 16 {
             let mut rows: Vec<RowParts> = rows.collect();
-            super::team::for_each_mut(&mut rows, &|_, p| {
-                row((((&mut *p.0 .0 .0, &mut *p.0 .0 .1), &mut *p.0 .1), p.1))
-            });
+            super::team::for_each_mut(&mut rows, &|_, p| row(p));
         } else {
-            rows.for_each(row);
+            rows.for_each(|mut p| row(&mut p));
         }
         // One row is its own tile (`b * 1 + 0 = b`): decode at batch 1 copies nothing.
         if isa() != Isa::Scalar && m > 1 {
@@ -282,7 +282,7 @@ pub fn matmul(x: &[f32], m: usize, w: &WeightMatrix, out: &mut [f32]) {
     } else {
         n.div_ceil(threads * 4).max(8)
     };
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = super::team::DisjointMut(out.as_mut_ptr());
     let body = |start: usize| {
         let end = (start + chunk).min(n);
         let mut res = [0f32; ROW_GROUP];
@@ -301,16 +301,6 @@ pub fn matmul(x: &[f32], m: usize, w: &WeightMatrix, out: &mut [f32]) {
     };
     super::team::parallel_for(n.div_ceil(chunk), &|task| body(task * chunk));
 }
-
-pub(crate) struct SendPtr(pub *mut f32);
-impl SendPtr {
-    pub fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: used only for disjoint writes (see `matmul`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// Runs `$kernel` (a function of every instruction set) on row `$r` of `$blocks`, or the
 /// portable `$portable`.

@@ -174,7 +174,7 @@ pub fn parallel_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
 
 /// Runs `f(i, &mut items[i])` for every item, in parallel as [`parallel_for`] does.
 pub fn for_each_mut<T: Send>(items: &mut [T], f: &(dyn Fn(usize, &mut T) + Sync)) {
-    let base = ItemsPtr(items.as_mut_ptr());
+    let base = DisjointMut(items.as_mut_ptr());
     parallel_for(items.len(), &|i| {
         // SAFETY: `parallel_for` calls each index below `items.len()` exactly once, so no two
         // calls reach the same item, and `items` is borrowed for all of them.
@@ -182,14 +182,17 @@ pub fn for_each_mut<T: Send>(items: &mut [T], f: &(dyn Fn(usize, &mut T) + Sync)
     });
 }
 
-struct ItemsPtr<T>(*mut T);
-impl<T> ItemsPtr<T> {
-    fn get(&self) -> *mut T {
+/// A pointer into a buffer whose tasks each write their own, disjoint elements (the items of
+/// [`for_each_mut`], a product's output columns).
+pub(crate) struct DisjointMut<T>(pub *mut T);
+impl<T> DisjointMut<T> {
+    pub fn get(&self) -> *mut T {
         self.0
     }
 }
-// SAFETY: used only for disjoint items (see `for_each_mut`), which are `Send`.
-unsafe impl<T: Send> Sync for ItemsPtr<T> {}
+// SAFETY: shared only between tasks that touch disjoint elements, which are `Send`.
+unsafe impl<T: Send> Send for DisjointMut<T> {}
+unsafe impl<T: Send> Sync for DisjointMut<T> {}
 
 #[cfg(test)]
 mod tests {

@@ -3,11 +3,10 @@
 //! 8-bit tile product sums them exactly, with each block's exact sum for the minimums.
 
 use super::{ABLOCK, CHUNK};
-use crate::model::cpu::matmul::{isa, Isa};
+use crate::model::cpu::matmul::{isa, Isa, ROUNDER};
 
 /// The largest rounded activation: `127 · 256 + 127`, so both bytes are signed.
 pub(crate) const QX_MAX: f32 = 32639.0;
-const ROUNDER: f32 = 12_582_912.0;
 
 /// Activation rows rounded and split for the tile products: in chunks of [`CHUNK`] tokens
 /// (the last padded with zeros), each 32-value block one tile operand of 16 rows of 32
@@ -36,7 +35,7 @@ impl TileActivations {
             scales: vec![0.0; chunks * blocks * CHUNK],
             sums: vec![0.0; chunks * blocks * CHUNK],
         };
-        let chunk = |(((bytes, scales), sums), x): ChunkParts| {
+        let chunk = |(((bytes, scales), sums), x): &mut ChunkParts| {
             #[cfg(target_arch = "x86_64")]
             if isa() == Isa::Amx {
                 // SAFETY: `isa()` found AVX-512; the slices are one chunk's.
@@ -58,9 +57,7 @@ impl TileActivations {
             .zip(a.sums.chunks_mut(blocks * CHUNK))
             .zip(x[..m * cols].chunks(CHUNK * cols))
             .collect();
-        crate::model::cpu::team::for_each_mut(&mut parts, &|_, p| {
-            chunk((((&mut *p.0 .0 .0, &mut *p.0 .0 .1), &mut *p.0 .1), p.1))
-        });
+        crate::model::cpu::team::for_each_mut(&mut parts, &|_, p| chunk(p));
         a
     }
 

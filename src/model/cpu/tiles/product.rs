@@ -7,8 +7,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::{TileActivations, TiledWeights, ABLOCK, CHUNK, PANEL};
-use crate::model::cpu::matmul::{dot_f32, isa, Isa, SendPtr};
+use crate::model::cpu::matmul::{dot_f32, isa, Isa};
 use crate::model::cpu::quant::{WeightData, WeightMatrix};
+use crate::model::cpu::team::DisjointMut;
 
 /// The products of panel `p` of `w` (its f32 scales and minimums `scales`, as
 /// [`TiledWeights::panel_scales`] gives them) with the tokens of chunk `c` of `a`, in
@@ -121,7 +122,7 @@ fn matmul_on(x: &[f32], m: usize, w: &WeightMatrix, out: &mut [f32], amx: bool) 
         col0 += part.rows;
     }
     assert_eq!(col0, w.rows, "the parts hold {col0} rows of {}", w.rows);
-    let (n, cols, out_ptr) = (w.rows, w.cols, SendPtr(out.as_mut_ptr()));
+    let (n, cols, out_ptr) = (w.rows, w.cols, DisjointMut(out.as_mut_ptr()));
     #[cfg(not(target_arch = "x86_64"))]
     let _ = amx;
     let run = |work: &Work| match work {
