@@ -52,13 +52,23 @@ pub struct LoadConfig {
 /// One request's timings.
 #[derive(Debug, Clone, Default)]
 struct RequestTiming {
-    ttft: f64,
-    itl: Vec<f64>,
-    total: f64,
-    tokens: usize,
     /// When the request was sent and each token arrived, in seconds from the run's start.
     sent: f64,
     arrivals: Vec<f64>,
+    /// From sending to the end of the response.
+    total: f64,
+}
+
+impl RequestTiming {
+    /// Time to the first token (0 for a reply without tokens).
+    fn ttft(&self) -> f64 {
+        self.arrivals.first().map_or(0.0, |a| a - self.sent)
+    }
+
+    /// The gaps between consecutive tokens.
+    fn inter_token(&self) -> impl Iterator<Item = f64> + '_ {
+        self.arrivals.windows(2).map(|w| w[1] - w[0])
+    }
 }
 
 /// What a run measured.
@@ -247,19 +257,9 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
                         sent: since(t0),
                         ..Default::default()
                     };
-                    let mut last: Option<Instant> = None;
                     let mut failed = false;
                     let status = stream_post(&cfg.addr, "/generate", &body, |ev, _| match ev {
-                        "token" => {
-                            let now = Instant::now();
-                            match last {
-                                None => timing.ttft = (now - t0).as_secs_f64(),
-                                Some(prev) => timing.itl.push((now - prev).as_secs_f64()),
-                            }
-                            last = Some(now);
-                            timing.tokens += 1;
-                            timing.arrivals.push(since(now));
-                        }
+                        "token" => timing.arrivals.push(since(Instant::now())),
                         "error" | "http_error" => failed = true,
                         _ => {}
                     });
@@ -284,11 +284,11 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
     let seconds = started.elapsed().as_secs_f64();
     let steady = steady_rate(&clients);
     let timings: Vec<RequestTiming> = clients.into_iter().flatten().collect();
-    let tokens: usize = timings.iter().map(|t| t.tokens).sum();
-    let mut ttft: Vec<f64> = timings.iter().map(|t| t.ttft * 1e3).collect();
+    let tokens: usize = timings.iter().map(|t| t.arrivals.len()).sum();
+    let mut ttft: Vec<f64> = timings.iter().map(|t| t.ttft() * 1e3).collect();
     let mut itl: Vec<f64> = timings
         .iter()
-        .flat_map(|t| t.itl.iter().map(|x| x * 1e3))
+        .flat_map(|t| t.inter_token().map(|x| x * 1e3))
         .collect();
     let mut e2e: Vec<f64> = timings.iter().map(|t| t.total * 1e3).collect();
     let round = |x: f64| (x * 10.0).round() / 10.0;
@@ -355,6 +355,20 @@ mod tests {
         assert_eq!(percentile(&mut xs, 50.0), 51.0);
         assert_eq!(percentile(&mut xs, 99.0), 99.0);
         assert_eq!(percentile(&mut [], 50.0), 0.0);
+    }
+
+    /// Time to first token and the gaps between tokens come from the arrival times.
+    #[test]
+    fn latencies_come_from_the_arrivals() {
+        let r = RequestTiming {
+            sent: 1.0,
+            arrivals: vec![1.25, 1.5, 2.0],
+            total: 1.1,
+        };
+        assert_eq!(r.ttft(), 0.25);
+        assert_eq!(r.inter_token().collect::<Vec<_>>(), vec![0.25, 0.5]);
+        assert_eq!(RequestTiming::default().ttft(), 0.0);
+        assert_eq!(RequestTiming::default().inter_token().count(), 0);
     }
 
     /// The steady rate counts only the tokens that arrived while every client was running.
