@@ -209,16 +209,25 @@ impl Dequantize for BlockQ4K {
         for j in 0..8 {
             let (sc, m) = scale_min_k4(j, &self.scales);
             let (scale, min) = (d * sc as f32, dmin * m as f32);
-            let bytes = &self.qs[32 * (j / 2)..32 * (j / 2) + 32];
-            for (l, &b) in bytes.iter().enumerate() {
-                let q = if j.is_multiple_of(2) {
-                    b & 0x0F
-                } else {
-                    b >> 4
-                };
-                out[32 * j + l] = scale * q as f32 - min;
+            for l in 0..32 {
+                out[32 * j + l] = scale * self.value(j, l) as f32 - min;
             }
         }
+    }
+}
+
+impl BlockQ4K {
+    /// The 4-bit value of element `l` of sub-block `j` (eight sub-blocks of 32 values).
+    pub fn value(&self, j: usize, l: usize) -> u8 {
+        (self.qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F
+    }
+}
+
+impl BlockQ5K {
+    /// The 5-bit value of element `l` of sub-block `j` (eight sub-blocks of 32 values).
+    pub fn value(&self, j: usize, l: usize) -> u8 {
+        let low = (self.qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F;
+        low | (((self.qh[l] >> j) & 1) << 4)
     }
 }
 
@@ -229,15 +238,8 @@ impl Dequantize for BlockQ5K {
         for j in 0..8 {
             let (sc, m) = scale_min_k4(j, &self.scales);
             let (scale, min) = (d * sc as f32, dmin * m as f32);
-            let bytes = &self.qs[32 * (j / 2)..32 * (j / 2) + 32];
-            for (l, &b) in bytes.iter().enumerate() {
-                let low = if j.is_multiple_of(2) {
-                    b & 0x0F
-                } else {
-                    b >> 4
-                };
-                let q = low | (((self.qh[l] >> j) & 1) << 4);
-                out[32 * j + l] = scale * q as f32 - min;
+            for l in 0..32 {
+                out[32 * j + l] = scale * self.value(j, l) as f32 - min;
             }
         }
     }

@@ -101,14 +101,8 @@ impl Blocks32 for BlockQ8_0 {
 impl SuperBlock for BlockQ4K {
     const SPAN: usize = QK_K;
     fn weight(&self, e: usize) -> i32 {
-        let j = e / QK;
-        let b = self.qs[32 * (j / 2) + e % QK];
-        let q = if j.is_multiple_of(2) {
-            b & 0x0F
-        } else {
-            b >> 4
-        };
-        q as i32 * scale_min_k4(j, &self.scales).0 as i32
+        let (j, l) = (e / QK, e % QK);
+        self.value(j, l) as i32 * scale_min_k4(j, &self.scales).0 as i32
     }
     fn scale(&self) -> f32 {
         self.d.to_f32()
@@ -122,14 +116,7 @@ impl SuperBlock for BlockQ5K {
     const SPAN: usize = QK_K;
     fn weight(&self, e: usize) -> i32 {
         let (j, l) = (e / QK, e % QK);
-        let b = self.qs[32 * (j / 2) + l];
-        let low = if j.is_multiple_of(2) {
-            b & 0x0F
-        } else {
-            b >> 4
-        };
-        let q = low | (((self.qh[l] >> j) & 1) << 4);
-        q as i32 * scale_min_k4(j, &self.scales).0 as i32
+        self.value(j, l) as i32 * scale_min_k4(j, &self.scales).0 as i32
     }
     fn scale(&self) -> f32 {
         self.d.to_f32()

@@ -413,16 +413,11 @@ fn row_span(data: &WeightData, cols: usize, r: usize, s: usize, span: usize) -> 
         WeightData::Q8_0(b) => from32(&b[blk32]),
         WeightData::Q4K(b) => {
             let b = &b[blk256];
-            k4_span(b.d, b.dmin, &b.scales, j, |l| {
-                (b.qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F
-            })
+            k4_span(b.d, b.dmin, &b.scales, j, |l| b.value(j, l))
         }
         WeightData::Q5K(b) => {
             let b = &b[blk256];
-            k4_span(b.d, b.dmin, &b.scales, j, |l| {
-                let low = (b.qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F;
-                low | (((b.qh[l] >> j) & 1) << 4)
-            })
+            k4_span(b.d, b.dmin, &b.scales, j, |l| b.value(j, l))
         }
         WeightData::Q6K(b) => {
             let (b, start) = (&b[blk256], e % QK_K);
